@@ -1,0 +1,1 @@
+"""GPTQ post-training quantization for JAX."""
