@@ -1,0 +1,693 @@
+"""Llama-family decoder-only transformers in Flax NNX: Llama 2/3 (TinyLlama, SmolLM), Mistral, Qwen2, Qwen3.
+
+One file, in reading order: the config, the layers (``Linear``, ``Embedding``, ``RMSNorm``), rotary embeddings,
+masks and the KV cache, attention, MLP, the decoder layer, the model, and the jitted-forward helper.
+
+The four architectures differ only in switches that ``ModelConfig.from_hf_dict`` reads off ``config.json``:
+
+=====================  =========  ==============  ========  ============================
+architecture           qkv bias   o_proj bias     qk_norm   sliding window
+=====================  =========  ==============  ========  ============================
+LlamaForCausalLM       attention_bias (both)      no        no
+MistralForCausalLM     no         no              no        ``sliding_window`` (all layers)
+Qwen2ForCausalLM       yes        no              no        if ``use_sliding_window``
+Qwen3ForCausalLM       attention_bias (both)      yes       if ``use_sliding_window``
+=====================  =========  ==============  ========  ============================
+
+Every projection is a ``Linear`` reached through a module attribute (``layer.self_attn.q_proj``...), so the GPTQ
+pipeline can swap in a quantized layer with the same ``__call__(x)`` without touching this file.
+
+Running the model:
+
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))          # or models.load_pretrained(path)
+    logits, _ = model(tokens, attention_mask=mask)               # eager (slow: one dispatch per op)
+    forward = make_forward(model)                                # jitted; rebuild after swapping layers
+    logits, _ = forward(tokens, attention_mask=mask)
+
+Decoding with a KV cache:
+
+    cache = init_cache(config, batch=B, max_len=S)
+    logits, cache = forward(prompt, attention_mask=prompt_mask, cache=cache)
+    logits, cache = forward(next_tok[:, None], cache=cache)      # one step; positions follow the cache
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# config.json files written by bare `Config.save_pretrained` have no "architectures" list; model_type names the family.
+_MODEL_TYPE_TO_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_ARCH_TO_MODEL_TYPE = {v: k for k, v in _MODEL_TYPE_TO_ARCH.items()}
+# RoPE variants we implement. Others (yarn, dynamic, longrope) change the attention scale or depend on the sequence
+# length; we reject them rather than silently compute something else.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Everything the forward pass needs, in one hashable value (usable as a static argument to ``jax.jit``)."""
+
+    architecture: str  # HF class name; one of SUPPORTED_ARCHITECTURES. Kept so save_pretrained can round-trip.
+    vocab_size: int
+    hidden_size: int  # D, the residual stream width
+    intermediate_size: int  # I, the SwiGLU MLP width
+    num_hidden_layers: int
+    num_attention_heads: int  # H query heads
+    num_key_value_heads: int  # KVH <= H; H // KVH query heads share one K/V head (GQA; KVH == H is plain MHA)
+    head_dim: int  # hd; Qwen3 sets it independently of hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # RoPE base period
+    # Non-default RoPE as sorted (key, value) pairs so the config stays hashable, e.g. (("factor", 8.0), ...,
+    # ("rope_type", "llama3")). None means plain RoPE. See `rope_scaling_dict`.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 2048  # informational: RoPE itself works at any position; llama3 scaling reads
+    # its own original_max_position_embeddings from rope_scaling.
+    tie_word_embeddings: bool = False  # lm_head reuses embed_tokens (SmolLM, Qwen2.5 small models)
+    attention_bias: bool = False  # bias on q/k/v_proj (Qwen2 always; Llama/Qwen3 when config says attention_bias)
+    attention_out_bias: bool = False  # bias on o_proj (Llama/Qwen3 attention_bias; never Qwen2/Mistral)
+    mlp_bias: bool = False  # bias on gate/up/down_proj (Llama's mlp_bias)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    # Sliding-window attention: a query at slot q sees keys at slots k with q - window < k <= q. None: full causal.
+    sliding_window: int | None = None
+    # Per-layer attention kind ("full_attention" / "sliding_attention"); None means every layer is full, or, with a
+    # sliding_window set, every layer slides (Mistral). Qwen2/3 mix the two via max_window_layers / layer_types.
+    layer_types: tuple[str, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # Llama 3 instruct models list several
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs of dimensions)")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(
+                    f"layer_types has {len(self.layer_types)} entries, num_hidden_layers={self.num_hidden_layers}"
+                )
+            bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if bad:
+                raise ValueError(f"layer_types may hold 'full_attention' or 'sliding_attention', got {bad}")
+        rope = self.rope_scaling_dict
+        if rope is not None:
+            kind = rope.get("rope_type")
+            if kind not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+            needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                        "original_max_position_embeddings")}.get(kind, ())
+            missing = [k for k in needed if k not in rope]
+            if missing:
+                raise ValueError(f"rope_scaling of type {kind!r} lacks {missing}: {rope}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer ``i``, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[i] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    # -- HF config.json ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Reads a transformers ``config.json`` dict (v4 ``rope_scaling``/``rope_theta`` or v5 ``rope_parameters``)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"config must be a JSON object, got {type(d).__name__}")
+        arch = _architecture_of(d)
+
+        def get(key: str, default: Any = ..., kind: type | tuple[type, ...] = int) -> Any:
+            if key not in d or d[key] is None:
+                if default is ...:
+                    raise ValueError(f"config for {arch} lacks required field {key!r}")
+                return default
+            v = d[key]
+            ok = isinstance(v, kind) and not (isinstance(v, bool) and bool not in _as_tuple(kind))
+            if not ok:
+                raise ValueError(f"config field {key!r} must be {_type_names(kind)}, got {v!r}")
+            return v
+
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported (the Llama family uses 'silu')")
+        if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+            raise ValueError(f"partial_rotary_factor={d['partial_rotary_factor']} is not supported (only 1.0)")
+        if d.get("pretraining_tp", 1) not in (1, None):
+            # Only a training-time layout hint in HF; the weights are ordinary. Accept it.
+            pass
+
+        hidden = get("hidden_size")
+        heads = get("num_attention_heads")
+        if not hidden > 0 or not heads > 0:
+            raise ValueError(f"hidden_size={hidden} and num_attention_heads={heads} must be positive")
+        theta, rope_scaling = _rope_of(d)
+
+        qkv_bias = o_bias = mlp_bias = qk_norm = False
+        if arch == "LlamaForCausalLM":
+            qkv_bias = o_bias = get("attention_bias", False, bool)
+            mlp_bias = get("mlp_bias", False, bool)
+        elif arch == "Qwen2ForCausalLM":
+            qkv_bias = True  # fixed by Qwen2's modeling code, whatever attention_bias says
+        elif arch == "Qwen3ForCausalLM":
+            qkv_bias = o_bias = get("attention_bias", False, bool)
+            qk_norm = True
+
+        window, layer_types = None, None
+        if arch == "MistralForCausalLM":
+            window = get("sliding_window", None) if "sliding_window" in d else 4096  # MistralConfig's default
+        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and get("use_sliding_window", False, bool):
+            window = get("sliding_window", None)
+            if window is not None:
+                n = get("num_hidden_layers")
+                lt = d.get("layer_types")
+                if lt is None:
+                    first = get("max_window_layers", 28)
+                    lt = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+                if not isinstance(lt, list | tuple) or not all(isinstance(x, str) for x in lt):
+                    raise ValueError(f"config field 'layer_types' must be a list of strings, got {lt!r}")
+                layer_types = tuple(lt)
+
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = tuple(eos)
+        return cls(
+            architecture=arch,
+            vocab_size=get("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size"),
+            num_hidden_layers=get("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads", heads),
+            head_dim=get("head_dim", hidden // heads),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6, (int, float))),
+            rope_theta=theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=get("max_position_embeddings", 2048),
+            tie_word_embeddings=get("tie_word_embeddings", False, bool),
+            attention_bias=qkv_bias,
+            attention_out_bias=o_bias,
+            mlp_bias=mlp_bias,
+            qk_norm=qk_norm,
+            sliding_window=window,
+            layer_types=layer_types,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
+        """Reads ``config.json``; ``path`` is the file or the checkpoint directory holding it."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_hf_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The transformers ``config.json`` for this model (readable by transformers v4 and v5)."""
+        arch = self.architecture
+        expect = {
+            "LlamaForCausalLM": (self.attention_bias, self.attention_bias, self.mlp_bias, False),
+            "MistralForCausalLM": (False, False, False, False),
+            "Qwen2ForCausalLM": (True, False, False, False),
+            "Qwen3ForCausalLM": (self.attention_bias, self.attention_bias, False, True),
+        }[arch]
+        have = (self.attention_bias, self.attention_out_bias, self.mlp_bias, self.qk_norm)
+        if have != expect:
+            raise ValueError(
+                f"{arch} cannot express (attention_bias, attention_out_bias, mlp_bias, qk_norm)={have} in config.json"
+            )
+        d: dict[str, Any] = {
+            "architectures": [arch],
+            "model_type": _ARCH_TO_MODEL_TYPE[arch],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling_dict,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+        }
+        if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+            d["attention_bias"] = self.attention_bias
+        if arch == "LlamaForCausalLM":
+            d["mlp_bias"] = self.mlp_bias
+        elif arch == "MistralForCausalLM":
+            if self.layer_types is not None and "full_attention" in self.layer_types:
+                raise ValueError("MistralForCausalLM cannot express per-layer attention kinds in config.json")
+            d["sliding_window"] = self.sliding_window
+        elif self.sliding_window is not None:
+            d["use_sliding_window"] = True
+            d["sliding_window"] = self.sliding_window
+            d["layer_types"] = list(self.layer_types or ["sliding_attention"] * self.num_hidden_layers)
+            d["max_window_layers"] = self.num_hidden_layers
+        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            d["use_sliding_window"] = False
+            d["sliding_window"] = None
+        elif self.layer_types is not None:
+            raise ValueError(f"{arch} has no sliding window attention")
+        return d
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _type_names(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _as_tuple(kind))
+
+
+def _architecture_of(d: Mapping[str, Any]) -> str:
+    archs = d.get("architectures")
+    if archs is not None:
+        if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+            raise ValueError(f"config field 'architectures' must be a non-empty list of strings, got {archs!r}")
+        if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {archs!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        return archs[0]
+    model_type = d.get("model_type")
+    if model_type is None:
+        raise ValueError(
+            "config has neither 'architectures' nor 'model_type'; cannot tell which model it describes "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if model_type not in _MODEL_TYPE_TO_ARCH:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(_MODEL_TYPE_TO_ARCH)} "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    return _MODEL_TYPE_TO_ARCH[model_type]
+
+
+def _rope_of(d: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """(rope_theta, hashable rope_scaling) from either the v4 fields or v5's ``rope_parameters``."""
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"rope_scaling / rope_parameters must be an object, got {params!r}")
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError(f"per-layer-type RoPE parameters are not supported: {dict(params)}")
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    if not isinstance(theta, int | float) or isinstance(theta, bool) or theta <= 0:
+        raise ValueError(f"rope_theta must be a positive number, got {theta!r}")
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if scaling["rope_type"] == "default":
+        return float(theta), None
+    if scaling["rope_type"] == "llama3" and "original_max_position_embeddings" not in scaling:
+        scaling["original_max_position_embeddings"] = d.get("max_position_embeddings")
+    for k, v in scaling.items():
+        if isinstance(v, list | dict):
+            raise ValueError(f"rope_scaling field {k!r}={v!r} is not supported (rope_type {scaling['rope_type']!r})")
+    return float(theta), tuple(sorted(scaling.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    # HF's initializer_range: random models get sensible activations, which tests need.
+    return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias``; the one layer type for every projection (the quantizer swaps these)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False, dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype))  # (in, out): torch weight.T
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        # Accumulate in f32 so bf16/f16 models sum long dot products without losing digits; f32 is unchanged.
+        y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(kernel.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, num_embeddings: int, features: int, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_normal(rngs, (num_embeddings, features), dtype))  # (V, D)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0)  # (B, T, D)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Tied output head: logits = h @ embedding.T, in f32."""
+        emb = self.embedding[...]
+        return jnp.dot(h.astype(emb.dtype), emb.T, preferred_element_type=jnp.float32)  # (B, T, V)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype: Any = jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in f32, cast back, then scale: the order HF uses, which matters for bf16 agreement.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+@functools.lru_cache(maxsize=32)
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``(hd/2,)`` float32, computed in float32 like transformers so logits agree to ~1e-6."""
+    hd = config.head_dim
+    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))))
+    inv = inv.astype(np.float32)
+    rope = config.rope_scaling_dict
+    if rope is None:
+        return inv
+    if rope["rope_type"] == "linear":
+        return (inv / np.float32(rope["factor"])).astype(np.float32)
+    # llama3 (Llama 3.1 report, sec. "long context"): keep high frequencies, divide low ones by `factor`, and blend
+    # smoothly in between, with wavelength thresholds derived from the pretraining context length.
+    factor, lo, hi = (np.float32(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    old_len = np.float32(rope["original_max_position_embeddings"])
+    wavelen = np.float32(2 * math.pi) / inv
+    low_freq_wavelen, high_freq_wavelen = old_len / lo, old_len / hi
+    scaled = np.where(wavelen > low_freq_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape ``(B, T, hd/2)`` float32 for integer ``positions (B, T)``."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(config))  # (B, T, hd/2)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x (B, T, heads, hd)``; pairs are (i, i + hd/2) — HF's "rotate_half" layout, not interleaved."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # (B, T, h, hd/2) each
+    c, s = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2)
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)  # (B, T, h, hd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Positions, masks and the KV cache
+
+
+class KVCache(NamedTuple):
+    """One layer's cache. Slots fill left to right; ``end`` is the number written so far (same for every row).
+
+    ``valid`` marks slots that hold real tokens, so left- or right-padded prompts can share one cache.
+    """
+
+    k: jax.Array  # (B, S, KVH, hd)
+    v: jax.Array  # (B, S, KVH, hd)
+    valid: jax.Array  # (B, S) bool
+    end: jax.Array  # () int32
+
+
+Cache = tuple[KVCache, ...]  # one per layer
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated) in every layer."""
+    if batch <= 0 or max_len <= 0:
+        raise ValueError(f"batch={batch} and max_len={max_len} must be positive")
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    return tuple(
+        KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+                jnp.zeros((), jnp.int32))
+        for _ in range(config.num_hidden_layers)
+    )
+
+
+def make_positions(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """Position ids ``(B, T)`` int32: real tokens count 0, 1, 2, ... from ``offset`` (per row ``(B,)`` or scalar),
+    skipping padding, so left- and right-padded rows get the positions they would have unpadded. Padding
+    positions are clamped to ``offset`` (their value does not matter: padding is never attended to)."""
+    m = attention_mask.astype(jnp.int32)  # (B, T)
+    offset = jnp.asarray(offset, jnp.int32).reshape(-1, 1)  # (B or 1, 1)
+    return offset + jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)  # (B, T)
+
+
+def attention_allowed(q_slots: jax.Array, k_slots: jax.Array, k_valid: jax.Array, window: int | None) -> jax.Array:
+    """Boolean ``(B, T, S)``: query at slot q may see key at slot k (causal, real key, inside the window)."""
+    q = q_slots[:, None]  # (T, 1)
+    k = k_slots[None, :]  # (1, S)
+    ok = k <= q  # (T, S)
+    if window is not None:
+        ok &= k > q - window  # transformers' sliding_window_overlay
+    return ok[None] & k_valid[:, None, :]  # (B, T, S)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, window: int | None, dtype: Any, rngs: nnx.Rngs):
+        c = config
+        self.config, self.window = c, window
+        d, h, kvh, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = Linear(d, h * hd, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, kvh * hd, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, kvh * hd, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(h * hd, d, use_bias=c.attention_out_bias, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(hd, eps=c.rms_norm_eps, dtype=dtype) if c.qk_norm else None
+        self.k_norm = RMSNorm(hd, eps=c.rms_norm_eps, dtype=dtype) if c.qk_norm else None
+
+    def __call__(
+        self, x: jax.Array, *, positions: jax.Array, attention_mask: jax.Array, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None, jax.Array]:
+        """Returns (output (B, T, D), updated cache, o_proj input (B, T, H*hd))."""
+        c = self.config
+        B, T, _ = x.shape
+        kvh, hd = c.num_key_value_heads, c.head_dim
+        g = c.num_attention_heads // kvh  # query heads per K/V head
+        q = self.q_proj(x).reshape(B, T, c.num_attention_heads, hd)  # (B, T, H, hd)
+        k = self.k_proj(x).reshape(B, T, kvh, hd)  # (B, T, KVH, hd)
+        v = self.v_proj(x).reshape(B, T, kvh, hd)  # (B, T, KVH, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(c, positions)  # (B, T, hd/2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        valid = attention_mask.astype(bool)  # (B, T)
+        q_slots = jnp.arange(T, dtype=jnp.int32)  # (T,)
+        if cache is not None:
+            start = cache.end
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))  # (B, S, KVH, hd)
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0))  # (B, S, KVH, hd)
+            valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))  # (B, S)
+            cache = KVCache(k, v, valid, start + T)
+            q_slots = q_slots + start
+        S = k.shape[1]
+        allowed = attention_allowed(q_slots, jnp.arange(S, dtype=jnp.int32), valid, self.window)  # (B, T, S)
+
+        # Grouped-query attention without materialising repeated K/V: split H into (KVH, G).
+        q = q.reshape(B, T, kvh, g, hd)  # (B, T, KVH, G, hd); HF's head h is (h // G, h % G)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores * (hd**-0.5)  # (B, KVH, G, T, S)
+        # A large finite negative, not -inf: a query with no visible key (left padding) gets a harmless uniform
+        # row instead of NaNs, and real queries always see themselves so they are unaffected.
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # (B, KVH, G, T, S)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)  # (B, T, KVH, G, hd)
+        o_in = out.reshape(B, T, c.num_attention_heads * hd).astype(x.dtype)  # (B, T, H*hd)
+        return self.o_proj(o_in), cache, o_in
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MLP and decoder layer
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        d, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(d, i, use_bias=b, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, i, use_bias=b, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(i, d, use_bias=b, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """SwiGLU. Returns (output (B, T, D), down_proj input (B, T, I))."""
+        a = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, I)
+        return self.down_proj(a), a
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: Any, rngs: nnx.Rngs):
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(c, window=c.layer_window(layer_idx), dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(c, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        h: jax.Array,
+        *,
+        positions: jax.Array,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        capture: bool = False,
+    ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
+        """Pre-norm block on ``h (B, T, D)``. With ``capture=True`` also returns the inputs of each linear group,
+        ``{"qkv": (B, T, D), "o": (B, T, H*hd), "gate_up": (B, T, D), "down": (B, T, I)}`` (for GPTQ's Hessians)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(h.shape[:2], jnp.int32)
+        x = self.input_layernorm(h)  # (B, T, D)
+        a, cache, o_in = self.self_attn(x, positions=positions, attention_mask=attention_mask, cache=cache)
+        h = h + a  # (B, T, D)
+        y = self.post_attention_layernorm(h)  # (B, T, D)
+        m, down_in = self.mlp(y)
+        h = h + m  # (B, T, D)
+        if capture:
+            return h, cache, {"qkv": x, "o": o_in, "gate_up": y, "down": down_in}
+        return h, cache
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Decoder-only LM for every architecture in SUPPORTED_ARCHITECTURES (the config switches the differences)."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.config, self.dtype = c, jnp.dtype(dtype)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, dtype=dtype, rngs=rngs)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return self.embed_tokens(tokens)  # (B, T, D)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Final norm and output projection: ``h (B, T, D)`` -> logits ``(B, T, V)`` float32."""
+        h = self.norm(h)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """``tokens (B, T)`` -> (logits ``(B, T, V)`` float32, updated cache or None).
+
+        ``attention_mask (B, T)``: 1 for real tokens, 0 for padding (left or right). ``positions`` default to
+        ``make_positions(attention_mask)`` continued from the tokens already in ``cache``.
+        """
+        B, T = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if cache is not None:
+            if len(cache) != len(self.layers):
+                raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+            end, S = cache[0].end, cache[0].k.shape[1]
+            if not isinstance(end, jax.core.Tracer) and int(end) + T > S:
+                raise ValueError(f"KV cache overflow: {int(end)} slots used + {T} new tokens > max_len={S}")
+        if positions is None:
+            offset = 0 if cache is None else jnp.sum(cache[0].valid, axis=-1, dtype=jnp.int32)  # (B,)
+            positions = make_positions(attention_mask, offset)  # (B, T)
+        h = self.embed(tokens)  # (B, T, D)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            h, c = layer(h, positions=positions, attention_mask=attention_mask,
+                         cache=None if cache is None else cache[i])
+            new_cache.append(c)
+        return self.head(h), (None if cache is None else tuple(new_cache))
+
+
+# Aliases so code can name the architecture it means; the class is the same.
+MistralForCausalLM = Qwen2ForCausalLM = Qwen3ForCausalLM = LlamaForCausalLM
+
+
+def make_forward(model: LlamaForCausalLM, *, donate_cache: bool = False) -> Callable[..., tuple[jax.Array, Any]]:
+    """A jitted ``forward(tokens, *, attention_mask=None, positions=None, cache=None) -> (logits, cache)``.
+
+    The model's parameters are captured once (split into graph + state, so each call is a plain ``jax.jit``
+    dispatch with no NNX graph traversal). Call it again after modifying the model (e.g. swapping in quantized
+    layers). It recompiles for each new input shape and for None vs. given optional arguments. With
+    ``donate_cache=True`` the input cache's buffers are reused for the output (faster decoding; the old cache
+    becomes invalid).
+    """
+    graphdef, state = nnx.split(model)
+
+    def fwd(state, tokens, attention_mask, positions, cache):
+        m = nnx.merge(graphdef, state)
+        return m(tokens, attention_mask=attention_mask, positions=positions, cache=cache)
+
+    jitted = jax.jit(fwd, donate_argnums=(4,) if donate_cache else ())
+
+    def forward(tokens, *, attention_mask=None, positions=None, cache=None):
+        return jitted(state, jnp.asarray(tokens, jnp.int32), attention_mask, positions, cache)
+
+    return forward

@@ -1,0 +1,351 @@
+"""Hugging Face checkpoints <-> ``LlamaForCausalLM``: the name table, loading, saving, the tokenizer.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards
+``model-0000i-of-0000n.safetensors`` listed in ``model.safetensors.index.json``. ``PARAM_TABLE`` below is the one
+place that says which HF tensor becomes which NNX parameter; saving runs the same table backwards.
+
+Error policy (all raised before any tensor data is read, except for data corruption):
+
+- missing directory / config.json / weight file: ``FileNotFoundError`` naming the path;
+- malformed config, unsupported architecture, a corrupt or truncated safetensors file, a missing tensor, a tensor of
+  the wrong shape or a non-float dtype, a tensor stored twice: ``ValueError`` naming the tensor and the values;
+- tensors the model has no place for (e.g. GPTQ ``qweight``, a 3rd layer in a 2-layer config): ``ValueError``
+  listing them, or with ``strict=False`` a warning and they are skipped. ``rotary_emb.inv_freq`` buffers (old Llama
+  checkpoints) and a redundant ``lm_head.weight`` in a tied model are skipped silently: we recompute / share them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from gptq_jax.models.llama import LlamaForCausalLM, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The name table
+
+# (HF tensor name regex, NNX path template, transpose). torch Linear stores weight (out, in); our kernels are (in, out).
+PARAM_TABLE: tuple[tuple[str, str, bool], ...] = (
+    (r"model\.embed_tokens\.weight", "embed_tokens.embedding", False),
+    (r"model\.norm\.weight", "norm.scale", False),
+    (r"lm_head\.weight", "lm_head.kernel", True),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers.\1.\2.scale", False),
+    (r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", r"layers.\1.self_attn.\2.kernel", True),
+    (r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.bias", r"layers.\1.self_attn.\2.bias", False),
+    (r"model\.layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight", r"layers.\1.self_attn.\2.scale", False),
+    (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"layers.\1.mlp.\2.kernel", True),
+    (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.bias", r"layers.\1.mlp.\2.bias", False),
+)
+# Buffers some checkpoints carry that the model recomputes from the config.
+IGNORED_TENSORS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors name -> numpy name
+_DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
+
+
+def _reverse_entry(hf_regex: str, nnx_template: str) -> tuple[re.Pattern, str]:
+    """Runs a table row backwards: (regex over NNX paths, HF name template). The regexes in the table only hold
+    escaped dots and capture groups, so swapping groups for backrefs and back is exact."""
+    groups = re.findall(r"\(([^()]*)\)", hf_regex)
+    parts = re.split(r"\\(\d)", nnx_template)  # literal, group number, literal, ...
+    nnx_regex = "".join(re.escape(p) if i % 2 == 0 else f"({groups[int(p) - 1]})" for i, p in enumerate(parts))
+    k = iter(range(1, len(groups) + 1))
+    hf_template = re.sub(r"\([^()]*\)", lambda _: f"\\{next(k)}", hf_regex).replace(r"\.", ".")
+    return re.compile(nnx_regex), hf_template
+
+
+_FORWARD = tuple((re.compile(h), n, t) for h, n, t in PARAM_TABLE)
+_BACKWARD = tuple((*_reverse_entry(h, n), t) for h, n, t in PARAM_TABLE)
+_IGNORED = tuple(re.compile(p) for p in IGNORED_TENSORS)
+
+
+def hf_to_nnx(name: str) -> tuple[str, bool] | None:
+    """HF tensor name -> (dotted NNX path, transpose?), or None if the table has no row for it."""
+    for regex, template, transpose in _FORWARD:
+        m = regex.fullmatch(name)
+        if m:
+            return m.expand(template), transpose
+    return None
+
+
+def nnx_to_hf(path: str) -> tuple[str, bool] | None:
+    """Dotted NNX path -> (HF tensor name, transpose?), or None."""
+    for regex, template, transpose in _BACKWARD:
+        m = regex.fullmatch(path)
+        if m:
+            return m.expand(template), transpose
+    return None
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_dtype(dtype: Any) -> jnp.dtype:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {SUPPORTED_DTYPES}")
+    return dt
+
+
+def weight_files(path: str | os.PathLike) -> list[str]:
+    """The safetensors files of a checkpoint directory: ``model.safetensors``, or the shards its index lists."""
+    path = os.fspath(path)
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if not os.path.isfile(index):
+        present = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")))
+        raise FileNotFoundError(
+            f"no model.safetensors or model.safetensors.index.json in {path}"
+            + (f" (found {present}; only safetensors checkpoints are read)" if present else "")
+        )
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from None
+    files = []
+    for name in sorted(set(weight_map.values())):
+        file = os.path.join(path, name)
+        if os.path.basename(name) != name:
+            raise ValueError(f"{index} names shard {name!r} outside the checkpoint directory")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"shard {file} listed in {index} does not exist")
+        files.append(file)
+    return files
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="flax")
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
+        raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+
+def load_pretrained(
+    path: str | os.PathLike, *, dtype: Any = jnp.float32, strict: bool = True
+) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Loads a HF Llama/Mistral/Qwen2/Qwen3 safetensors checkpoint into a ``LlamaForCausalLM`` of ``dtype``.
+
+    The model is built abstractly (``nnx.eval_shape``, no memory) and each tensor is read lazily, cast and transposed
+    on its own, so peak memory stays near one copy of the model in ``dtype``. ``strict=False`` turns unexpected
+    tensors into a warning. See the module docstring for the errors raised.
+    """
+    path = os.fspath(path)
+    dtype = _check_dtype(dtype)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config = ModelConfig.from_json(path)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        if "quantization_config" in json.load(f):
+            raise ValueError(f"{path} is a quantized checkpoint (config.json has quantization_config); "
+                             "load_pretrained reads unquantized float checkpoints only")
+    files = weight_files(path)
+
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    slots = {_dotted(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}  # NNX path -> (key, abstract var)
+
+    # Pass 1: headers only. Every name, shape and dtype problem is reported before we read any data.
+    plan: dict[str, tuple[str, str, bool]] = {}  # NNX path -> (file, HF name, transpose)
+    unexpected: list[str] = []
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                if any(r.fullmatch(name) for r in _IGNORED):
+                    continue
+                mapped = hf_to_nnx(name)
+                if mapped is not None and mapped[0] == "lm_head.kernel" and config.tie_word_embeddings:
+                    log.info("%s: tied embeddings, ignoring lm_head.weight", path)
+                    continue
+                if mapped is None or mapped[0] not in slots:
+                    unexpected.append(name)
+                    continue
+                target, transpose = mapped
+                if target in plan:
+                    raise ValueError(f"tensor {name} is stored twice: in {plan[target][0]} and {file}")
+                tensor = f.get_slice(name)
+                st_dtype, shape = tensor.get_dtype(), tuple(tensor.get_shape())
+                want = tuple(slots[target][1].shape)
+                want = want[::-1] if transpose else want
+                if shape != want:
+                    raise ValueError(f"tensor {name} has shape {shape}, config.json implies {want}")
+                if st_dtype not in _ST_DTYPES:
+                    raise ValueError(f"tensor {name} has dtype {st_dtype}; expected one of {sorted(_ST_DTYPES)}")
+                plan[target] = (file, name, transpose)
+    missing = [nnx_to_hf(t)[0] for t in slots if t not in plan]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:10])}"
+                         + (" ..." if len(missing) > 10 else ""))
+    if unexpected:
+        msg = (f"{path}: {len(unexpected)} tensor(s) have no place in a {config.architecture} model with this config: "
+               f"{', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+        if strict:
+            raise ValueError(msg + " (pass strict=False to skip them)")
+        warnings.warn(msg + "; skipped", stacklevel=2)
+
+    # Pass 2: read, cast and transpose one tensor at a time.
+    values: dict[str, jax.Array] = {}
+    by_file: dict[str, list[tuple[str, str, bool]]] = {}
+    for target, (file, name, transpose) in plan.items():
+        by_file.setdefault(file, []).append((target, name, transpose))
+    for file, items in by_file.items():
+        with _open(file) as f:
+            for target, name, transpose in items:
+                try:
+                    x = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"{file}: cannot read tensor {name} (corrupt or truncated file?): {e}") from None
+                x = x.astype(dtype)
+                values[target] = x.T if transpose else x
+                del x
+    flat = [(key, var.replace(values.pop(target))) for target, (key, var) in slots.items()]
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return model, config
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """``transformers.AutoTokenizer`` from a local directory (never the network)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _named_tensors(model: LlamaForCausalLM) -> Iterator[tuple[str, jax.Array, bool]]:
+    _, state = nnx.split(model)
+    for key, var in nnx.to_flat_state(state):
+        path = _dotted(key)
+        mapped = nnx_to_hf(path)
+        if mapped is None:
+            raise ValueError(
+                f"cannot save {path} ({type(var).__name__}): save_pretrained writes the unquantized model only "
+                "(every projection a plain Linear)"
+            )
+        yield mapped[0], var[...], mapped[1]
+
+
+def _write_safetensors(file: str, tensors: list[tuple[str, jax.Array, bool]]) -> None:
+    """Writes one safetensors file, one tensor at a time (no full in-memory copy of the file)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, x, transpose in tensors:
+        st = {v: k for k, v in _ST_DTYPES.items()}.get(jnp.dtype(x.dtype).name)
+        if st is None:
+            raise ValueError(f"cannot save tensor {name} of dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
+        shape = list(x.shape[::-1] if transpose else x.shape)
+        header[name] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + x.nbytes]}
+        offset += x.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format asks for an 8-byte aligned data section
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, x, transpose in tensors:
+            a = np.asarray(jax.device_get(x))
+            f.write(np.ascontiguousarray(a.T if transpose else a).tobytes())
+
+
+def save_pretrained(
+    model: LlamaForCausalLM,
+    config: ModelConfig | None,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_bytes: int = _DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` (or shards of at most ``max_shard_bytes`` plus
+    ``model.safetensors.index.json``) in HF format, in the dtype the model holds. ``config`` defaults to
+    ``model.config``.
+
+    Files are written to a temporary directory next to ``out_dir`` first. If ``out_dir`` does not exist it is
+    created by one rename (atomic); otherwise the new files replace the old ones one by one (each replace is
+    atomic), and stale weight files from an earlier save are removed. Other files (e.g. a tokenizer) are kept.
+    """
+    config = model.config if config is None else config
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+    hf_config = config.to_hf_dict()
+    tensors = list(_named_tensors(model))
+    hf_config["torch_dtype"] = jnp.dtype(tensors[0][1].dtype).name
+
+    shards: list[list[tuple[str, jax.Array, bool]]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t[1].nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t[1].nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        for name, shard in zip(names, shards, strict=True):
+            _write_safetensors(os.path.join(tmp, name), shard)
+        files = list(names)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": sum(t[1].nbytes for t in tensors)},
+                "weight_map": {t[0]: name for name, shard in zip(names, shards, strict=True) for t in shard},
+            }
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+            files.append("model.safetensors.index.json")
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2)
+        files.append("config.json")
+
+        if not os.path.exists(out_dir):
+            os.rename(tmp, out_dir)
+            return
+        if not os.path.isdir(out_dir):
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+        stale = [f for f in os.listdir(out_dir)
+                 if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", f) and f not in files]
+        for name in files:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        for name in stale:
+            os.remove(os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
