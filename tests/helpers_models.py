@@ -2,10 +2,12 @@
 
 - ``ARCHS``: the named tiny variants ``tiny_config`` knows.
 - ``tiny_config(arch, **overrides) -> dict``: a HF ``config.json`` dict for a 2-layer model (vocab 128, D 64).
-- ``write_hf_checkpoint(tmp_path, arch, seed=0, *, dtype="float32", max_shard_size=None, **overrides) -> Path``:
-  builds the transformers PyTorch model with ``torch.manual_seed(seed)``, saves it (safetensors) and returns the dir.
+- ``write_hf_checkpoint(tmp_path, arch, seed=0, *, dtype="float32", max_shard_size=None, name=None,
+  with_tokenizer=False, **overrides) -> Path``: builds the transformers PyTorch model with ``torch.manual_seed(seed)``,
+  saves it (safetensors, optionally with a tiny tokenizer) and returns the dir.
 - ``torch_model(path)``, ``torch_logits(path_or_model, tokens, attention_mask=None, position_ids=None)``:
   the reference logits as a float32 numpy array.
+- ``write_tiny_tokenizer(path, vocab_size=128)``: a word-level tokenizer ("w0 w1 ...") for the tiny configs.
 - ``random_tokens(batch, length, vocab_size, seed)``, ``right_padding_mask(lengths, length)``,
   ``left_padding_mask(lengths, length)``.
 """
@@ -29,22 +31,44 @@ ARCHS: dict[str, dict[str, Any]] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 32},
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     },
     # Llama with attention and MLP biases (rare in practice, but the config allows it).
-    "llama_bias": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": True,
-                   "mlp_bias": True},
+    "llama_bias": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": True,
+        "mlp_bias": True,
+    },
     # SmolLM-style: tied embeddings, plain multi-head attention.
-    "llama_tied": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": True,
-                   "num_key_value_heads": 4},
+    "llama_tied": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "tie_word_embeddings": True,
+        "num_key_value_heads": 4,
+    },
     # A window shorter than the test sequences, so the sliding mask matters.
     "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 8},
-    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
-              "sliding_window": None},
+    "qwen2": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "use_sliding_window": False,
+        "sliding_window": None,
+    },
     # head_dim differs from hidden_size / num_attention_heads, as in real Qwen3 models.
-    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 24,
-              "use_sliding_window": False, "sliding_window": None},
+    "qwen3": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "head_dim": 24,
+        "use_sliding_window": False,
+        "sliding_window": None,
+    },
 }
 
 _BASE: dict[str, Any] = {
@@ -116,9 +140,12 @@ def write_hf_checkpoint(
     dtype: str = "float32",
     max_shard_size: str | int | None = None,
     name: str | None = None,
+    with_tokenizer: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Saves a random transformers model of variant ``arch`` under ``tmp_path/name`` and returns that directory."""
+    """Saves a random transformers model of variant ``arch`` under ``tmp_path/name`` and returns that directory.
+
+    ``with_tokenizer=True`` also writes ``write_tiny_tokenizer`` there, so the directory is a complete checkpoint."""
     import torch
 
     config = tiny_config(arch, **overrides)
@@ -126,6 +153,8 @@ def write_hf_checkpoint(
     out = Path(tmp_path) / (name or f"{arch}-{seed}-{dtype}" + ("-sharded" if max_shard_size else ""))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     model.save_pretrained(out, safe_serialization=True, **kwargs)
+    if with_tokenizer:
+        write_tiny_tokenizer(out, config["vocab_size"])
     return out
 
 
@@ -138,8 +167,12 @@ def torch_model(path: str | os.PathLike):
     ).eval()
 
 
-def torch_logits(model_or_path: Any, tokens: np.ndarray, attention_mask: np.ndarray | None = None,
-                 position_ids: np.ndarray | None = None) -> np.ndarray:
+def torch_logits(
+    model_or_path: Any,
+    tokens: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    position_ids: np.ndarray | None = None,
+) -> np.ndarray:
     """Reference logits ``(B, T, V)`` float32 from the transformers model."""
     import torch
 
@@ -165,3 +198,22 @@ def right_padding_mask(lengths: list[int], length: int) -> np.ndarray:
 
 def left_padding_mask(lengths: list[int], length: int) -> np.ndarray:
     return (np.arange(length)[None, :] >= length - np.asarray(lengths)[:, None]).astype(np.int32)
+
+
+def write_tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 128) -> Path:
+    """A word-level tokenizer matching the tiny configs' ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, then
+    the words ``w0 w1 ...`` (split on whitespace). Loadable with ``AutoTokenizer.from_pretrained(path)``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    path = Path(path)
+    fast.save_pretrained(path)
+    return path

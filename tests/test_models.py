@@ -135,8 +135,12 @@ def test_capture_gives_the_inputs_of_each_linear(checkpoints):
 
     layer = model.layers[1]
     attn, mlp = layer.self_attn, layer.mlp
-    for group, mod, names in [("qkv", attn, "qkv"), ("o", attn, "o"), ("gate_up", mlp, ["gate", "up"]),
-                              ("down", mlp, ["down"])]:
+    for group, mod, names in [
+        ("qkv", attn, "qkv"),
+        ("o", attn, "o"),
+        ("gate_up", mlp, ["gate", "up"]),
+        ("down", mlp, ["down"]),
+    ]:
         for n in names:
             setattr(mod, f"{n}_proj", Recorder(getattr(mod, f"{n}_proj"), f"{group}:{n}"))
     tokens = jnp.asarray(random_tokens(2, 9, seed=7))
@@ -218,9 +222,17 @@ def test_config_fields_per_architecture():
     mistral = ModelConfig.from_hf_dict(tiny_config("mistral"))
     assert mistral.layer_window(0) == 8
     # transformers v5 writes RoPE as rope_parameters; v4 as rope_theta + rope_scaling. Both read the same.
-    v5 = {**tiny_config("llama"), "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                        "original_max_position_embeddings": 32}}
+    v5 = {
+        **tiny_config("llama"),
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    }
     del v5["rope_theta"]
     assert ModelConfig.from_hf_dict(v5) == ModelConfig.from_hf_dict(tiny_config("llama3"))
     # Qwen2/3 sliding window applies from max_window_layers on.
@@ -234,8 +246,11 @@ def test_config_fields_per_architecture():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"architectures": ["GPT2LMHeadModel"]}, r"unsupported architecture \['GPT2LMHeadModel'\]; supported: "
-         r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+        (
+            {"architectures": ["GPT2LMHeadModel"]},
+            r"unsupported architecture \['GPT2LMHeadModel'\]; supported: "
+            r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
+        ),
         ({"architectures": None, "model_type": "gemma"}, r"unsupported model_type 'gemma'; supported: llama"),
         ({"architectures": None, "model_type": None}, r"neither 'architectures' nor 'model_type'"),
         ({"hidden_size": None}, r"lacks required field 'hidden_size'"),

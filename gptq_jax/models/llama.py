@@ -100,8 +100,15 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -127,8 +134,10 @@ class ModelConfig:
             kind = rope.get("rope_type")
             if kind not in SUPPORTED_ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-            needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                        "original_max_position_embeddings")}.get(kind, ())
+            needed = {
+                "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            }.get(kind, ())
             missing = [k for k in needed if k not in rope]
             if missing:
                 raise ValueError(f"rope_scaling of type {kind!r} lacks {missing}: {rope}")
@@ -318,9 +327,7 @@ def _architecture_of(d: Mapping[str, Any]) -> str:
         if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
             raise ValueError(f"config field 'architectures' must be a non-empty list of strings, got {archs!r}")
         if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {archs!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"unsupported architecture {archs!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         return archs[0]
     model_type = d.get("model_type")
     if model_type is None:
@@ -370,8 +377,9 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
 class Linear(nnx.Module):
     """``y = x @ kernel + bias``; the one layer type for every projection (the quantizer swaps these)."""
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False, dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, out_features: int, *, use_bias: bool = False, dtype: Any = jnp.float32, rngs: nnx.Rngs
+    ):
         self.in_features, self.out_features = in_features, out_features
         self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype))  # (in, out): torch weight.T
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
@@ -418,7 +426,7 @@ class RMSNorm(nnx.Module):
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies ``(hd/2,)`` float32, computed in float32 like transformers so logits agree to ~1e-6."""
     hd = config.head_dim
-    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))))
+    inv = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))
     inv = inv.astype(np.float32)
     rope = config.rope_scaling_dict
     if rope is None:
@@ -476,8 +484,12 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.f
         raise ValueError(f"batch={batch} and max_len={max_len} must be positive")
     shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
     return tuple(
-        KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
-                jnp.zeros((), jnp.int32))
+        KVCache(
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch, max_len), bool),
+            jnp.zeros((), jnp.int32),
+        )
         for _ in range(config.num_hidden_layers)
     )
 
@@ -660,8 +672,9 @@ class LlamaForCausalLM(nnx.Module):
         h = self.embed(tokens)  # (B, T, D)
         new_cache = []
         for i, layer in enumerate(self.layers):
-            h, c = layer(h, positions=positions, attention_mask=attention_mask,
-                         cache=None if cache is None else cache[i])
+            h, c = layer(
+                h, positions=positions, attention_mask=attention_mask, cache=None if cache is None else cache[i]
+            )
             new_cache.append(c)
         return self.head(h), (None if cache is None else tuple(new_cache))
 

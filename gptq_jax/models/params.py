@@ -166,8 +166,10 @@ def load_pretrained(
     config = ModelConfig.from_json(path)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         if "quantization_config" in json.load(f):
-            raise ValueError(f"{path} is a quantized checkpoint (config.json has quantization_config); "
-                             "load_pretrained reads unquantized float checkpoints only")
+            raise ValueError(
+                f"{path} is a quantized checkpoint (config.json has quantization_config); "
+                "load_pretrained reads unquantized float checkpoints only"
+            )
     files = weight_files(path)
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -203,11 +205,15 @@ def load_pretrained(
                 plan[target] = (file, name, transpose)
     missing = [nnx_to_hf(t)[0] for t in slots if t not in plan]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:10])}"
-                         + (" ..." if len(missing) > 10 else ""))
+        raise ValueError(
+            f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:10])}"
+            + (" ..." if len(missing) > 10 else "")
+        )
     if unexpected:
-        msg = (f"{path}: {len(unexpected)} tensor(s) have no place in a {config.architecture} model with this config: "
-               f"{', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+        msg = (
+            f"{path}: {len(unexpected)} tensor(s) have no place in a {config.architecture} model with this config: "
+            f"{', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else "")
+        )
         if strict:
             raise ValueError(msg + " (pass strict=False to skip them)")
         warnings.warn(msg + "; skipped", stacklevel=2)
@@ -341,8 +347,11 @@ def save_pretrained(
             return
         if not os.path.isdir(out_dir):
             raise FileExistsError(f"{out_dir} exists and is not a directory")
-        stale = [f for f in os.listdir(out_dir)
-                 if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", f) and f not in files]
+        stale = [
+            f
+            for f in os.listdir(out_dir)
+            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", f) and f not in files
+        ]
         for name in files:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
         for name in stale:
