@@ -1,0 +1,371 @@
+"""GPTQ for one linear layer: ``quantize_weight(w, h, config) -> QuantizedWeight``.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (2022), Algorithm 1. Notation follows the paper: ``W`` is ``[N out, K in]``, ``H`` is
+``2/n X X^T`` over calibration inputs, and ``U`` is the upper Cholesky factor of ``H^-1``, whose rows
+give the error feedback of each quantized column onto the columns after it.
+
+The solve works on ``Wt = W^T`` (``[K, N]``, a row per input column) so that a column of the paper is a
+contiguous row here. Columns are visited in three nested levels of blocks, each applying its error
+feedback lazily (the paper's "lazy batch updates", generalised one level further):
+
+- sub-blocks of ``b`` (<= 16) columns: exact rank-1 updates inside, unrolled;
+- blocks of ``B`` (``config.block_size``) columns: after each sub-block, one ``[B, b] @ [b, N]`` update;
+- super-blocks of ``S`` columns, a Python loop: after each block, one ``[S, B] @ [B, N]`` update, and
+  after each super-block the exact trailing update ``W[:, s2:] -= Err @ U[s1:s2, s2:]`` with static shapes.
+
+All levels compute the same numbers as the column-by-column algorithm, up to float rounding; the block
+size is a speed knob only. Group grids are fitted when the solve reaches a group's first column, on the
+weights as updated so far; blocks are aligned to groups so that the whole group is up to date then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gptq_jax.config import QuantConfig
+from gptq_jax.quantizer import QuantizedWeight, _true_div, grid_params, group_grid_params
+
+log = logging.getLogger(__name__)
+
+_HIGHEST = lax.Precision.HIGHEST
+# Sub-block width: rank-1 updates touch only [b, N], which stays in cache on CPUs.
+_SUB_BLOCK = 16
+# Columns per super-block; inside one, block updates are masked (some wasted flops), across them exact.
+_SUPER_BLOCK = 512
+# Damping grows by this factor per retry, up to 100% of mean(diag H).
+_DAMP_GROWTH = 4.0
+_UNROLL = 1
+
+
+def check_weight(w, config: QuantConfig) -> None:
+    """Boundary checks on a weight ``[N out, K in]``: shape, dtype, finiteness, group size."""
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    shape = getattr(w, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"weight must be a 2-D array [out_features, in_features], got shape {shape}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"weight must be a floating-point array, got dtype {w.dtype}")
+    if min(shape) == 0:
+        raise ValueError(f"weight has an empty dimension: shape {tuple(shape)}")
+    config.check_in_features(shape[1])
+    bad = _count_nonfinite(w)
+    if bad:
+        raise ValueError(f"weight of shape {tuple(shape)} holds {bad} NaN or Inf values")
+
+
+def check_hessian(w, h) -> None:
+    """Boundary checks on a Hessian ``[K, K]`` for a weight ``[N, K]``."""
+    shape = getattr(h, "shape", None)
+    k = w.shape[1]
+    if shape is None or tuple(shape) != (k, k):
+        raise ValueError(
+            f"hessian shape {None if shape is None else tuple(shape)} does not match the weight: "
+            f"weight is [out_features, in_features] = {tuple(w.shape)}, so the hessian must be ({k}, {k})"
+        )
+    if not jnp.issubdtype(h.dtype, jnp.floating):
+        raise ValueError(f"hessian must be a floating-point array, got dtype {h.dtype}")
+    bad = _count_nonfinite(h)
+    if bad:
+        raise ValueError(f"hessian of shape {tuple(shape)} holds {bad} NaN or Inf values")
+
+
+@jax.jit
+def _nonfinite(x):
+    return jnp.sum(~jnp.isfinite(x))
+
+
+def _count_nonfinite(x) -> int:
+    return int(_nonfinite(jnp.asarray(x)))
+
+
+def quantize_weight(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
+    """Quantize one linear layer with GPTQ.
+
+    Args:
+      w: float ``[N out_features, K in_features]``, the paper's orientation (a Flax kernel is its
+        transpose; a torch ``Linear.weight`` is this).
+      h: float ``[K, K]``, ``2/n sum x x^T`` over calibration inputs (see ``accumulate_hessian``).
+      config: the grid and the solver's options.
+
+    Returns:
+      A ``QuantizedWeight``. If ``h`` is not positive definite even after growing the damping up to
+      100% of its mean diagonal, the layer falls back to round-to-nearest: ``fallback`` is True, a
+      warning is logged, and the output still holds no NaN.
+    """
+    w = jnp.asarray(w)
+    h = jnp.asarray(h)
+    check_weight(w, config)
+    check_hessian(w, h)
+    out = _gptq(w, h, config)
+    if bool(out.fallback):
+        log.warning(
+            "GPTQ: the hessian of a %dx%d weight is not positive definite even with damping 1.0 x mean(diag H); "
+            "fell back to round-to-nearest for this weight",
+            *w.shape,
+        )
+    elif float(out.damp) > config.damp_percent * (1 + 1e-6):
+        log.warning(
+            "GPTQ: the hessian of a %dx%d weight needed damping %.4g (asked for %.4g) to be positive definite",
+            w.shape[0],
+            w.shape[1],
+            float(out.damp),
+            config.damp_percent,
+        )
+    return out
+
+
+def _lower_triangular_inverse(low: jax.Array) -> jax.Array:
+    """Inverse of a lower-triangular ``L``, recursively by 2x2 blocks.
+
+    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: about K^3/3 flops, nearly all in
+    matmuls, where a triangular solve against the identity spends K^3.
+    """
+    k = low.shape[0]
+    if k <= 256:
+        return jax.scipy.linalg.solve_triangular(low, jnp.eye(k, dtype=low.dtype), lower=True)
+    m = k // 2
+    a_inv = _lower_triangular_inverse(low[:m, :m])
+    d_inv = _lower_triangular_inverse(low[m:, m:])
+    c = -jnp.matmul(d_inv, jnp.matmul(low[m:, :m], a_inv, precision=_HIGHEST), precision=_HIGHEST)
+    top = jnp.concatenate([a_inv, jnp.zeros((m, k - m), low.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([c, d_inv], axis=1)], axis=0)
+
+
+def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
+    """Upper ``U`` with ``H^-1 = U^T U``, from one Cholesky and one triangular inverse.
+
+    With ``J`` the reversal permutation, factor ``J H J = L L^T``; then ``U = J L^-1 J`` is upper
+    triangular with a positive diagonal and ``U^T U = J L^-T L^-1 J = J (J H J)^-1 J = H^-1``.
+    This avoids forming ``H^-1`` and factoring it again, as the paper's code does.
+    """
+    lf = jax.scipy.linalg.cholesky(h[::-1, ::-1], lower=True)
+    return _lower_triangular_inverse(lf)[::-1, ::-1]
+
+
+def _damped_factor(h: jax.Array, damp_percent: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Factor ``H + damp * mean(diag H) * I``, growing ``damp`` until it works.
+
+    JAX's Cholesky returns NaN instead of raising on a matrix that is not positive definite, so success
+    is checked by finiteness. Returns ``(U, damp used, ok)``; where nothing worked, ``U`` is the factor of
+    ``diag(H)`` (clipped to be positive), which makes the solve exactly round-to-nearest.
+    """
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    mean_diag = jnp.mean(jnp.diagonal(h))
+
+    def cond(c):
+        frac, _, ok = c
+        return (~ok) & (frac < 1.0)
+
+    def body(c):
+        frac, _, _ = c
+        # The first pass tries damp_percent itself; later passes grow it.
+        frac = jnp.where(frac < 0, damp_percent, jnp.minimum(frac * _DAMP_GROWTH, 1.0))
+        u = _upper_cholesky_of_inverse(h + (frac * mean_diag) * eye)
+        return frac, u, jnp.all(jnp.isfinite(u))
+
+    init = (jnp.float32(-1.0), jnp.zeros_like(h), jnp.bool_(False))
+    frac, u, ok = lax.while_loop(cond, body, init)
+    diag = jnp.diagonal(h)
+    u_rtn = jnp.diag(lax.rsqrt(jnp.where(diag > 0, diag, 1.0)))
+    return jnp.where(ok, u, u_rtn), frac, ok
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static block sizes for one solve (see the module docstring)."""
+
+    k: int  # real columns
+    kp: int  # padded to a multiple of block
+    sub: int
+    block: int
+    superblock: int
+    group: int  # effective group size (K for per-channel)
+    dynamic_groups: bool  # grids fitted during the solve, at each group's first column
+
+
+def _plan(k: int, config: QuantConfig) -> _Plan:
+    g = config.effective_group_size(k)
+    dynamic = config.group_size != -1 and not config.static_groups
+    if dynamic:
+        # Group starts must fall on sub-block starts and a group must lie inside one block, so that
+        # every column of the group has had all earlier feedback when the grid is fitted.
+        sub = math.gcd(g, _SUB_BLOCK)
+        block = (config.block_size // g) * g if g <= config.block_size else g
+    else:
+        sub = _SUB_BLOCK
+        block = -(-config.block_size // sub) * sub
+    kp = -(-k // block) * block
+    superblock = min(max(1, _SUPER_BLOCK // block) * block, kp)
+    return _Plan(k=k, kp=kp, sub=sub, block=block, superblock=superblock, group=g, dynamic_groups=dynamic)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
+    n, k = w.shape
+    plan = _plan(k, config)
+    g, kp = plan.group, plan.kp
+    maxq = float(config.maxq)
+    w = w.astype(jnp.float32)
+    h = h.astype(jnp.float32)
+    idx = jnp.arange(k)
+
+    # Inputs that never fire carry no information: give them a unit diagonal and a zero weight.
+    diag = jnp.diagonal(h)
+    dead = diag == 0.0
+    h = jnp.where(jnp.eye(k, dtype=jnp.bool_) & dead[None, :], 1.0, h)
+    w_live = jnp.where(dead[None, :], 0.0, w)
+
+    # Grids that are fixed before the solve: per-channel (on the weight as given, as the reference
+    # tools do) or static groups (on the weight after dead inputs are zeroed).
+    if config.group_size == -1:
+        s, z = grid_params(w, config)
+        fixed_scales, fixed_zeros = s[None, :], z[None, :]  # [1, N]
+        col_group = jnp.zeros((kp,), jnp.int32)
+    elif config.static_groups:
+        s, z = group_grid_params(w_live, config)  # [N, G]
+        fixed_scales, fixed_zeros = s.T, z.T  # [G, N]
+    if config.act_order:
+        perm = jnp.argsort(-jnp.diagonal(h), stable=True).astype(jnp.int32)
+        w_live = w_live[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = idx.astype(jnp.int32)
+    if config.static_groups and config.group_size != -1:
+        col_group = jnp.pad(perm // g, (0, kp - k))  # grid of each visited column
+
+    u, damp, ok = _damped_factor(h, config.damp_percent)
+
+    # Padding columns have w = 0 and a unit, uncoupled row in U: they quantize exactly and feed back nothing.
+    wt = jnp.pad(w_live.T, ((0, kp - k), (0, 0)))  # (Kp, N)
+    if kp > k:
+        u = jnp.pad(u, ((0, kp - k), (0, kp - k)))
+        u = jnp.where(jnp.eye(kp, dtype=jnp.bool_) & (jnp.arange(kp) >= k)[None, :], 1.0, u)
+
+    groups_p = kp // g if plan.dynamic_groups else 1
+    grid = (
+        jnp.ones((n,), jnp.float32),
+        jnp.zeros((n,), jnp.float32),
+        jnp.zeros((groups_p, n), jnp.float32),
+        jnp.zeros((groups_p, n), jnp.float32),
+    )
+
+    def column_grid(c, grid):
+        if plan.dynamic_groups:
+            return grid[0], grid[1]
+        return fixed_scales[col_group[c]], fixed_zeros[col_group[c]]
+
+    def solve_sub(c0, wt_b, u_b, grid, loss):
+        """Columns c0 .. c0+b-1, one at a time (GPTQ, Alg. 1 inner loop). wt_b (b, N), u_b (b, b)."""
+
+        def column(j, carry):
+            wt_b, q_b, e_b, loss = carry
+            w_j = wt_b[j]  # (N,)
+            d = u_b[j, j]
+            s, z = column_grid(c0 + j, grid)
+            q = jnp.clip(jnp.round(_true_div(w_j, s)) + z, 0.0, maxq)
+            err = w_j - s * (q - z)
+            e = err / d
+            loss = loss + 0.5 * jnp.sum(err * err) / (d * d)
+            wt_b = wt_b - u_b[j][:, None] * e[None, :]  # rank-1 feedback; U is upper, so earlier rows keep
+            return wt_b, q_b.at[j].set(q.astype(jnp.int32)), e_b.at[j].set(e), loss
+
+        init = (wt_b, jnp.zeros(wt_b.shape, jnp.int32), jnp.zeros_like(wt_b), loss)
+        _, q_b, e_b, loss = lax.fori_loop(0, plan.sub, column, init, unroll=_UNROLL)
+        return q_b, e_b, loss
+
+    def solve_block(c0, wt_blk, u_blk, q_blk, grid, loss):
+        """One block of B columns starting at global column c0; wt_blk (B, N), u_blk (B, B)."""
+        bsz, sub = plan.block, plan.sub
+        err_blk = jnp.zeros_like(wt_blk)
+
+        def body(si, carry):
+            wt_blk, q_blk, err_blk, grid, loss = carry
+            l0 = si * sub
+            if plan.dynamic_groups:
+
+                def refit(grid):
+                    cur, zcur, scales, zeros = grid
+                    s, z = grid_params(lax.dynamic_slice_in_dim(wt_blk, l0, g).T, config)  # (N,)
+                    gi = (c0 + l0) // g
+                    return s, z, scales.at[gi].set(s), zeros.at[gi].set(z)
+
+                grid = lax.cond((c0 + l0) % g == 0, refit, lambda grid: grid, grid)
+            wt_b = lax.dynamic_slice_in_dim(wt_blk, l0, sub)  # (b, N)
+            u_b = lax.dynamic_slice(u_blk, (l0, l0), (sub, sub))
+            q_b, e_b, loss = solve_sub(c0 + l0, wt_b, u_b, grid, loss)
+            # Lazy update of the rest of the block: rows after this sub-block only.
+            rows = lax.dynamic_slice_in_dim(u_blk, l0, sub)  # (b, B)
+            rows = jnp.where(jnp.arange(bsz)[None, :] >= l0 + sub, rows, 0.0)
+            wt_blk = wt_blk - jnp.matmul(rows.T, e_b, precision=_HIGHEST)  # (B, N)
+            q_blk = lax.dynamic_update_slice_in_dim(q_blk, q_b, l0, 0)
+            err_blk = lax.dynamic_update_slice_in_dim(err_blk, e_b, l0, 0)
+            return wt_blk, q_blk, err_blk, grid, loss
+
+        _, q_blk, err_blk, grid, loss = lax.fori_loop(0, bsz // sub, body, (wt_blk, q_blk, err_blk, grid, loss))
+        return q_blk, err_blk, grid, loss
+
+    loss = jnp.zeros((), jnp.float32)
+    q_parts = []
+    for s1 in range(0, kp, plan.superblock):
+        s2 = min(s1 + plan.superblock, kp)
+        size = s2 - s1
+        wt_s = wt[s1:s2]  # (S, N)
+        u_s = u[s1:s2, s1:s2]
+
+        def block_body(bi, carry, s1=s1, size=size, u_s=u_s):
+            wt_s, q_s, err_s, grid, loss = carry
+            i1 = bi * plan.block
+            wt_blk = lax.dynamic_slice_in_dim(wt_s, i1, plan.block)
+            u_blk = lax.dynamic_slice(u_s, (i1, i1), (plan.block, plan.block))
+            q_blk = jnp.zeros((plan.block, n), jnp.int32)
+            q_blk, err_blk, grid, loss = solve_block(s1 + i1, wt_blk, u_blk, q_blk, grid, loss)
+            rows = lax.dynamic_slice_in_dim(u_s, i1, plan.block)  # (B, S)
+            rows = jnp.where(jnp.arange(size)[None, :] >= i1 + plan.block, rows, 0.0)
+            wt_s = wt_s - jnp.matmul(rows.T, err_blk, precision=_HIGHEST)  # (S, N)
+            q_s = lax.dynamic_update_slice_in_dim(q_s, q_blk, i1, 0)
+            err_s = lax.dynamic_update_slice_in_dim(err_s, err_blk, i1, 0)
+            return wt_s, q_s, err_s, grid, loss
+
+        init = (wt_s, jnp.zeros((size, n), jnp.int32), jnp.zeros((size, n), jnp.float32), grid, loss)
+        _, q_s, err_s, grid, loss = lax.fori_loop(0, size // plan.block, block_body, init)
+        q_parts.append(q_s)
+        if s2 < kp:
+            # Exact trailing update with static shapes (GPTQ, Alg. 1, lazy batch update).
+            wt = wt.at[s2:].add(-jnp.matmul(u[s1:s2, s2:].T, err_s, precision=_HIGHEST))
+
+    codes_perm = jnp.concatenate(q_parts, axis=0)[:k]  # (K, N), visiting order
+    groups = config.groups(k)
+    if plan.dynamic_groups:
+        scales, zeros = grid[2][:groups], grid[3][:groups]  # (G, N)
+        g_idx_perm = (jnp.arange(k) // g).astype(jnp.int32)
+    else:
+        scales, zeros = fixed_scales, fixed_zeros
+        g_idx_perm = col_group[:k]
+    if config.act_order:
+        inv = jnp.argsort(perm)
+        codes = codes_perm[inv]
+        g_idx = g_idx_perm[inv]
+    else:
+        codes, g_idx = codes_perm, g_idx_perm
+    return QuantizedWeight(
+        codes=codes.T,
+        scales=scales.T,
+        zeros=zeros.T.astype(jnp.int32),
+        g_idx=g_idx,
+        perm=perm if config.act_order else None,
+        loss=loss,
+        damp=damp,
+        fallback=~ok,
+        bits=config.bits,
+        group_size=g,
+        sym=config.sym,
+    )

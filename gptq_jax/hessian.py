@@ -1,0 +1,47 @@
+"""Hessians of the layer-wise objective: ``H = 2/n sum_i x_i x_i^T`` over calibration inputs.
+
+Accumulated as a fold so that calibration can stream: ``h, n = accumulate_hessian(h, n, x)``. The sum
+is kept as a running mean in float32, so the result does not depend on how tokens are batched (up to
+float rounding) and never grows with the number of tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def init_hessian(in_features: int) -> tuple[jax.Array, jax.Array]:
+    """Empty accumulator: ``h`` f32 ``[K, K]`` zeros and token count ``n`` int32 ``[]``."""
+    return jnp.zeros((in_features, in_features), jnp.float32), jnp.zeros((), jnp.int32)
+
+
+@jax.jit
+def accumulate_hessian(
+    h: jax.Array, n: jax.Array, x: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Fold activations into the running Hessian.
+
+    Args:
+      h: f32 ``[K, K]``, the Hessian of the ``n`` tokens seen so far (zeros when ``n == 0``).
+      n: int32 ``[]``, tokens seen so far.
+      x: ``[..., K]`` activations (any float dtype; upcast to f32).
+      mask: optional ``[...]`` (x's shape without K), nonzero for real tokens and 0 for padding.
+
+    Returns:
+      ``(h', n')`` with ``h' = (n h + 2 sum x x^T) / n'`` and ``n' = n + tokens``.
+    """
+    k = x.shape[-1]
+    x = x.reshape(-1, k).astype(jnp.float32)  # (T, K)
+    if mask is None:
+        t = jnp.asarray(x.shape[0], jnp.int32)
+    else:
+        m = mask.reshape(-1) != 0
+        x = jnp.where(m[:, None], x, 0.0)
+        t = jnp.sum(m, dtype=jnp.int32)
+    n_new = n + t
+    denom = jnp.maximum(n_new, 1).astype(jnp.float32)
+    xtx = jnp.matmul(x.T, x, precision=lax.Precision.HIGHEST)  # (K, K)
+    h_new = h * (n.astype(jnp.float32) / denom) + (2.0 / denom) * xtx
+    return h_new, n_new

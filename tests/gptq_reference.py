@@ -1,0 +1,83 @@
+"""A plain GPTQ in NumPy float64, written from the paper (Frantar et al. 2022, Alg. 1 without blocking).
+
+Column by column: quantize column j, divide its error by [U]_jj (U the upper Cholesky factor of H^-1)
+and subtract the error times row j of U from every later column at once. No lazy batches, no tricks:
+the reference the JAX solver is checked against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def grid(w: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero of each row of w [N, C] (the FORMAT.md grid), in float32 like the code under test.
+
+    The grid is computed in float32 because the symmetric grid puts each group's largest weight exactly on
+    a rounding tie (w / scale = maxq / 2 + 1/2); in float64 the tie breaks differently than in float32.
+    """
+    w = w.astype(np.float32)
+    maxq = np.float32(2**bits - 1)
+    xmin = np.minimum(w.min(axis=1), 0.0)
+    xmax = np.maximum(w.max(axis=1), 0.0)
+    if sym:
+        xmax = np.maximum(-xmin, xmax)
+        xmax = np.where(xmax == 0, 1.0, xmax)
+        xmin = -xmax
+    else:
+        empty = (xmin == 0) & (xmax == 0)
+        xmin = np.where(empty, -1.0, xmin)
+        xmax = np.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    zero = np.full_like(scale, (maxq + 1) / 2) if sym else np.round(-xmin / scale)
+    return scale, zero
+
+
+def gptq(w, h, *, bits, group_size, sym, act_order=False, static_groups=False, damp_percent=0.01):
+    """Returns (codes [N, K] int, scales [N, G], zeros [N, G], g_idx [K], dequantized W [N, K])."""
+    w = np.array(w, np.float64)
+    h = np.array(h, np.float64)
+    n, k = w.shape
+    maxq = 2**bits - 1
+    g = k if group_size == -1 else group_size
+    groups = -(-k // g)
+
+    if group_size == -1:
+        fixed = [grid(w, bits, sym)]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    if static_groups and group_size != -1:
+        fixed = [grid(w[:, i : i + g], bits, sym) for i in range(0, k, g)]
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    h[np.arange(k), np.arange(k)] += damp_percent * np.mean(np.diag(h))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, H^-1 = U^T U
+
+    codes = np.zeros((n, k), np.int64)
+    scales = np.zeros((n, groups))
+    zeros = np.zeros((n, groups))
+    g_idx_perm = np.zeros(k, np.int64)
+    for j in range(k):
+        if group_size == -1:
+            s, z = fixed[0]
+            gi = 0
+        elif static_groups:
+            gi = perm[j] // g
+            s, z = fixed[gi]
+        else:
+            gi = j // g
+            if j % g == 0:
+                s, z = grid(w[:, j : j + g], bits, sym)
+        scales[:, gi], zeros[:, gi] = s, z
+        g_idx_perm[j] = gi
+        q = np.clip(np.round(w[:, j].astype(np.float32) / s) + z, 0, maxq)
+        err = (w[:, j] - s * (q - z)) / u[j, j]
+        w[:, j:] -= np.outer(err, u[j, j:])
+        codes[:, j] = q
+    inv = np.argsort(perm)
+    codes = codes[:, inv]
+    g_idx = g_idx_perm[inv]
+    deq = scales[:, g_idx] * (codes - zeros[:, g_idx])
+    return codes, scales, zeros, g_idx, deq
