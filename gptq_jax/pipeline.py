@@ -1,0 +1,471 @@
+"""Layer-by-layer GPTQ of a whole model: ``quantize(model, calib, quant_config=...)``.
+
+Sequential, as in the paper (GPTQ, Sec. 4 and its reference code): the calibration batch is embedded and run
+to the first decoder layer; for each layer, the Hessians of its linears are accumulated, the linears are
+quantized, and the layer is run again with its quantized weights so the next layer sees quantized inputs.
+
+Inside a layer the order is "true sequential": q/k/v, then o, then gate/up, then down, each group seeing the
+inputs produced by the groups already quantized. Linears that read the same input (q/k/v; gate/up) share one
+Hessian, computed once.
+
+Memory: one decoder layer's weights are touched at a time (in f32 for the solve), and the calibration
+activations ``[S, T, D]`` live on the device when they fit and on the host otherwise. Rows of W are independent
+and Hessians are sums over tokens, so both the solve and the accumulation shard cleanly across devices later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptq_jax.calibration import Calibration
+from gptq_jax.config import QuantConfig
+from gptq_jax.gptq import quantize_weight
+from gptq_jax.hessian import accumulate_hessian, init_hessian
+from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig, make_positions
+from gptq_jax.quantizer import QuantizedWeight, rtn_quantize
+
+log = logging.getLogger(__name__)
+
+# True-sequential groups of a decoder layer: (name of the captured input, linears that read it).
+LINEAR_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("o", ("self_attn.o_proj",)),
+    ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+    ("down", ("mlp.down_proj",)),
+)
+LAYER_LINEARS: tuple[str, ...] = tuple(name for _, names in LINEAR_GROUPS for name in names)
+METHODS = ("gptq", "rtn")
+DEFAULT_QUANT_CONFIG = QuantConfig()  # 4-bit, group 128, symmetric: the common published setting
+
+
+def linear_name(layer: int, sub: str) -> str:
+    """The Hugging Face module name of a linear, e.g. ``model.layers.3.self_attn.q_proj``."""
+    return f"model.layers.{layer}.{sub}"
+
+
+def get_submodule(module: nnx.Module, dotted: str) -> Any:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+@dataclasses.dataclass
+class QuantReport:
+    """What happened, per linear and per layer; ``to_json()`` is the CLI's ``quant_report.json``."""
+
+    method: str
+    quant_config: dict[str, Any]
+    calibration: dict[str, Any]
+    linears: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    resumed_layers: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def fallbacks(self) -> list[str]:
+        return [r["name"] for r in self.linears if r["fallback"]]
+
+
+class QuantizeResult(NamedTuple):
+    """``model``: the input model with every decoder linear replaced by its dequantized weight (ready to evaluate,
+    or to pack with ``gptq_jax.qlinear.pack_model``); ``weights``: HF module name -> ``QuantizedWeight``;
+    ``report``: a ``QuantReport``."""
+
+    model: LlamaForCausalLM
+    weights: dict[str, QuantizedWeight]
+    report: QuantReport
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Jitted pieces: one decoder layer with Hessian accumulation for one group.
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "group"))
+def _layer_pass(graphdef, state, h, positions, mask, hess, group):
+    """Runs one decoder layer on a batch ``h (B, T, D)``; folds the captured input of ``group`` into ``hess``."""
+    layer = nnx.merge(graphdef, state)
+    out, _, captured = layer(h, positions=positions, attention_mask=mask, capture=True)
+    if group is not None:
+        hess = accumulate_hessian(*hess, captured[group], mask)
+    return out, hess
+
+
+@jax.jit
+def _sq_err(a, b, mask):
+    m = mask[..., None].astype(jnp.float32)
+    d = (a.astype(jnp.float32) - b.astype(jnp.float32)) * m
+    return jnp.sum(d * d), jnp.sum(jnp.square(b.astype(jnp.float32)) * m)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).embed(tokens)
+
+
+def dequantized_kernel(qw: QuantizedWeight, dtype: Any, scale_dtype: Any = jnp.float16) -> jax.Array:
+    """The Flax kernel ``[K, N]`` a quantized weight stands for, with scales rounded to ``scale_dtype`` as a
+    checkpoint stores them (so calibration sees exactly what inference will compute)."""
+    qw = dataclasses.replace(qw, scales=qw.scales.astype(scale_dtype).astype(jnp.float32))
+    return qw.dequantize().T.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+def fingerprint(
+    model_config: ModelConfig, quant_config: QuantConfig, calib: Calibration, method: str, extra: str = ""
+) -> str:
+    """Identifies one quantization job: a resume is only allowed into a work directory with the same one."""
+    h = hashlib.sha256()
+    for part in (repr(model_config), repr(quant_config), method, extra):
+        h.update(part.encode())
+    h.update(np.ascontiguousarray(calib.tokens).tobytes())
+    h.update(np.ascontiguousarray(calib.mask).tobytes())
+    return h.hexdigest()
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+
+    _atomic_write(path, write)
+
+
+_QW_FIELDS = ("codes", "scales", "zeros", "g_idx", "loss", "damp", "fallback")
+
+
+def _save_layer(work_dir: str, index: int, weights: dict[str, QuantizedWeight], reports: dict[str, Any]) -> None:
+    arrays = {}
+    for name, qw in weights.items():
+        for f in _QW_FIELDS:
+            arrays[f"{name}/{f}"] = np.asarray(getattr(qw, f))
+        if qw.perm is not None:
+            arrays[f"{name}/perm"] = np.asarray(qw.perm)
+        arrays[f"{name}/meta"] = np.asarray([qw.bits, qw.group_size, int(qw.sym)])
+    path = os.path.join(work_dir, f"layer-{index:05d}.npz")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    _atomic_write(path, write)
+    _write_json(os.path.join(work_dir, f"layer-{index:05d}.json"), reports)
+
+
+def _load_layer(work_dir: str, index: int) -> tuple[dict[str, QuantizedWeight], dict[str, Any]] | None:
+    npz, js = (os.path.join(work_dir, f"layer-{index:05d}.{ext}") for ext in ("npz", "json"))
+    if not (os.path.exists(npz) and os.path.exists(js)):
+        return None
+    with np.load(npz) as data:
+        names = sorted({k.rsplit("/", 1)[0] for k in data.files})
+        weights = {}
+        for name in names:
+            bits, group_size, sym = (int(v) for v in data[f"{name}/meta"])
+            fields = {f: jnp.asarray(data[f"{name}/{f}"]) for f in _QW_FIELDS}
+            perm = jnp.asarray(data[f"{name}/perm"]) if f"{name}/perm" in data.files else None
+            weights[name] = QuantizedWeight(**fields, perm=perm, bits=bits, group_size=group_size, sym=bool(sym))
+    with open(js) as f:
+        reports = json.load(f)
+    return weights, reports
+
+
+def _open_work_dir(work_dir: str, fp: str) -> None:
+    os.makedirs(work_dir, exist_ok=True)
+    manifest = os.path.join(work_dir, "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            old = json.load(f).get("fingerprint")
+        if old != fp:
+            raise ValueError(
+                f"{work_dir} holds a partial quantization made with different arguments (model, options or "
+                "calibration data); rerun with the same arguments to resume, or remove that directory to start over"
+            )
+        return
+    _write_json(manifest, {"fingerprint": fp})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def _as_model(params: Any, config: ModelConfig | None) -> LlamaForCausalLM:
+    if isinstance(params, LlamaForCausalLM):
+        return params
+    if isinstance(params, nnx.State):
+        if config is None:
+            raise ValueError("quantize(params=nnx.State, ...) needs config=ModelConfig to rebuild the model")
+        dtype = jax.tree.leaves(params)[0].dtype
+        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdef, _ = nnx.split(abstract)
+        return nnx.merge(graphdef, params)
+    raise TypeError(
+        f"quantize expects a LlamaForCausalLM (from gptq_jax.models.load_pretrained) or its nnx.State, "
+        f"got {type(params).__name__}"
+    )
+
+
+def _activation_placement(calib: Calibration, hidden: int, dtype: Any, offload: bool | None) -> Any:
+    """Where to keep the layer inputs: the device when they fit comfortably, else the host."""
+    if offload is not None:
+        return jax.devices("cpu")[0] if offload else None
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    need = calib.tokens.size * hidden * jnp.dtype(dtype).itemsize * 3  # inputs, float outputs, new outputs
+    stats = dev.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if limit is not None and need > 0.5 * (limit - stats.get("bytes_in_use", 0)):
+        log.info("calibration activations (%.1f GiB) kept on the host", need / 2**30)
+        return jax.devices("cpu")[0]
+    return None
+
+
+def quantize(
+    params: Any,
+    calib: Calibration | Any,
+    *,
+    quant_config: QuantConfig = DEFAULT_QUANT_CONFIG,
+    config: ModelConfig | None = None,
+    method: str = "gptq",
+    true_sequential: bool = True,
+    batch_size: int = 8,
+    skip: Sequence[str] = (),
+    work_dir: str | None = None,
+    fingerprint_extra: str = "",
+    offload_activations: bool | None = None,
+    progress: bool | Callable[[str], None] = False,
+) -> QuantizeResult:
+    """Quantize every linear of every decoder layer of a Llama-family model.
+
+    Args:
+      params: a ``LlamaForCausalLM`` (as ``gptq_jax.models.load_pretrained`` returns it) or its ``nnx.State``
+        (then pass ``config``). It is modified in place: each quantized linear's kernel becomes its dequantized
+        weight. Embeddings, norms and ``lm_head`` stay in float, as the checkpoint format keeps them.
+      calib: a ``Calibration`` (see ``gptq_jax.calibration``) or an int token array ``[S, T]``.
+      quant_config: bits, group size, symmetry, act-order, static groups, damping.
+      method: ``"gptq"`` or ``"rtn"`` (round-to-nearest: no calibration pass at all; ``calib`` may be None).
+      true_sequential: quantize q/k/v, o, gate/up, down in turn, each seeing the inputs made by the already
+        quantized ones (the paper's default); False takes all of a layer's Hessians from the float layer.
+      batch_size: calibration samples per forward pass.
+      skip: HF module names (or suffixes such as ``"mlp.down_proj"``) to leave in float.
+      work_dir: if given, each finished decoder layer is saved there, and a run with the same model, options
+        and calibration data resumes after the last finished layer. Other arguments there raise ``ValueError``.
+      offload_activations: keep calibration activations on the host (True), the device (False), or decide
+        by free device memory (None).
+      progress: True for a progress bar on stderr, or a callable receiving one status line per linear.
+
+    Returns:
+      ``QuantizeResult(model, weights, report)``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if not isinstance(quant_config, QuantConfig):
+        raise TypeError(f"quant_config must be a QuantConfig, got {type(quant_config).__name__}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    model = _as_model(params, config)
+    mc = model.config
+    for sub in LAYER_LINEARS:
+        k = get_submodule(model.layers[0], sub).in_features
+        if quant_config.group_size > k:
+            raise ValueError(
+                f"group_size={quant_config.group_size} is larger than in_features={k} of {sub}; "
+                "choose a smaller group size or -1 (per channel)"
+            )
+    if method == "gptq":
+        if calib is None:
+            raise ValueError("GPTQ needs calibration data (calib); only method='rtn' runs without it")
+        if not isinstance(calib, Calibration):
+            calib = Calibration.from_tokens(calib)
+        if int(calib.tokens.max()) >= mc.vocab_size or int(calib.tokens.min()) < 0:
+            raise ValueError(
+                f"calibration token ids span [{int(calib.tokens.min())}, {int(calib.tokens.max())}], "
+                f"outside the model's vocabulary of {mc.vocab_size}"
+            )
+    t_start = time.perf_counter()
+    report = QuantReport(
+        method=method,
+        quant_config=dataclasses.asdict(quant_config),
+        calibration=(
+            {"samples": int(calib.tokens.shape[0]), "seqlen": int(calib.tokens.shape[1]), "tokens": calib.num_tokens}
+            if method == "gptq"
+            else {}
+        ),
+    )
+    skipped = lambda name: any(name == s or name.endswith("." + s) for s in skip)  # noqa: E731
+    weights: dict[str, QuantizedWeight] = {}
+    n_layers = len(model.layers)
+
+    bar = None
+    say: Callable[[str], None] = lambda s: None  # noqa: E731
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_layers, desc=f"{method} {quant_config.bits}-bit", unit="layer")
+        say = lambda s: bar.set_postfix_str(s, refresh=True)  # noqa: E731
+    elif callable(progress):
+        say = progress
+
+    def quantize_linear(layer_idx: int, sub: str, hess: jax.Array | None) -> dict[str, Any] | None:
+        name = linear_name(layer_idx, sub)
+        lin = get_submodule(model.layers[layer_idx], sub)
+        if not isinstance(lin, Linear) or skipped(name):
+            return None
+        say(name)
+        t0 = time.perf_counter()
+        w = lin.kernel[...].T.astype(jnp.float32)  # (N out, K in): the paper's orientation
+        qw = rtn_quantize(w, quant_config) if hess is None else quantize_weight(w, hess, quant_config)
+        lin.kernel.set_value(dequantized_kernel(qw, lin.kernel[...].dtype))
+        jax.block_until_ready(lin.kernel[...])
+        weights[name] = qw
+        rec = {
+            "name": name,
+            "shape": [int(w.shape[0]), int(w.shape[1])],
+            "loss": float(qw.loss),
+            "damp": float(qw.damp),
+            "fallback": bool(qw.fallback),
+            "seconds": time.perf_counter() - t0,
+        }
+        report.linears.append(rec)
+        return rec
+
+    if method == "rtn":
+        for li in range(n_layers):
+            for sub in LAYER_LINEARS:
+                quantize_linear(li, sub, None)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        report.seconds = time.perf_counter() - t_start
+        return QuantizeResult(model, weights, report)
+
+    # ---- GPTQ, layer by layer ----
+    resume_from = 0
+    if work_dir is not None:
+        fp = fingerprint(mc, quant_config, calib, method, f"{true_sequential}|{sorted(skip)}|{fingerprint_extra}")
+        _open_work_dir(work_dir, fp)
+        while (saved := _load_layer(work_dir, resume_from)) is not None:
+            layer_weights, layer_report = saved
+            for name, qw in layer_weights.items():
+                sub = name.split(".", 3)[3]
+                lin = get_submodule(model.layers[resume_from], sub)
+                lin.kernel.set_value(dequantized_kernel(qw, lin.kernel[...].dtype))
+                weights[name] = qw
+            report.linears.extend(layer_report["linears"])
+            report.layers.append(layer_report["layer"])
+            resume_from += 1
+        report.resumed_layers = resume_from
+        if resume_from:
+            log.info("resuming after %d finished decoder layers in %s", resume_from, work_dir)
+
+    placement = _activation_placement(calib, mc.hidden_size, model.dtype, offload_activations)
+    put = (lambda x: jax.device_put(x, placement)) if placement is not None else (lambda x: x)  # noqa: E731
+    batches = []
+    gd_model, st_model = nnx.split(model)
+    for i in range(0, calib.tokens.shape[0], batch_size):
+        tok = jnp.asarray(calib.tokens[i : i + batch_size])
+        mask = jnp.asarray(calib.mask[i : i + batch_size])
+        batches.append((put(_embed(gd_model, st_model, tok)), mask, make_positions(mask)))
+    del gd_model, st_model
+
+    def run(layer, group, hidden):
+        """One pass of ``layer`` over all batches; returns outputs and the Hessian of ``group``'s input."""
+        graphdef, state = nnx.split(layer)
+        k = None if group is None else captured_width(layer, group)
+        hess = None if group is None else init_hessian(k)
+        outs = []
+        for (_, mask, pos), h in zip(batches, hidden, strict=True):
+            out, hess = _layer_pass(graphdef, state, jax.device_put(h, jax.devices()[0]), pos, mask, hess, group)
+            outs.append(put(out))
+        return outs, (None if hess is None else hess[0])
+
+    hidden = [b[0] for b in batches]
+    for li in range(resume_from):  # replay finished layers (deterministic: the same passes as the first run)
+        hidden, _ = run(model.layers[li], None, hidden)
+
+    for li in range(resume_from, n_layers):
+        t_layer = time.perf_counter()
+        layer = model.layers[li]
+        first = len(report.linears)
+        if true_sequential:
+            float_out = None
+            for group, subs in LINEAR_GROUPS:
+                outs, hess = run(layer, group, hidden)
+                if float_out is None:
+                    float_out = outs  # the first pass runs the float layer
+                for sub in subs:
+                    quantize_linear(li, sub, hess)
+                del hess
+        else:
+            graphdef, state = nnx.split(layer)
+            hs = {g: init_hessian(captured_width(layer, g)) for g, _ in LINEAR_GROUPS}
+            float_out = []
+            for (_, mask, pos), h in zip(batches, hidden, strict=True):
+                h = jax.device_put(h, jax.devices()[0])
+                for g, _ in LINEAR_GROUPS:
+                    out, hs[g] = _layer_pass(graphdef, state, h, pos, mask, hs[g], g)
+                float_out.append(put(out))
+            for g, subs in LINEAR_GROUPS:
+                for sub in subs:
+                    quantize_linear(li, sub, hs[g][0])
+            del hs
+        hidden, _ = run(layer, None, hidden)
+        num = den = 0.0
+        for (_, mask, _), a, b in zip(batches, hidden, float_out, strict=True):
+            e, s = _sq_err(a, b, mask)
+            num, den = num + float(e), den + float(s)
+        del float_out
+        layer_rec = {
+            "layer": li,
+            "relative_output_error": num / max(den, 1e-30),
+            "seconds": time.perf_counter() - t_layer,
+        }
+        report.layers.append(layer_rec)
+        if work_dir is not None:
+            names = [r["name"] for r in report.linears[first:]]
+            _save_layer(
+                work_dir, li, {n: weights[n] for n in names}, {"linears": report.linears[first:], "layer": layer_rec}
+            )
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    report.seconds = time.perf_counter() - t_start
+    if report.fallbacks:
+        log.warning("%d linear(s) fell back to round-to-nearest: %s", len(report.fallbacks), report.fallbacks)
+    return QuantizeResult(model, weights, report)
+
+
+def captured_width(layer: nnx.Module, group: str) -> int:
+    """Input width K of the linears in ``group``."""
+    subs = dict(LINEAR_GROUPS)[group]
+    return get_submodule(layer, subs[0]).in_features
