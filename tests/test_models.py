@@ -278,3 +278,28 @@ def test_config_is_a_static_jit_argument():
     config = ModelConfig.from_hf_dict(tiny_config("llama"))
     f = jax.jit(lambda c, x: x * c.hidden_size, static_argnums=0)
     assert int(f(config, jnp.int32(2))) == 128
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_blocked_attention_equals_one_block(window):
+    """Query blocks that skip invisible keys (causal prefix, sliding window) give the same result as one block."""
+    from gptq_jax.models.llama import attend
+
+    B, T, H, KVH, hd = 2, 11, 6, 2, 8
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (B, T, H, hd))
+    k = jax.random.normal(kk, (B, KVH, T, hd))
+    v = jax.random.normal(kv, (B, KVH, T, hd))
+    valid = jnp.asarray(right_padding_mask([11, 7], T)).astype(bool)
+    slots = jnp.arange(T)
+    one = attend(q, k, v, slots, valid, window=window, block=64)
+    blocked = attend(q, k, v, slots, valid, window=window, causal_prefix=True, block=4)
+    real = np.asarray(valid)  # padding queries may see no key at all; their output is arbitrary
+    np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(one)[real], rtol=1e-6, atol=1e-6)
+    # The reference: repeat K/V per query head, full score matrix, mask, softmax.
+    rep = lambda x: jnp.repeat(x, H // KVH, axis=1)  # (B, H, T, hd)
+    scores = jnp.einsum("bthd,bhsd->bhts", q, rep(k)) / np.sqrt(hd)
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    ok = (s <= t) & ((s > t - window) if window else True) & np.asarray(valid)[:, None, None, :]
+    ref = jnp.einsum("bhts,bhsd->bthd", jax.nn.softmax(jnp.where(ok, scores, -jnp.inf), -1), rep(v))
+    np.testing.assert_allclose(np.asarray(one)[real], np.asarray(ref)[real], rtol=1e-5, atol=1e-6)

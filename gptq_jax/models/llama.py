@@ -469,8 +469,8 @@ class KVCache(NamedTuple):
     ``valid`` marks slots that hold real tokens, so left- or right-padded prompts can share one cache.
     """
 
-    k: jax.Array  # (B, S, KVH, hd)
-    v: jax.Array  # (B, S, KVH, hd)
+    k: jax.Array  # (B, KVH, S, hd): heads before slots, the layout attention multiplies in (no per-step transpose)
+    v: jax.Array  # (B, KVH, S, hd)
     valid: jax.Array  # (B, S) bool
     end: jax.Array  # () int32
 
@@ -482,7 +482,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.f
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated) in every layer."""
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"batch={batch} and max_len={max_len} must be positive")
-    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
     return tuple(
         KVCache(
             jnp.zeros(shape, dtype),
@@ -516,6 +516,54 @@ def attention_allowed(q_slots: jax.Array, k_slots: jax.Array, k_valid: jax.Array
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention
 
+# Queries are processed in blocks of this many tokens: the (block, S) score matrix stays cache-sized, and without a KV
+# cache a block only multiplies against the keys causality lets it see (about half the work of the full square).
+ATTENTION_BLOCK = 256
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_slots: jax.Array,
+    k_valid: jax.Array,
+    *,
+    window: int | None = None,
+    causal_prefix: bool = False,
+    block: int = ATTENTION_BLOCK,
+) -> jax.Array:
+    """Softmax attention, grouped-query, in f32; the plain-jnp reference and the CPU implementation.
+
+    ``q (B, T, H, hd)`` (RoPE applied), ``k, v (B, KVH, S, hd)``; query t sits at slot ``q_slots[t]`` and key s at
+    slot s; ``k_valid (B, S)`` marks real keys. ``causal_prefix=True`` promises ``q_slots == arange(T)`` and
+    ``S == T`` (no cache), so block i may skip every key after its last query. Returns ``(B, T, H, hd)`` in v's dtype.
+    """
+    B, T, H, hd = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    G = H // KVH  # query heads per K/V head; HF's head h is (h // G, h % G)
+    # One batched matmul per K/V head with the G query heads folded into the rows: no repeated K/V in memory.
+    q = q.reshape(B, T, KVH, G, hd).transpose(0, 2, 1, 3, 4)  # (B, KVH, T, G, hd)
+    outs = []
+    for t0 in range(0, T, block):
+        t1 = min(t0 + block, T)
+        s0, s1 = 0, S
+        if causal_prefix:
+            s1 = t1
+            if window is not None:
+                s0 = max(0, t0 - window + 1)
+        qb = q[:, :, t0:t1].reshape(B, KVH, (t1 - t0) * G, hd)  # (B, KVH, Tb*G, hd)
+        scores = jnp.einsum("bkqd,bksd->bkqs", qb, k[:, :, s0:s1].astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores.reshape(B, KVH, t1 - t0, G, s1 - s0) * (hd**-0.5)  # (B, KVH, Tb, G, Sb)
+        allowed = attention_allowed(q_slots[t0:t1], jnp.arange(s0, s1, dtype=jnp.int32), k_valid[:, s0:s1], window)
+        # A large finite negative, not -inf: a query with no visible key (left padding) gets a harmless uniform
+        # row instead of NaNs, and real queries always see themselves so they are unaffected.
+        scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, KVH, (t1 - t0) * G, s1 - s0)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v[:, :, s0:s1], preferred_element_type=jnp.float32)
+        outs.append(out.reshape(B, KVH, t1 - t0, G, hd))  # (B, KVH, Tb, G, hd)
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)  # (B, KVH, T, G, hd)
+    return out.transpose(0, 2, 1, 3, 4).reshape(B, T, H, hd).astype(v.dtype)  # (B, T, H, hd)
+
 
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, window: int | None, dtype: Any, rngs: nnx.Rngs):
@@ -536,7 +584,6 @@ class Attention(nnx.Module):
         c = self.config
         B, T, _ = x.shape
         kvh, hd = c.num_key_value_heads, c.head_dim
-        g = c.num_attention_heads // kvh  # query heads per K/V head
         q = self.q_proj(x).reshape(B, T, c.num_attention_heads, hd)  # (B, T, H, hd)
         k = self.k_proj(x).reshape(B, T, kvh, hd)  # (B, T, KVH, hd)
         v = self.v_proj(x).reshape(B, T, kvh, hd)  # (B, T, KVH, hd)
@@ -545,27 +592,19 @@ class Attention(nnx.Module):
         cos, sin = rope_cos_sin(c, positions)  # (B, T, hd/2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        no_cache = cache is None  # then keys are exactly this call's tokens, in slots 0..T-1
+        k = k.transpose(0, 2, 1, 3)  # (B, KVH, T, hd)
+        v = v.transpose(0, 2, 1, 3)  # (B, KVH, T, hd)
         valid = attention_mask.astype(bool)  # (B, T)
         q_slots = jnp.arange(T, dtype=jnp.int32)  # (T,)
         if cache is not None:
             start = cache.end
-            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))  # (B, S, KVH, hd)
-            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0))  # (B, S, KVH, hd)
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, start, 0))  # (B, KVH, S, hd)
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, start, 0))  # (B, KVH, S, hd)
             valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))  # (B, S)
             cache = KVCache(k, v, valid, start + T)
             q_slots = q_slots + start
-        S = k.shape[1]
-        allowed = attention_allowed(q_slots, jnp.arange(S, dtype=jnp.int32), valid, self.window)  # (B, T, S)
-
-        # Grouped-query attention without materialising repeated K/V: split H into (KVH, G).
-        q = q.reshape(B, T, kvh, g, hd)  # (B, T, KVH, G, hd); HF's head h is (h // G, h % G)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores * (hd**-0.5)  # (B, KVH, G, T, S)
-        # A large finite negative, not -inf: a query with no visible key (left padding) gets a harmless uniform
-        # row instead of NaNs, and real queries always see themselves so they are unaffected.
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # (B, KVH, G, T, S)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)  # (B, T, KVH, G, hd)
+        out = attend(q, k, v, q_slots, valid, window=self.window, causal_prefix=no_cache)  # (B, T, H, hd)
         o_in = out.reshape(B, T, c.num_attention_heads * hd).astype(x.dtype)  # (B, T, H*hd)
         return self.o_proj(o_in), cache, o_in
 
@@ -663,7 +702,7 @@ class LlamaForCausalLM(nnx.Module):
         if cache is not None:
             if len(cache) != len(self.layers):
                 raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
-            end, S = cache[0].end, cache[0].k.shape[1]
+            end, S = cache[0].end, cache[0].valid.shape[1]
             if not isinstance(end, jax.core.Tracer) and int(end) + T > S:
                 raise ValueError(f"KV cache overflow: {int(end)} slots used + {T} new tokens > max_len={S}")
         if positions is None:
