@@ -141,6 +141,9 @@ class ModelConfig:
             missing = [k for k in needed if k not in rope]
             if missing:
                 raise ValueError(f"rope_scaling of type {kind!r} lacks {missing}: {rope}")
+            bad = [k for k in needed if not _is_positive_number(rope[k])]
+            if bad:
+                raise ValueError(f"rope_scaling fields {bad} must be positive numbers: {rope}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -313,6 +316,10 @@ class ModelConfig:
         return d
 
 
+def _is_positive_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
@@ -351,14 +358,15 @@ def _rope_of(d: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] |
     if params and all(isinstance(v, Mapping) for v in params.values()):
         raise ValueError(f"per-layer-type RoPE parameters are not supported: {dict(params)}")
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-    if not isinstance(theta, int | float) or isinstance(theta, bool) or theta <= 0:
+    if not _is_positive_number(theta):
         raise ValueError(f"rope_theta must be a positive number, got {theta!r}")
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
     scaling["rope_type"] = params.get("rope_type", params.get("type", "default"))
     if scaling["rope_type"] == "default":
         return float(theta), None
     if scaling["rope_type"] == "llama3" and "original_max_position_embeddings" not in scaling:
-        scaling["original_max_position_embeddings"] = d.get("max_position_embeddings")
+        if "max_position_embeddings" in d:  # transformers' fallback
+            scaling["original_max_position_embeddings"] = d["max_position_embeddings"]
     for k, v in scaling.items():
         if isinstance(v, list | dict):
             raise ValueError(f"rope_scaling field {k!r}={v!r} is not supported (rope_type {scaling['rope_type']!r})")
