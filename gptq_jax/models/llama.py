@@ -182,9 +182,6 @@ class ModelConfig:
             raise ValueError(f"hidden_act={act!r} is not supported (the Llama family uses 'silu')")
         if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
             raise ValueError(f"partial_rotary_factor={d['partial_rotary_factor']} is not supported (only 1.0)")
-        if d.get("pretraining_tp", 1) not in (1, None):
-            # Only a training-time layout hint in HF; the weights are ordinary. Accept it.
-            pass
 
         hidden = get("hidden_size")
         heads = get("num_attention_heads")
@@ -218,8 +215,11 @@ class ModelConfig:
                 layer_types = tuple(lt)
 
         eos = d.get("eos_token_id")
-        if isinstance(eos, list):
+        if isinstance(eos, list):  # Llama 3 instruct lists several stop tokens
             eos = tuple(eos)
+        for key, ids in (("bos_token_id", d.get("bos_token_id")), ("eos_token_id", eos)):
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in _as_tuple(ids or ())):
+                raise ValueError(f"config field {key!r} must be an int or a list of ints, got {ids!r}")
         return cls(
             architecture=arch,
             vocab_size=get("vocab_size"),
