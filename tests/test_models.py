@@ -302,3 +302,15 @@ def test_blocked_attention_equals_one_block(window):
     ok = (s <= t) & ((s > t - window) if window else True) & np.asarray(valid)[:, None, None, :]
     ref = jnp.einsum("bhts,bhsd->bthd", jax.nn.softmax(jnp.where(ok, scores, -jnp.inf), -1), rep(v))
     np.testing.assert_allclose(np.asarray(one)[real], np.asarray(ref)[real], rtol=1e-5, atol=1e-6)
+
+
+def test_qwen2_mixed_sliding_layers_match_transformers(tmp_path):
+    """Qwen2/3 slide only from max_window_layers on: layer 0 full, layer 1 windowed (window 4 < 16 tokens)."""
+    sliding = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    path = write_hf_checkpoint(tmp_path, "qwen2", seed=2, **sliding)
+    model, config = load_pretrained(path)
+    assert [config.layer_window(i) for i in range(2)] == [None, 4]
+    tokens = random_tokens(2, 16, seed=10)
+    mask = right_padding_mask([16, 10], 16)
+    logits, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    assert_close(logits, torch_logits(path, tokens, mask), where=mask.astype(bool))
