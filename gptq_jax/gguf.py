@@ -1,0 +1,359 @@
+"""Import a Llama-architecture GGUF file as an ordinary Hugging Face checkpoint directory.
+
+The default model (SmolLM2-135M-Instruct) ships as a GGUF file with Q4_1 weights. GPTQ needs
+full-precision weights to start from, so `convert_gguf` dequantizes every tensor to float32 with
+the `gguf` package and writes what `transformers` (and `gptq_jax.models.load_pretrained`) read:
+
+    OUT_DIR/config.json               LlamaConfig built from the `llama.*` metadata
+    OUT_DIR/generation_config.json    bos / eos / pad token ids
+    OUT_DIR/model.safetensors         float32 tensors under their HF names
+    OUT_DIR/tokenizer.json, ...       fast tokenizer rebuilt by transformers from the GGUF metadata
+
+Two layout facts the conversion must undo:
+
+- GGUF records dimensions innermost-first (`ne[0]` is the row length), the reverse of a numpy
+  shape. A torch Linear weight `[out, in]` is stored with `ne = [in, out]`.
+- llama.cpp's converter reorders the rows of the Q and K projections of every head from HF's
+  "rotate-half" layout (first half of the head, then second half) into interleaved pairs
+  (`x0, x_{d/2}, x1, x_{d/2+1}, ...`), which is what its RoPE kernel expects. We put them back,
+  per head, using `n_head` for Q and `n_head_kv` for K. Forgetting this still loads fine and
+  yields a model with perplexity in the thousands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+# Bump when the files `convert_gguf` writes change, so cached conversions (tests/conftest.py) are redone.
+CONVERSION_VERSION = 1
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be converted: not GGUF, not Llama, an unsupported tensor or type."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConversionReport:
+    """What `convert_gguf` wrote."""
+
+    out_dir: Path
+    config: dict[str, Any]  # the config.json written
+    num_tensors: int  # tensors in model.safetensors
+    num_parameters: int
+    quant_types: dict[str, int]  # GGUF tensor type name -> number of tensors of that type
+    tokenizer: bool  # whether tokenizer files were written
+
+
+# GGUF tensor name -> HF name. `{n}` is the layer index. Biases appear in a few Llama variants.
+_LAYER_MAP = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_MAP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """The HF Llama name of a GGUF tensor, e.g. `blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight`."""
+    if gguf_name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    raise GGUFError(
+        f"tensor {gguf_name!r} has no Llama equivalent; known: {sorted(_GLOBAL_MAP)} and "
+        f"blk.N.{{{', '.join(sorted(_LAYER_MAP))}}}"
+    )
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's per-head interleaving of the rotary halves in a Q or K projection.
+
+    `w` is `[n_head * head_dim, ...]` (a weight `[out, in]` or a bias `[out]`). In GGUF, row
+    `2 * i + j` of a head holds HF row `j * head_dim / 2 + i` (i < head_dim / 2, j in {0, 1}).
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise GGUFError(f"cannot un-permute {rows} rows into {n_head} heads of even size")
+    half = rows // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The permutation llama.cpp applies (inverse of `unpermute_rotary`); used to write test files."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _open(path: Path):
+    """A `gguf.GGUFReader` for `path`, after checking that it is a GGUF file at all."""
+    import gguf
+
+    if not path.is_file():
+        raise GGUFError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueError/IndexError on corrupt files
+        raise GGUFError(f"{path} could not be read as GGUF: {e}") from e
+
+
+def _metadata(reader) -> dict[str, Any]:
+    """Scalar and short metadata fields as Python values (the long tokenizer arrays are skipped)."""
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "merges", "token_type", "scores")):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # an exotic field type we do not need; do not fail the conversion on it
+            logger.debug("skipping unreadable GGUF field %s", key)
+    return out
+
+
+def _required(meta: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in meta:
+        raise GGUFError(f"{path}: GGUF metadata lacks {key!r}, needed for config.json")
+    return meta[key]
+
+
+def _f32(x: float) -> float:
+    """A GGUF float32 as the shortest decimal that rounds to it (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(x)))
+
+
+def hf_config(meta: dict[str, Any], *, tied: bool, vocab_size: int, path: Path) -> dict[str, Any]:
+    """The HF `config.json` of a Llama model from its GGUF metadata."""
+    hidden = int(_required(meta, "llama.embedding_length", path))
+    n_head = int(_required(meta, "llama.attention.head_count", path))
+    n_head_kv = int(meta.get("llama.attention.head_count_kv", n_head))
+    head_dim = int(meta.get("llama.attention.key_length", hidden // n_head))
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported (only none and linear)")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": int(_required(meta, "llama.feed_forward_length", path)),
+        "num_hidden_layers": int(_required(meta, "llama.block_count", path)),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_head_kv,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(_required(meta, "llama.context_length", path)),
+        "rms_norm_eps": _f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        # llama.cpp's default when the key is absent, as in the original Llama.
+        "rope_theta": _f32(meta.get("llama.rope.freq_base", 10000.0)),
+        "rope_scaling": (
+            {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])} if scaling == "linear" else None
+        ),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": tied,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    for name in ("bos", "eos", "padding"):
+        key = f"tokenizer.ggml.{name}_token_id"
+        if key in meta:
+            config["pad_token_id" if name == "padding" else f"{name}_token_id"] = int(meta[key])
+    return config
+
+
+def _check_architecture(meta: dict[str, Any], path: Path) -> None:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported; only 'llama' GGUF files can be converted")
+
+
+def _check_dequantizable(reader, path: Path) -> None:
+    """Fail before any work if some tensor's type cannot be dequantized by the `gguf` package."""
+    import gguf
+
+    seen = {}
+    for t in reader.tensors:
+        seen.setdefault(t.tensor_type, t.name)
+    for qtype, name in seen.items():
+        _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        try:  # dequantizing one zero block is the cheapest reliable "is this type supported?"
+            gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+        except NotImplementedError:
+            raise GGUFError(
+                f"{path}: tensor {name!r} has type {qtype.name}, which cannot be dequantized "
+                "(the gguf package dequantizes F32, F16, BF16 and the Q*/IQ*/TQ* block types)"
+            ) from None
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """All tensors of a Llama GGUF file as float32 numpy arrays under HF names, and its metadata.
+
+    The metadata also gets `gguf.tensor_types`: GGUF tensor type name -> number of tensors.
+
+    Q and K projections are returned in HF's layout (the llama.cpp permutation undone).
+    """
+    import gguf
+
+    path = Path(path)
+    reader = _open(path)
+    meta = _metadata(reader)
+    _check_architecture(meta, path)
+    _check_dequantizable(reader, path)
+    n_head = int(_required(meta, "llama.attention.head_count", path))
+    n_head_kv = int(meta.get("llama.attention.head_count_kv", n_head))
+
+    tensors = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            raise GGUFError(f"{path}: per-dimension rope frequencies (Llama 3.1 rope scaling) are not supported")
+        name = hf_tensor_name(t.name)
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF ne is innermost-first
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        if t.name.startswith("blk.") and ".attn_q." in t.name:
+            w = unpermute_rotary(w, n_head)
+        elif t.name.startswith("blk.") and ".attn_k." in t.name:
+            w = unpermute_rotary(w, n_head_kv)
+        tensors[name] = np.ascontiguousarray(w)
+    if "model.embed_tokens.weight" not in tensors:
+        raise GGUFError(f"{path}: no token_embd.weight tensor; not a complete Llama model")
+    meta["gguf.tensor_types"] = dict(Counter(t.tensor_type.name for t in reader.tensors))
+    return tensors, meta
+
+
+def _write_tokenizer(gguf_path: Path, out_dir: Path, meta: dict[str, Any]) -> bool:
+    """Rebuild the fast tokenizer from the GGUF tokenizer metadata with transformers and save it."""
+    if "tokenizer.ggml.model" not in meta:
+        logger.warning("%s has no tokenizer metadata; writing the model without a tokenizer", gguf_path)
+        return False
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(gguf_path.parent.resolve()), gguf_file=gguf_path.name, local_files_only=True
+        )
+    except Exception as e:  # transformers knows fewer tokenizer models than GGUF can hold
+        raise GGUFError(f"{gguf_path}: transformers could not build a tokenizer from the GGUF metadata: {e}") from e
+    if "llama.context_length" in meta:
+        tok.model_max_length = int(meta["llama.context_length"])
+    tok.save_pretrained(str(out_dir))
+    return True
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Validate an output directory: absent, empty, or (with `overwrite`) anything that is a directory."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise GGUFError(f"output {out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise GGUFError(f"output directory {out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
+    return out_dir
+
+
+def write_atomically(out_dir: Path, fill: Callable[[Path], Any]) -> Any:
+    """Call `fill(tmp_dir)` on a fresh directory beside `out_dir`, then rename it into place.
+
+    A failure anywhere leaves `out_dir` as it was and removes the partial directory.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        result = fill(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700, and some writers make their files 0600
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, old / "d")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def convert_gguf(
+    gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False, tokenizer: bool = True
+) -> ConversionReport:
+    """Convert a Llama GGUF file into an HF checkpoint directory with float32 weights.
+
+    Args:
+      gguf_path: the `.gguf` file.
+      out_dir: directory to create; must be absent or empty unless `overwrite`.
+      overwrite: replace an existing non-empty `out_dir` (only once the new one is complete).
+      tokenizer: also write tokenizer files (when the GGUF carries tokenizer metadata).
+
+    Raises:
+      GGUFError: not a GGUF file, not the llama architecture, a tensor type the `gguf` package
+        cannot dequantize, an unknown tensor name, or a non-empty `out_dir` without `overwrite`.
+    """
+    from safetensors.numpy import save_file
+
+    gguf_path = Path(gguf_path)
+    out_dir = check_out_dir(out_dir, overwrite=overwrite)
+    tensors, meta = read_tensors(gguf_path)
+    tied = "lm_head.weight" not in tensors
+    vocab_size = tensors["model.embed_tokens.weight"].shape[0]
+    config = hf_config(meta, tied=tied, vocab_size=vocab_size, path=gguf_path)
+    if "model.layers.0.self_attn.q_proj.bias" in tensors:
+        config["attention_bias"] = True
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+
+    def fill(tmp: Path) -> bool:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", generation)
+        return _write_tokenizer(gguf_path, tmp, meta) if tokenizer else False
+
+    wrote_tokenizer = write_atomically(out_dir, fill)
+    logger.info("converted %s -> %s (%d tensors)", gguf_path, out_dir, len(tensors))
+    return ConversionReport(
+        out_dir=out_dir,
+        config=config,
+        num_tensors=len(tensors),
+        num_parameters=int(sum(t.size for t in tensors.values())),
+        quant_types=dict(meta["gguf.tensor_types"]),
+        tokenizer=wrote_tokenizer,
+    )
