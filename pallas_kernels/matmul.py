@@ -1,0 +1,425 @@
+"""The GPTQ dequant-matmul ``y = x @ dequant(w)``: Pallas GPU kernels, a pure-jnp reference, one entry point.
+
+Layout: ``pallas_kernels.packing`` (``PackedWeight``). Implementations, tried in this order by ``gptq_matmul``:
+
+- ``"pallas"`` (GPU, or anywhere in interpret mode): picks by M = prod(x.shape[:-1]).
+  - ``"pallas_decode"`` (M <= ``KernelConfig.max_decode_m``): split-K over a grid of (N tiles, K splits). Each
+    program streams its slice of the packed weights once, unpacks codes with shifts and masks in registers and
+    accumulates in f32; a matrix-vector product (M = 1) uses CUDA-core multiply-adds, 2 <= M <= 16 pads M to 16
+    for ``dot``. The K splits' f32 partial sums are added outside the kernel (deterministic, no atomics).
+  - ``"pallas_prefill"`` (larger M): a tiled matmul over (M tiles, N tiles), looping over K.
+- ``"xla"``: ``gptq_matmul_reference``, plain jnp; the CPU path and the fallback.
+
+Both kernels take 2, 4 and 8 bits (a code never straddles an int32 word), any group size whose groups are
+contiguous (no act-order ``g_idx`` left after ``packing.reorder_for_act_order``), and K, N with a power-of-two
+tile of at least 16 (Triton's block sizes are powers of two; ``dot`` needs 16). 3-bit is reference-only.
+
+Backend: the kernels are written for Pallas's Triton lowering (BlockSpecs, ``dot``) and select it explicitly by
+passing ``jax.experimental.pallas.triton.CompilerParams``; since JAX 0.9 a ``pallas_call`` without compiler
+params lowers to Mosaic GPU on NVIDIA GPUs, which these kernels are not written for.
+
+Inside a K tile the scale is applied after the dot: every tile lies in one group, so
+``x @ ((q - z) * s) == (x @ (q - z)) * s`` column by column, with ``q - z`` an exact small integer in bf16/f16.
+That saves a multiply per weight and rounds the weight to x's dtype nowhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.packing import PackedWeight, unpack_cols_jnp, unpack_rows_jnp
+
+try:  # The Triton lowering's public names; absent only from JAX builds without GPU Pallas support.
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+    pltriton = None
+
+logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+KERNEL_BITS = (2, 4, 8)
+IMPLS = ("pallas", "pallas_decode", "pallas_prefill", "xla")
+INTERPRET_ENV = "PALLAS_KERNELS_INTERPRET"  # "1": run the Pallas kernels in interpret mode (CPU tests)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tile configuration (how the kernels are tuned; static arguments, so frozen and hashable)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeTiles:
+    """Small-M kernel. Sizes are upper bounds: each is cut to the largest power of two that divides the shape."""
+
+    block_n: int = 128  # output columns per program
+    block_k: int = 128  # input rows per loop step; also capped at the group size (one group per step)
+    split_k: int | None = None  # K splits; None: double from 1 until the grid has >= min_programs programs
+    min_programs: int = 264  # two waves of an H100's 132 SMs: enough programs in flight to saturate memory
+    num_warps: int = 4
+    num_stages: int = 3  # software pipelining of the weight stream
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefillTiles:
+    """Large-M kernel: a (block_m, block_n) output tile per program, looping over K in block_k steps."""
+
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Which kernel runs for which M, and their tiles. Untuned defaults: no GPU measured them yet."""
+
+    max_decode_m: int = 16  # M up to this runs the split-K decode kernel
+    decode: DecodeTiles = DecodeTiles()
+    prefill: PrefillTiles = PrefillTiles()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Resolved static shape of one kernel launch."""
+
+    kernel: str  # "decode" | "prefill"
+    block_m: int  # rows of x per program (M is padded to a multiple)
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _unpack_tile_rows(words: jax.Array, bits: int) -> jax.Array:
+    """int32 ``(rows, cols)`` packed along rows -> int32 codes ``(rows * 32 / bits, cols)``, in registers."""
+    per_word = 32 // bits
+    shifts = lax.broadcasted_iota(jnp.int32, (1, per_word, 1), 1) * bits
+    codes = (words[:, None, :] >> shifts) & ((1 << bits) - 1)  # (rows, per_word, cols); the mask drops sign bits
+    return codes.reshape(words.shape[0] * per_word, words.shape[1])
+
+
+def _unpack_tile_cols(words: jax.Array, bits: int) -> jax.Array:
+    """int32 ``(rows, cols)`` packed along columns -> int32 ``(rows, cols * 32 / bits)``."""
+    per_word = 32 // bits
+    shifts = lax.broadcasted_iota(jnp.int32, (1, 1, per_word), 2) * bits
+    codes = (words[:, :, None] >> shifts) & ((1 << bits) - 1)  # (rows, cols, per_word)
+    return codes.reshape(words.shape[0], words.shape[1] * per_word)
+
+
+def _tile_product(x_ref, qw_ref, s_ref, qz_ref, i, k_global, *, bits: int, group: int, block_k: int, precision):
+    """f32 ``(block_m, block_n)``: step ``i`` of the K loop, input rows ``[k_global, k_global + block_k)``."""
+    words = block_k * bits // 32
+    gi = lax.div(k_global, group)  # the whole step lies in this group
+    q = _unpack_tile_rows(qw_ref[pl.ds(i * words, words), :], bits)  # (bk, bn)
+    z = _unpack_tile_cols(qz_ref[pl.ds(gi, 1), :], bits)  # (1, bn)
+    s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)  # (1, bn)
+    xk = x_ref[:, pl.ds(i * block_k, block_k)]  # (bm, bk)
+    d = q - z  # (bk, bn) integers in [-maxq, maxq]: exact in f16/bf16
+    if xk.shape[0] == 1:  # matrix-vector: multiply-adds on CUDA cores, no MMA operand shuffles
+        part = jnp.sum(xk.astype(jnp.float32).reshape(block_k, 1) * d.astype(jnp.float32), axis=0, keepdims=True)
+    else:
+        part = pltriton.dot(xk, d.astype(xk.dtype), precision=precision)  # (bm, bn) f32
+    return part * s
+
+
+def gptq_decode_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_k: int, precision):
+    """One (N tile, K split) program of the small-M kernel.
+
+    Refs: ``x_ref`` ``(Mp, Ks)``; ``qw_ref`` int32 ``(Ks * bits / 32, bn)``; ``s_ref`` ``(G, bn)``; ``qz_ref``
+    int32 ``(G, bn * bits / 32)``; ``o_ref`` f32 ``(Mp, bn)``, this split's partial sum.
+    """
+    k_split = x_ref.shape[1]
+    k_base = pl.program_id(1) * k_split
+    tile = functools.partial(_tile_product, x_ref, qw_ref, s_ref, qz_ref, bits=bits, group=group, block_k=block_k,
+                             precision=precision)
+    acc = lax.fori_loop(0, k_split // block_k, lambda i, acc: acc + tile(i, k_base + i * block_k),
+                        jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc
+
+
+def gptq_prefill_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_k: int, precision):
+    """One (M tile, N tile) program of the large-M kernel.
+
+    Refs: ``x_ref`` ``(bm, K)``; ``qw_ref`` int32 ``(K * bits / 32, bn)``; ``s_ref`` ``(G, bn)``; ``qz_ref`` int32
+    ``(G, bn * bits / 32)``; ``o_ref`` ``(bm, bn)`` in x's dtype.
+    """
+    k = x_ref.shape[1]
+    tile = functools.partial(_tile_product, x_ref, qw_ref, s_ref, qz_ref, bits=bits, group=group, block_k=block_k,
+                             precision=precision)
+    acc = lax.fori_loop(0, k // block_k, lambda i, acc: acc + tile(i, i * block_k),
+                        jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "plan", "interpret"))
+def _pallas_matmul(x, qweight, scales, qzeros, *, bits: int, group: int, plan: _Plan, interpret: bool):
+    """``x`` ``(M, K)`` (rows already permuted) times the packed weight -> ``(M, N)`` in x's dtype."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    groups = scales.shape[0]
+    bm, bn, bk, split = plan.block_m, plan.block_n, plan.block_k, plan.split_k
+    m_pad = -(-m // bm) * bm
+    if m_pad != m:
+        x = jnp.pad(x, ((0, m_pad - m), (0, 0)))  # (Mp, K): activations are small next to the weights
+    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # f32: IEEE, not TF32
+    statics = dict(bits=bits, group=group, block_k=bk, precision=precision)
+    params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    word_rows, zero_cols = bits * k // 32, bn * bits // 32
+    if plan.kernel == "decode":
+        ks = k // split
+        partial = pl.pallas_call(
+            functools.partial(gptq_decode_kernel, **statics),
+            out_shape=jax.ShapeDtypeStruct((split, m_pad, n), jnp.float32),
+            grid=(n // bn, split),
+            in_specs=[
+                pl.BlockSpec((m_pad, ks), lambda j, s: (0, s)),
+                pl.BlockSpec((word_rows // split, bn), lambda j, s: (s, j)),
+                pl.BlockSpec((groups, bn), lambda j, s: (0, j)),
+                pl.BlockSpec((groups, zero_cols), lambda j, s: (0, j)),
+            ],
+            out_specs=pl.BlockSpec((None, m_pad, bn), lambda j, s: (s, 0, j)),
+            compiler_params=params,
+            interpret=interpret,
+            name="gptq_decode",
+        )(x, qweight, scales, qzeros)  # (split, Mp, N) f32
+        y = partial.sum(axis=0)
+    else:
+        y = pl.pallas_call(
+            functools.partial(gptq_prefill_kernel, **statics),
+            out_shape=jax.ShapeDtypeStruct((m_pad, n), x.dtype),
+            grid=(m_pad // bm, n // bn),
+            in_specs=[
+                pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+                pl.BlockSpec((word_rows, bn), lambda i, j: (0, j)),
+                pl.BlockSpec((groups, bn), lambda i, j: (0, j)),
+                pl.BlockSpec((groups, zero_cols), lambda i, j: (0, j)),
+            ],
+            out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+            compiler_params=params,
+            interpret=interpret,
+            name="gptq_prefill",
+        )(x, qweight, scales, qzeros)  # (Mp, N)
+    return y[:m].astype(x.dtype)
+
+
+def _pow2_tile(extent: int, want: int) -> int:
+    """Largest power of two <= want that divides extent (0 when extent is 0)."""
+    t = 1 << max(want, 1).bit_length() - 1
+    while t > 1 and extent % t:
+        t //= 2
+    return t if extent % t == 0 else 0
+
+
+def _plan(m: int, w: PackedWeight, kernel: str, config: KernelConfig) -> _Plan:
+    """Fit the tiles to this shape, or raise NotImplementedError saying why the kernel cannot take it."""
+    k, n, bits, group = w.in_features, w.out_features, w.bits, w.group_len
+    where = f"{kernel} kernel, M={m}, K={k}, N={n}, bits={bits}, group_size={w.group_size}"
+    if pltriton is None:
+        raise NotImplementedError("this JAX has no Pallas Triton lowering (jax.experimental.pallas.triton)")
+    if bits not in KERNEL_BITS:
+        raise NotImplementedError(f"{where}: the Pallas kernels take bits in {KERNEL_BITS}; 3-bit codes straddle "
+                                  "int32 words and are served by the reference only")
+    if w.g_idx is not None:
+        raise NotImplementedError(f"{where}: groups are not contiguous blocks of {group} rows even after sorting "
+                                  "by g_idx (uneven group sizes); the kernels need g_idx == k // group_size")
+    if m == 0:
+        raise NotImplementedError(f"{where}: empty input")
+    tiles = config.decode if kernel == "decode" else config.prefill
+    bn = _pow2_tile(n, tiles.block_n)
+    # Each K step must lie inside one group: the step divides the group length (or all of K for group_size -1).
+    bk = _pow2_tile(math.gcd(k, group), tiles.block_k)
+    if bn < 16 or bk < 16:
+        raise NotImplementedError(
+            f"{where}: needs power-of-two tiles of at least 16 dividing N (got block_n={bn}) and "
+            f"gcd(K, group)={math.gcd(k, group)} (got block_k={bk})"
+        )
+    if kernel == "decode":
+        bm = 1 if m == 1 else 16  # dot needs 16 rows; M = 1 is a matrix-vector product without dot
+        split = tiles.split_k
+        if split is None:
+            split = 1
+            while (n // bn) * split < tiles.min_programs and (k // (2 * split)) % bk == 0 and k // (2 * split) >= bk:
+                split *= 2
+        if k % (split * bk):
+            raise NotImplementedError(f"{where}: split_k={split} times block_k={bk} must divide K")
+    else:
+        cap = 1 << (max(tiles.block_m, 16).bit_length() - 1)  # block_m rounded down to a power of two
+        bm = max(16, min(cap, 1 << (m - 1).bit_length()))  # no bigger than M rounded up to a power of two
+        split = 1
+    return _Plan(kernel, bm, bn, bk, split, tiles.num_warps, tiles.num_stages)
+
+
+def gptq_matmul_pallas(
+    x: jax.Array,
+    w: PackedWeight,
+    *,
+    kernel: str | None = None,
+    config: KernelConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``x`` ``[..., K]`` @ ``w`` with a Pallas kernel (Triton lowering); ``[..., N]`` in x's dtype.
+
+    Args:
+      x: float32/bfloat16/float16 ``[..., K]``.
+      w: the packed layer; ``w.perm`` is applied to x's last axis.
+      kernel: ``"decode"``, ``"prefill"`` or None (decode when M <= ``config.max_decode_m``).
+      config: tiles; ``KernelConfig()`` when None.
+      interpret: run the kernel body in Pallas interpret mode (any platform, slow; for tests).
+
+    Raises:
+      NotImplementedError: the kernel does not take this shape/bits/layout (the message says which and why).
+    """
+    check_inputs(x, w)
+    config = KernelConfig() if config is None else config
+    lead, k = x.shape[:-1], x.shape[-1]
+    m = math.prod(lead)
+    if kernel is None:
+        kernel = "decode" if m <= config.max_decode_m else "prefill"
+    if kernel not in ("decode", "prefill"):
+        raise ValueError(f"kernel={kernel!r} must be 'decode', 'prefill' or None")
+    plan = _plan(m, w, kernel, config)
+    x2 = x.reshape(m, k)  # (M, K)
+    if w.perm is not None:
+        x2 = jnp.take(x2, w.perm, axis=1)  # activations in the weight's stored row order
+    y = _pallas_matmul(x2, w.qweight, w.scales, w.qzeros, bits=w.bits, group=w.group_len, plan=plan,
+                       interpret=bool(interpret))
+    return y.reshape(*lead, w.out_features)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_inputs(x: Any, w: PackedWeight) -> None:
+    """Validation at the boundary: ``w`` is a well-formed ``PackedWeight`` and ``x`` a float ``[..., K]``."""
+    if not isinstance(w, PackedWeight):
+        raise TypeError(f"w must be a pallas_kernels.PackedWeight, got {type(w).__name__}")
+    w.validate()
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        raise ValueError(f"x must be an array [..., K], got {type(x).__name__}")
+    if jnp.dtype(dtype) not in FLOAT_DTYPES:
+        raise ValueError(f"x has dtype {jnp.dtype(dtype)}; gptq_matmul takes float32, bfloat16 or float16 activations")
+    if len(shape) < 1 or shape[-1] != w.in_features:
+        raise ValueError(
+            f"x has shape {tuple(shape)} but the packed weight has K={w.in_features} input features "
+            f"(qweight {tuple(w.qweight.shape)} at {w.bits} bits)"
+        )
+
+
+def _interpret_default() -> bool:
+    return os.environ.get(INTERPRET_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _platform(x: Any) -> str:
+    """Platform x lives on ("cpu", "gpu", "tpu"); the default backend for tracers."""
+    if isinstance(x, jax.Array):
+        try:
+            return next(iter(x.devices())).platform
+        except Exception:  # tracers (under jit) have no device: the computation runs on the default backend
+            pass
+    return jax.default_backend()
+
+
+def gptq_matmul(
+    x: jax.Array,
+    w: PackedWeight,
+    *,
+    impl: str | None = None,
+    config: KernelConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """``y = x @ dequant(w)``: float ``[..., K]`` -> ``[..., N]`` in x's dtype, accumulated in f32.
+
+    Args:
+      x: float32/bfloat16/float16 ``[..., K]``, K = ``w.in_features``.
+      w: a ``PackedWeight``; its act-order permutation ``w.perm`` is applied to x.
+      impl: None tries, in order, the Pallas kernels (on GPU, or anywhere when interpreting) and then ``"xla"``,
+        moving on when one raises ``NotImplementedError``. ``"pallas"`` (kernel chosen by M), ``"pallas_decode"``,
+        ``"pallas_prefill"`` or ``"xla"`` runs exactly that one and lets its error through.
+      config: kernel tiles (``KernelConfig``).
+      interpret: run Pallas kernels in interpret mode; None reads the ``PALLAS_KERNELS_INTERPRET`` env var ("1").
+
+    Raises:
+      ValueError: bad inputs (dtype, K, malformed ``w``) or an unknown ``impl``.
+      NotImplementedError: the requested ``impl`` cannot take this input (the message names shape, bits, platform).
+    """
+    check_inputs(x, w)
+    interpret = _interpret_default() if interpret is None else bool(interpret)
+    platform = _platform(x)
+
+    def run(name: str) -> jax.Array:
+        if name == "xla":
+            return gptq_matmul_reference(x, w)
+        if platform != "gpu" and not interpret:
+            raise NotImplementedError(
+                f"impl={name!r} compiles Pallas kernels through the Triton lowering, which needs a GPU; x is on "
+                f"{platform!r}. Pass interpret=True (or set {INTERPRET_ENV}=1) to run the kernel body on CPU"
+            )
+        kernel = {"pallas": None, "pallas_decode": "decode", "pallas_prefill": "prefill"}[name]
+        return gptq_matmul_pallas(x, w, kernel=kernel, config=config, interpret=interpret)
+
+    if impl is not None:
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+        return run(impl)
+    order = ("pallas", "xla") if (platform == "gpu" or interpret) else ("xla",)
+    reasons = []
+    for name in order:
+        try:
+            return run(name)
+        except NotImplementedError as e:
+            logger.debug("gptq_matmul: %s skipped: %s", name, e)
+            reasons.append(f"{name}: {e}")
+    raise NotImplementedError("no gptq_matmul implementation takes this input: " + "; ".join(reasons))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _reference(x: jax.Array, w: PackedWeight) -> jax.Array:
+    q = unpack_rows_jnp(w.qweight, w.bits)  # (K, N) stored row order
+    z = unpack_cols_jnp(w.qzeros, w.bits)  # (G, N)
+    gi = jnp.arange(w.in_features) // w.group_len if w.g_idx is None else w.g_idx  # (K,)
+    wd = ((q - z[gi]).astype(jnp.float32) * w.scales[gi].astype(jnp.float32)).astype(x.dtype)  # (K, N)
+    if w.perm is not None:
+        x = jnp.take(x, w.perm, axis=-1)  # (..., K) in stored row order
+    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    y = jnp.dot(x, wd, preferred_element_type=jnp.float32, precision=precision)  # (..., N)
+    return y.astype(x.dtype)
+
+
+def gptq_matmul_reference(x: jax.Array, w: PackedWeight) -> jax.Array:
+    """Plain jnp: unpack, dequantize in f32, cast to x's dtype, ``jnp.dot`` with f32 accumulation.
+
+    Same contract as ``gptq_matmul``; every bit width and any ``g_idx``. The CPU path and what the kernels are
+    tested against; under ``jax.jit`` XLA fuses the unpacking into the dot's operand.
+    """
+    check_inputs(x, w)
+    return _reference(x, w)
