@@ -1,0 +1,369 @@
+"""GPTQ checkpoints in the Hugging Face format the PyTorch tools read and write (shared/design/FORMAT.md).
+
+A directory with ``config.json`` (the model's config plus ``quantization_config``), ``quantize_config.json``
+(the same fields, for AutoGPTQ-era readers), safetensors weights (``model.safetensors`` or shards with
+``model.safetensors.index.json``, metadata ``{"format": "pt"}``) and the tokenizer files. Per quantized linear,
+``qweight`` int32 ``[K*bits/32, N]``, ``qzeros`` int32 ``[G, N*bits/32]``, ``scales`` float16 ``[G, N]``,
+``g_idx`` int32 ``[K]`` and ``bias`` where the layer has one; embeddings, norms and ``lm_head`` unquantized.
+
+Symmetric models are written as ``checkpoint_format: "gptq"`` (v1: stored zero - 1, what every reader expects);
+asymmetric ones as ``gptq_v2`` (true zeros), since v1 cannot store a zero of 0. Reading honours
+``checkpoint_format`` and defaults to v1. Also ``save_orbax`` / ``load_orbax`` for JAX-native pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from gptq_jax.config import QuantConfig
+from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig
+from gptq_jax.models.params import hf_to_nnx, nnx_to_hf
+from gptq_jax.pipeline import LAYER_LINEARS, get_submodule
+from gptq_jax.qlinear import QuantLinear, quantized_linears
+
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+_QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+_DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def quantization_config(qc: QuantConfig, *, checkpoint_format: str, true_sequential: bool = True) -> dict[str, Any]:
+    """The ``quantization_config`` object of ``config.json`` for a model quantized with ``qc``."""
+    return {
+        "quant_method": "gptq",
+        "bits": qc.bits,
+        "group_size": qc.group_size,
+        "desc_act": qc.act_order,
+        "sym": qc.sym,
+        "static_groups": qc.static_groups,
+        "true_sequential": true_sequential,
+        "damp_percent": qc.damp_percent,
+        "checkpoint_format": checkpoint_format,
+        "lm_head": False,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _float_tensors(model: LlamaForCausalLM, dtype: Any) -> dict[str, np.ndarray]:
+    """Every unquantized parameter under its HF name (torch orientation), cast to ``dtype``."""
+    quantized = {name.removeprefix("model.") for name in quantized_linears(model)}  # NNX paths of QuantLinears
+    out = {}
+    for key, var in nnx.to_flat_state(nnx.state(model)):
+        path = ".".join(str(p) for p in key)
+        if _owner(path, quantized):
+            continue  # written by the quantized layer itself
+        mapped = nnx_to_hf(path)
+        if mapped is None:
+            raise ValueError(f"cannot save parameter {path}: it has no Hugging Face name")
+        hf, transpose = mapped
+        a = np.asarray(jax.device_get(var[...])).astype(dtype)
+        out[hf] = np.ascontiguousarray(a.T if transpose else a)
+    return out
+
+
+def _owner(path: str, modules: set[str]) -> bool:
+    """Whether parameter ``path`` lies inside one of ``modules`` (NNX paths)."""
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
+
+
+def save_quantized(
+    model: LlamaForCausalLM,
+    out_dir: str | os.PathLike,
+    *,
+    quant_config: QuantConfig,
+    checkpoint_format: str | None = None,
+    float_dtype: Any = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = _DEFAULT_MAX_SHARD_BYTES,
+    true_sequential: bool = True,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> str:
+    """Write a model whose decoder linears are ``QuantLinear`` (see ``gptq_jax.qlinear.pack_model``) as a GPTQ
+    checkpoint. ``checkpoint_format`` defaults to ``gptq`` for symmetric and ``gptq_v2`` for asymmetric grids
+    (v1 cannot hold asymmetric zeros of 0). ``float_dtype`` (default: the model's) is the dtype of embeddings and
+    norms. The directory is built under a temporary name and renamed into place at the end, so an interrupted save
+    never leaves a directory that looks complete. ``extra_files``: name -> text to write beside (e.g. a report).
+    Returns the output path.
+    """
+    fmt = checkpoint_format or ("gptq" if quant_config.sym else "gptq_v2")
+    if fmt not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format={fmt!r} is not one of {CHECKPOINT_FORMATS}")
+    if fmt == "gptq" and not quant_config.sym:
+        raise ValueError(
+            "an asymmetric model cannot be written as checkpoint_format='gptq' (v1 stores zero - 1, so a zero of 0 "
+            "overflows its field); use 'gptq_v2'"
+        )
+    qlins = quantized_linears(model)
+    if not qlins:
+        raise ValueError("the model has no QuantLinear layers; quantize it and pack it (qlinear.pack_model) first")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir):
+        if not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+            raise FileExistsError(f"output directory {out_dir} exists and is not empty (pass overwrite=True)")
+    float_dtype = np.dtype(jnp.dtype(float_dtype or model.dtype).name)
+
+    tensors: dict[str, np.ndarray] = _float_tensors(model, float_dtype)
+    for name, lin in qlins.items():
+        tensors.update(lin.hf_tensors(name, checkpoint_format=fmt))
+
+    hf_config = model.config.to_hf_dict()
+    hf_config["torch_dtype"] = float_dtype.name
+    qconf = quantization_config(quant_config, checkpoint_format=fmt, true_sequential=true_sequential)
+    hf_config["quantization_config"] = qconf
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    try:
+        _write_shards(tmp, tensors, max_shard_bytes)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2)
+        with open(os.path.join(tmp, "quantize_config.json"), "w", encoding="utf-8") as f:
+            json.dump(qconf, f, indent=2)
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = os.path.join(tokenizer_dir, fname)
+                if os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(tmp, fname))
+        for fname, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+                f.write(text)
+        if os.path.exists(out_dir):
+            old = f"{out_dir}.old-{os.getpid()}"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_shards(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, a in tensors.items():
+        if shards[-1] and size + a.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = a
+        size += a.nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for fname, shard in zip(names, shards, strict=True):
+        save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
+    if n > 1:
+        index = {
+            "metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
+            "weight_map": {k: fname for fname, shard in zip(names, shards, strict=True) for k in shard},
+        }
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
+    """``quantization_config`` from ``config.json``, or ``quantize_config.json`` beside it (AutoGPTQ era), checked."""
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path} has no config.json")
+    with open(cfg_file, encoding="utf-8") as f:
+        try:
+            qc = json.load(f).get("quantization_config")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    side = os.path.join(path, "quantize_config.json")
+    if qc is None and os.path.isfile(side):
+        with open(side, encoding="utf-8") as f:
+            qc = json.load(f)
+        qc.setdefault("quant_method", "gptq")
+    if qc is None:
+        raise ValueError(f"{path} is not a quantized checkpoint: config.json has no quantization_config")
+    if qc.get("quant_method", "gptq") != "gptq":
+        raise ValueError(f"{path}: quant_method={qc.get('quant_method')!r} is not supported (only 'gptq')")
+    for key in ("bits", "group_size"):
+        if key not in qc:
+            raise ValueError(f"{path}: quantization_config has no {key!r}")
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in CHECKPOINT_FORMATS:
+        raise ValueError(f"{path}: checkpoint_format={fmt!r} is not one of {CHECKPOINT_FORMATS}")
+    qc["checkpoint_format"] = fmt
+    return qc
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, f) for f in files]
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))  # gptq_model-4bit-128g.safetensors
+    if len(found) == 1:
+        return [os.path.join(path, found[0])]
+    raise FileNotFoundError(
+        f"{path}: no model.safetensors, no model.safetensors.index.json"
+        + (f", and several .safetensors files without an index: {found}" if found else "")
+    )
+
+
+def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Load a GPTQ checkpoint (ours or the PyTorch tools') as a model whose quantized linears are ``QuantLinear``.
+
+    ``dtype`` is the compute dtype of activations and unquantized weights. Honours ``checkpoint_format`` (v1 zeros
+    are converted to true zeros), ``desc_act`` checkpoints with a non-monotone ``g_idx``, old AutoGPTQ file names,
+    and bias tensors (all-zero or not). Shape mismatches against ``config.json`` name the tensor and both shapes.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    qc = read_quantization_config(path)
+    bits, group_size, fmt = int(qc["bits"]), int(qc["group_size"]), qc["checkpoint_format"]
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"{path}: bits={bits} is not supported (2, 3, 4 or 8)")
+    config = ModelConfig.from_json(path)
+    dtype = jnp.dtype(dtype)
+
+    raw: dict[str, np.ndarray] = {}
+    for file in _weight_files(path):
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    raw[name] = f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for truncated headers/data
+            raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state))
+
+    # Quantized linears first: every HF module with a qweight.
+    quant_names = sorted({n[: -len(".qweight")] for n in raw if n.endswith(".qweight")})
+    if not quant_names:
+        raise ValueError(f"{path}: quantization_config is present but no tensor ends in .qweight")
+    for name in quant_names:
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        if m is None or int(m.group(1)) >= config.num_hidden_layers or m.group(2) not in LAYER_LINEARS:
+            raise ValueError(f"{path}: quantized tensor {name}.qweight has no place in this model")
+        layer = model.layers[int(m.group(1))]
+        parent_path, attr = m.group(2).rsplit(".", 1)
+        parent = get_submodule(layer, parent_path)
+        old: Linear = getattr(parent, attr)
+        missing = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales") if f"{name}.{s}" not in raw]
+        if missing:
+            raise ValueError(f"{path}: missing tensor(s) {missing}")
+        lin = QuantLinear.from_hf_tensors(
+            name,
+            {s: raw.pop(f"{name}.{s}") for s in (*_QUANT_SUFFIXES, "bias") if f"{name}.{s}" in raw},
+            in_features=old.in_features,
+            out_features=old.out_features,
+            bits=bits,
+            group_size=group_size,
+            checkpoint_format=fmt,
+            dtype=dtype,
+        )
+        setattr(parent, attr, lin)
+
+    # Then every unquantized tensor, through the model's name table.
+    _, state = nnx.split(model)
+    slots = {".".join(str(p) for p in key): var for key, var in nnx.to_flat_state(state)}
+    filled = set()
+    for name, a in raw.items():
+        if re.fullmatch(r".*rotary_emb\.inv_freq", name):
+            continue
+        mapped = hf_to_nnx(name)
+        if mapped is None:
+            raise ValueError(f"{path}: tensor {name} has no place in a {config.architecture} model")
+        target, transpose = mapped
+        if target == "lm_head.kernel" and config.tie_word_embeddings:
+            continue
+        if target not in slots:
+            raise ValueError(f"{path}: tensor {name} has no place in this model (is it quantized elsewhere?)")
+        var = slots[target]
+        a = a.T if transpose else a
+        if tuple(a.shape) != tuple(var[...].shape):
+            want = tuple(var[...].shape)[::-1] if transpose else tuple(var[...].shape)
+            raise ValueError(
+                f"{path}: tensor {name} has shape {tuple(a.shape)[::-1] if transpose else a.shape}, "
+                f"config.json implies {want}"
+            )
+        var.set_value(jnp.asarray(a, dtype))
+        filled.add(target)
+    quantized = {n.removeprefix("model.") for n in quant_names}
+    unfilled = [t for t in slots if t not in filled and not _owner(t, quantized)]
+    if unfilled:
+        raise ValueError(f"{path}: {len(unfilled)} tensor(s) missing from the checkpoint, e.g. {unfilled[:5]}")
+    return model, config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Orbax, for JAX-native pipelines
+
+
+def save_orbax(model: LlamaForCausalLM, directory: str | os.PathLike) -> None:
+    """Save the model's full parameter pytree (packed quantized arrays included) with Orbax."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    _, state = nnx.split(model)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory, nnx.to_pure_dict(state))
+
+
+def load_orbax(model_like: LlamaForCausalLM, directory: str | os.PathLike) -> LlamaForCausalLM:
+    """Restore into a model of the same structure (e.g. ``load_quantized`` of the same checkpoint, or a model
+    packed with the same options): returns a new model holding the restored arrays."""
+    import orbax.checkpoint as ocp
+
+    graphdef, state = nnx.split(model_like)
+    target = nnx.to_pure_dict(state)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.abspath(os.fspath(directory)), target)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+__all__ = [
+    "CHECKPOINT_FORMATS",
+    "load_orbax",
+    "load_quantized",
+    "quantization_config",
+    "read_quantization_config",
+    "save_orbax",
+    "save_quantized",
+]

@@ -1,0 +1,197 @@
+"""Quantized inference and GPTQ checkpoints: ours round-trip bit-exactly, foreign (AutoGPTQ-era) ones load."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from helpers_models import tiny_config
+from safetensors.numpy import load_file, save_file
+
+from gptq_jax import QuantConfig, quantize
+from gptq_jax.checkpoint import load_orbax, load_quantized, read_quantization_config, save_orbax, save_quantized
+from gptq_jax.models import LlamaForCausalLM, ModelConfig
+from gptq_jax.models.llama import make_forward
+from gptq_jax.models.params import save_pretrained
+from gptq_jax.qlinear import QuantLinear, pack_model, quantized_linears
+from pallas_kernels.packing import checkpoint_arrays
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantized models and checkpoints
+
+
+def _quantized_model(arch="llama_bias", qc=QuantConfig(bits=4, group_size=32), seed=0, method="rtn"):  # noqa: B008
+    """A tiny model, quantized and packed. RTN where only the packing matters (compiles in a fraction of GPTQ's
+    time); GPTQ where act-order must produce a non-monotone g_idx."""
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(tiny_config(arch)), rngs=nnx.Rngs(seed))
+    tok = np.random.default_rng(seed).integers(0, 128, (6, 24))
+    res = quantize(model, tok if method == "gptq" else None, quant_config=qc, method=method)
+    fake = np.asarray(make_forward(model)(tok)[0])
+    pack_model(model, res.weights)
+    return model, tok, fake
+
+
+CASES = [
+    ("llama_bias", QuantConfig(bits=4, group_size=32), "rtn"),
+    ("llama_tied", QuantConfig(bits=4, group_size=-1, act_order=True), "gptq"),
+    ("qwen2", QuantConfig(bits=3, group_size=32, sym=False, act_order=True), "gptq"),
+    ("llama", QuantConfig(bits=8, group_size=32, sym=False), "rtn"),
+    ("llama", QuantConfig(bits=2, group_size=32, sym=True), "rtn"),
+]
+
+
+@pytest.mark.parametrize("arch,qc,method", CASES)
+def test_save_load_gives_identical_logits(tmp_path, arch, qc, method):
+    model, tok, fake = _quantized_model(arch, qc, method=method)
+    if qc.act_order and qc.group_size != -1:  # per-channel act-order has one group: g_idx stays monotone
+        assert any(lin.packed.perm is not None for lin in quantized_linears(model).values())
+    assert len(quantized_linears(model)) == 14
+    packed = np.asarray(make_forward(model)(tok)[0])
+    # Packed inference computes what calibration saw (dequantized weights with float16 scales).
+    np.testing.assert_allclose(packed, fake, rtol=1e-5, atol=1e-5)
+    out = save_quantized(model, tmp_path / "q", quant_config=qc)
+    qconf = read_quantization_config(out)
+    assert qconf["checkpoint_format"] == ("gptq" if qc.sym else "gptq_v2")
+    assert qconf["desc_act"] == qc.act_order and qconf["bits"] == qc.bits
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    assert tensors["model.layers.0.self_attn.q_proj.qweight"].dtype == np.int32
+    assert tensors["model.layers.0.self_attn.q_proj.scales"].dtype == np.float16
+    loaded, _ = load_quantized(out)
+    np.testing.assert_array_equal(np.asarray(make_forward(loaded)(tok)[0]), packed)
+    # Our packer's tensors are read back bit-exactly.
+    for name, lin in quantized_linears(loaded).items():
+        mine = quantized_linears(model)[name]
+        for a, b in zip(checkpoint_arrays(lin.packed), checkpoint_arrays(mine.packed), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_symmetric_v1_zeros_are_seven(tmp_path):
+    model, _, _ = _quantized_model("llama", QuantConfig(bits=4, group_size=32))
+    out = save_quantized(model, tmp_path / "q", quant_config=QuantConfig(bits=4, group_size=32))
+    qz = load_file(os.path.join(out, "model.safetensors"))["model.layers.1.mlp.up_proj.qzeros"]
+    assert np.all(qz.view(np.uint32) == 0x77777777)  # FORMAT.md: stored nibble is always 7
+
+
+def test_orbax_round_trip(tmp_path):
+    model, tok, _ = _quantized_model()
+    save_orbax(model, tmp_path / "orbax")
+    like, _, _ = _quantized_model(seed=1)
+    restored = load_orbax(like, tmp_path / "orbax")
+    np.testing.assert_array_equal(np.asarray(make_forward(restored)(tok)[0]), np.asarray(make_forward(model)(tok)[0]))
+
+
+def test_save_refuses_bad_requests(tmp_path):
+    model, _, _ = _quantized_model()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_quantized(model, tmp_path / "full", quant_config=QuantConfig(bits=4, group_size=32))
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    with pytest.raises(ValueError, match="asymmetric"):
+        save_quantized(
+            model, tmp_path / "a", quant_config=QuantConfig(sym=False, group_size=32), checkpoint_format="gptq"
+        )
+    assert not (tmp_path / "a").exists()
+
+
+def _write_foreign_checkpoint(path, *, desc_act: bool, seed: int = 0):
+    """An AutoGPTQ-era checkpoint built from FORMAT.md's facts with torch: gptq_model-4bit-32g.safetensors, a
+    quantize_config.json and no checkpoint_format (so v1), a zero bias on every layer, non-monotone g_idx for
+    desc_act. Returns the float model dir and the dequantized weights it should compute with."""
+    cfg = tiny_config("llama")
+    float_dir = path / "float"
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(cfg), rngs=nnx.Rngs(seed))
+    save_pretrained(model, None, float_dir)
+    tensors = {k: v for k, v in load_file(os.path.join(float_dir, "model.safetensors")).items() if "_proj" not in k}
+    g = 32
+    gen = torch.Generator().manual_seed(seed)
+    dequant = {}
+    for name, (k, n) in {
+        f"model.layers.{i}.{s}": shape
+        for i in range(cfg["num_hidden_layers"])
+        for s, shape in {
+            "self_attn.q_proj": (64, 64),
+            "self_attn.k_proj": (64, 32),
+            "self_attn.v_proj": (64, 32),
+            "self_attn.o_proj": (64, 64),
+            "mlp.gate_proj": (64, 96),
+            "mlp.up_proj": (64, 96),
+            "mlp.down_proj": (96, 64),
+        }.items()
+    }.items():
+        q = torch.randint(0, 16, (k, n), generator=gen)
+        groups = k // g
+        g_idx = torch.arange(k) // g
+        if desc_act:
+            g_idx = g_idx[torch.randperm(k, generator=gen)]
+        scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.005).half()
+        zeros = torch.full((groups, n), 8)  # symmetric
+        qweight = torch.zeros(k // 8, n, dtype=torch.int64)
+        for r in range(k):
+            qweight[r // 8] |= q[r].long() << (4 * (r % 8))
+        zcols = (zeros - 1).long()  # v1 stores zero - 1
+        qzeros = torch.zeros(groups, n // 8, dtype=torch.int64)
+        for c in range(n):
+            qzeros[:, c // 8] |= zcols[:, c] << (4 * (c % 8))
+        to_i32 = lambda t: t.to(torch.int64).numpy().astype(np.uint32).view(np.int32)  # noqa: E731
+        tensors[f"{name}.qweight"] = to_i32(qweight)
+        tensors[f"{name}.qzeros"] = to_i32(qzeros)
+        tensors[f"{name}.scales"] = scales.numpy()
+        tensors[f"{name}.g_idx"] = g_idx.int().numpy()
+        tensors[f"{name}.bias"] = np.zeros(n, np.float16)
+        dequant[name] = (scales.float()[g_idx] * (q - zeros[g_idx]).float()).numpy()  # (K, N)
+    ck = path / "foreign"
+    ck.mkdir()
+    save_file(tensors, str(ck / "gptq_model-4bit-32g.safetensors"), metadata={"format": "pt", "gptq_bits": "4"})
+    conf = json.loads((float_dir / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps(conf))
+    (ck / "quantize_config.json").write_text(
+        json.dumps({"bits": 4, "group_size": g, "desc_act": desc_act, "sym": True, "damp_percent": 0.01})
+    )
+    return float_dir, dequant
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_loads_autogptq_era_checkpoints(tmp_path, desc_act):
+    float_dir, dequant = _write_foreign_checkpoint(tmp_path, desc_act=desc_act)
+    model, _ = load_quantized(tmp_path / "foreign")
+    for name, lin in quantized_linears(model).items():
+        assert isinstance(lin, QuantLinear)
+        np.testing.assert_allclose(np.asarray(lin.packed.dequantize()), dequant[name], rtol=1e-6)
+    # The model computes with exactly those weights: compare against the float model holding them.
+    from gptq_jax.models import load_pretrained
+
+    ref, _ = load_pretrained(float_dir)
+    for name, w in dequant.items():
+        layer = ref.layers[int(name.split(".")[2])]
+        parent, attr = name.split(".", 3)[3].rsplit(".", 1)
+        getattr(getattr(layer, parent), attr).kernel.set_value(jnp.asarray(w))
+    tok = np.random.default_rng(0).integers(0, 128, (2, 16))
+    np.testing.assert_allclose(
+        np.asarray(make_forward(model)(tok)[0]), np.asarray(make_forward(ref)(tok)[0]), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    model, _, _ = _quantized_model("llama")
+    out = save_quantized(model, tmp_path / "q", quant_config=QuantConfig(bits=4, group_size=32))
+    with pytest.raises(ValueError, match="not a quantized checkpoint"):
+        conf = json.loads((tmp_path / "q" / "config.json").read_text())
+        del conf["quantization_config"]
+        (tmp_path / "plain").mkdir()
+        (tmp_path / "plain" / "config.json").write_text(json.dumps(conf))
+        load_quantized(tmp_path / "plain")
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.scales"] = tensors["model.layers.0.mlp.up_proj.scales"][:1]
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"up_proj: scales has shape \(1, 96\)"):
+        load_quantized(out)
+    with open(os.path.join(out, "model.safetensors"), "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_quantized(out)
