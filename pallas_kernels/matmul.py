@@ -123,7 +123,8 @@ def _unpack_tile_cols(words: jax.Array, bits: int) -> jax.Array:
     return codes.reshape(words.shape[0], words.shape[1] * per_word)
 
 
-def _tile_product(x_ref, qw_ref, s_ref, qz_ref, i, k_global, *, bits: int, group: int, block_k: int, precision):
+def _tile_product(x_ref, qw_ref, s_ref, qz_ref, i, k_global, *, bits: int, group: int, block_k: int, precision,
+                  interpret: bool):
     """f32 ``(block_m, block_n)``: step ``i`` of the K loop, input rows ``[k_global, k_global + block_k)``."""
     words = block_k * bits // 32
     gi = lax.div(k_global, group)  # the whole step lies in this group
@@ -134,12 +135,17 @@ def _tile_product(x_ref, qw_ref, s_ref, qz_ref, i, k_global, *, bits: int, group
     d = q - z  # (bk, bn) integers in [-maxq, maxq]: exact in f16/bf16
     if xk.shape[0] == 1:  # matrix-vector: multiply-adds on CUDA cores, no MMA operand shuffles
         part = jnp.sum(xk.astype(jnp.float32).reshape(block_k, 1) * d.astype(jnp.float32), axis=0, keepdims=True)
+    elif precision is None and interpret:
+        # XLA:CPU has no bf16 x bf16 -> f32 dot for every operand layout. On f32 copies the result is the same:
+        # a product of two bf16 (or f16) values is exact in f32, and accumulation is f32 either way.
+        part = pltriton.dot(xk.astype(jnp.float32), d.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     else:
         part = pltriton.dot(xk, d.astype(xk.dtype), precision=precision)  # (bm, bn) f32
     return part * s
 
 
-def gptq_decode_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_k: int, precision):
+def gptq_decode_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_k: int, precision,
+                       interpret: bool):
     """One (N tile, K split) program of the small-M kernel.
 
     Refs: ``x_ref`` ``(Mp, Ks)``; ``qw_ref`` int32 ``(Ks * bits / 32, bn)``; ``s_ref`` ``(G, bn)``; ``qz_ref``
@@ -148,13 +154,14 @@ def gptq_decode_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group:
     k_split = x_ref.shape[1]
     k_base = pl.program_id(1) * k_split
     tile = functools.partial(_tile_product, x_ref, qw_ref, s_ref, qz_ref, bits=bits, group=group, block_k=block_k,
-                             precision=precision)
+                             precision=precision, interpret=interpret)
     acc = lax.fori_loop(0, k_split // block_k, lambda i, acc: acc + tile(i, k_base + i * block_k),
                         jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc
 
 
-def gptq_prefill_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_k: int, precision):
+def gptq_prefill_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_k: int, precision,
+                        interpret: bool):
     """One (M tile, N tile) program of the large-M kernel.
 
     Refs: ``x_ref`` ``(bm, K)``; ``qw_ref`` int32 ``(K * bits / 32, bn)``; ``s_ref`` ``(G, bn)``; ``qz_ref`` int32
@@ -162,7 +169,7 @@ def gptq_prefill_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group
     """
     k = x_ref.shape[1]
     tile = functools.partial(_tile_product, x_ref, qw_ref, s_ref, qz_ref, bits=bits, group=group, block_k=block_k,
-                             precision=precision)
+                             precision=precision, interpret=interpret)
     acc = lax.fori_loop(0, k // block_k, lambda i, acc: acc + tile(i, i * block_k),
                         jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -184,7 +191,7 @@ def _pallas_matmul(x, qweight, scales, qzeros, *, bits: int, group: int, plan: _
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))  # (Mp, K): activations are small next to the weights
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # f32: IEEE, not TF32
-    statics = dict(bits=bits, group=group, block_k=bk, precision=precision)
+    statics = dict(bits=bits, group=group, block_k=bk, precision=precision, interpret=interpret)
     params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
     word_rows, zero_cols = bits * k // 32, bn * bits // 32
     if plan.kernel == "decode":
@@ -402,17 +409,20 @@ def gptq_matmul(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def _reference(x: jax.Array, w: PackedWeight) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("f32_operands",))
+def _reference(x: jax.Array, w: PackedWeight, f32_operands: bool) -> jax.Array:
     q = unpack_rows_jnp(w.qweight, w.bits)  # (K, N) stored row order
     z = unpack_cols_jnp(w.qzeros, w.bits)  # (G, N)
     gi = jnp.arange(w.in_features) // w.group_len if w.g_idx is None else w.g_idx  # (K,)
     wd = ((q - z[gi]).astype(jnp.float32) * w.scales[gi].astype(jnp.float32)).astype(x.dtype)  # (K, N)
     if w.perm is not None:
         x = jnp.take(x, w.perm, axis=-1)  # (..., K) in stored row order
+    out_dtype = x.dtype
+    if f32_operands:  # same products, exact in f32 (see _tile_product): XLA:CPU lacks some bf16 -> f32 dots
+        x, wd = x.astype(jnp.float32), wd.astype(jnp.float32)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     y = jnp.dot(x, wd, preferred_element_type=jnp.float32, precision=precision)  # (..., N)
-    return y.astype(x.dtype)
+    return y.astype(out_dtype)
 
 
 def gptq_matmul_reference(x: jax.Array, w: PackedWeight) -> jax.Array:
@@ -422,4 +432,4 @@ def gptq_matmul_reference(x: jax.Array, w: PackedWeight) -> jax.Array:
     tested against; under ``jax.jit`` XLA fuses the unpacking into the dot's operand.
     """
     check_inputs(x, w)
-    return _reference(x, w)
+    return _reference(x, w, f32_operands=_platform(x) == "cpu")

