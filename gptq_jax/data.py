@@ -7,6 +7,9 @@ CPython install: real English prose with code, available offline, the same on ev
     text = load_text()                        # or load_text("my.txt")
     calib, held_out = split_text(text, 0.1)   # deterministic: the last 10% is held out
     tokens = tokenize(tokenizer, held_out)    # int32 [N], one long stream
+
+By convention the default text's last `HELD_OUT_FRACTION` is for evaluation (`default_eval_text()`, what
+`gptq-jax eval` uses without `--text`) and the rest for calibration, so the two never overlap.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ def default_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key].strip() for key in sorted(topics))
+
+
+# The share of the default text kept out of calibration and used for evaluation (about 11k SmolLM2 tokens).
+HELD_OUT_FRACTION = 0.1
+
+
+def default_eval_text() -> str:
+    """The held-out tail of `default_text()`: `split_text(default_text(), HELD_OUT_FRACTION)[1]`."""
+    return split_text(default_text(), HELD_OUT_FRACTION)[1]
+
+
+def default_calibration_text() -> str:
+    """The rest of `default_text()`, disjoint from `default_eval_text()`."""
+    return split_text(default_text(), HELD_OUT_FRACTION)[0]
 
 
 def load_text(path: str | os.PathLike | None = None) -> str:

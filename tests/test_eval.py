@@ -10,7 +10,14 @@ import pytest
 from flax import nnx
 from helpers_models import torch_model, write_hf_checkpoint
 
-from gptq_jax.data import default_text, load_text, split_text, tokenize
+from gptq_jax.data import (
+    default_calibration_text,
+    default_eval_text,
+    default_text,
+    load_text,
+    split_text,
+    tokenize,
+)
 from gptq_jax.eval import perplexity
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,6 +162,7 @@ def test_split_text():
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match="held_out_fraction"):
             split_text(text, bad)
+    assert (default_calibration_text(), default_eval_text()) == (head, tail)
 
 
 def test_tokenize_adds_no_special_tokens(tmp_path):
