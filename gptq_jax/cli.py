@@ -1,0 +1,314 @@
+"""The `gptq-jax` command line.
+
+    gptq-jax eval MODEL_DIR [--text FILE] [--seqlen N] [--batch-size N] [--max-windows N] [--dtype D] [--json]
+    gptq-jax generate MODEL_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
+                               [--chat] [--dtype D] [--json]
+    gptq-jax convert-gguf FILE OUT_DIR [--overwrite]
+
+D is f32 (default), bf16 or f16. Results go to stdout (with `--json`, exactly one JSON object); logs and progress
+bars go to stderr. Bad input ends with a one-line `gptq-jax <command>: error: ...` on stderr and exit status 2 (bad
+options) or 1 (bad files, failed work); `-v` shows debug logs and the traceback.
+
+To add a subcommand, write `add_arguments(parser)` and `run(args) -> int` and append a `Command` to `COMMANDS`;
+reuse `add_model_arguments` / `load_model` for a MODEL_DIR and `--dtype`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+logger = logging.getLogger("gptq_jax.cli")
+
+DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
+class CommandError(Exception):
+    """Bad input found by a command; the message is shown on one line, without a traceback."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Argument types and shared helpers
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL_DIR and --dtype, as every command that loads a model takes them."""
+    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="Hugging Face checkpoint directory")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="f32", help="dtype of the weights and activations (default f32)"
+    )
+
+
+def check_model_dir(path: Path) -> Path:
+    """Fail fast, before JAX starts, on a path that cannot be a checkpoint directory."""
+    if not path.exists():
+        raise CommandError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise CommandError(f"{path} is not a directory (expected a Hugging Face checkpoint directory)")
+    if not (path / "config.json").is_file():
+        raise CommandError(f"{path} is not a model directory: it has no config.json")
+    return path
+
+
+def load_model(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any, Any, Any]:
+    """`(model, config, tokenizer or None)` for `args.model_dir` in `args.dtype`."""
+    import jax.numpy as jnp
+
+    from gptq_jax.models import load_pretrained, load_tokenizer
+
+    path = check_model_dir(args.model_dir)
+    tok = load_tokenizer(path) if tokenizer else None
+    logger.info("loading %s (%s)", path, args.dtype)
+    model, config = load_pretrained(path, dtype=jnp.dtype(DTYPES[args.dtype]))
+    return model, config, tok
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument(
+        "--text", type=Path, help="UTF-8 text file to evaluate on (default: the held-out tail of Python's docs)"
+    )
+    p.add_argument("--seqlen", type=positive_int, default=2048, help="window length (default 2048, the paper's)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--max-windows", type=positive_int, help="evaluate only the first N windows")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    from gptq_jax import data
+    from gptq_jax.eval import perplexity
+
+    check_model_dir(args.model_dir)
+    if args.seqlen < 2:
+        raise CommandError(f"--seqlen {args.seqlen} must be at least 2")
+    text = data.load_text(args.text) if args.text is not None else data.default_eval_text()
+    model, _, tok = load_model(args)
+    tokens = data.tokenize(tok, text)
+    logger.info("%d tokens of text", len(tokens))
+    result = perplexity(
+        model, tokens, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows, progress=None
+    )
+    report = {
+        "model": str(args.model_dir),
+        "text": str(args.text) if args.text is not None else "default (held-out Python docs)",
+        "dtype": args.dtype,
+        "perplexity": result.perplexity,
+        "nll": result.nll,
+        "tokens": result.tokens,
+        "windows": result.windows,
+        "seqlen": result.seqlen,
+        "batch_size": args.batch_size,
+        "seconds": result.seconds,
+        "tokens_per_second": result.tokens_per_second,
+    }
+    if args.json:
+        print_json(report)
+    else:
+        print(
+            f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f}) over {result.windows} windows of "
+            f"{result.seqlen} tokens ({result.tokens} tokens, {result.seconds:.1f} s, "
+            f"{result.tokens_per_second:.0f} tokens/s)"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="default 128")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the text")
+
+
+def _generate_run(args: argparse.Namespace) -> int:
+    from gptq_jax.generate import generate
+
+    check_model_dir(args.model_dir)
+    if not args.prompt:
+        raise CommandError("--prompt is empty")
+    model, _, tok = load_model(args)
+    result = generate(
+        model,
+        tok,
+        args.prompt,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    stats = {
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": len(result.tokens),
+        "stop_reason": result.stop_reason,
+        "prefill_tokens_per_second": result.prefill_tokens_per_second,
+        "decode_tokens_per_second": result.decode_tokens_per_second,
+        "compile_seconds": result.compile_seconds,
+    }
+    if args.json:
+        print_json({"text": result.text, "tokens": result.tokens.tolist(), **stats})
+    else:
+        print(result.text)
+        print(
+            f"[{result.prompt_tokens} prompt tokens, {len(result.tokens)} new ({result.stop_reason}); "
+            f"prefill {result.prefill_tokens_per_second:.1f} tokens/s, "
+            f"decode {result.decode_tokens_per_second:.1f} tokens/s; compile {result.compile_seconds:.1f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# convert-gguf
+
+
+def _convert_gguf_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", type=Path, help="a Llama-architecture .gguf file")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="HF checkpoint directory to write (float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+
+
+def _convert_gguf_run(args: argparse.Namespace) -> int:
+    from gptq_jax.gguf import check_out_dir, convert_gguf
+
+    if not args.file.is_file():
+        raise CommandError(f"GGUF file {args.file} does not exist")
+    check_out_dir(args.out_dir, overwrite=args.overwrite)  # before the slow part
+    report = convert_gguf(args.file, args.out_dir, overwrite=args.overwrite)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(report.quant_types.items()))
+    print(
+        f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_parameters:,} parameters "
+        f"(from {types}), tokenizer {'yes' if report.tokenizer else 'no'}"
+    )
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command("eval", "perplexity of a model on a text (GPTQ protocol)", _eval_arguments, _eval_run),
+    Command("generate", "generate text from a prompt", _generate_arguments, _generate_run),
+    Command("convert-gguf", "convert a Llama GGUF file to a float32 HF checkpoint", _convert_gguf_arguments,
+            _convert_gguf_run),
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gptq-jax", description="GPTQ post-training quantization for JAX.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, and tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    ours = logging.getLogger("gptq_jax")
+    ours.handlers[:] = [handler]
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.propagate = False
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default `sys.argv[1:]`); returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local directories: never reach for the Hub
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a one-line usage error already printed
+        return int(e.code or 0)
+    _setup_logging(args.verbose)
+    prog = f"{parser.prog} {args.command}"
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, OSError) as e:  # bad input: files, options, checkpoints
+        if args.verbose:
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
