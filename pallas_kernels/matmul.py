@@ -3,10 +3,12 @@
 Layout: ``pallas_kernels.packing`` (``PackedWeight``). Implementations, tried in this order by ``gptq_matmul``:
 
 - ``"pallas"`` (GPU, or anywhere in interpret mode): picks by M = prod(x.shape[:-1]).
-  - ``"pallas_decode"`` (M <= ``KernelConfig.max_decode_m``): split-K over a grid of (N tiles, K splits). Each
-    program streams its slice of the packed weights once, unpacks codes with shifts and masks in registers and
-    accumulates in f32; a matrix-vector product (M = 1) uses CUDA-core multiply-adds, 2 <= M <= 16 pads M to 16
-    for ``dot``. The K splits' f32 partial sums are added outside the kernel (deterministic, no atomics).
+  - ``"pallas_decode"`` (M <= ``KernelConfig.max_decode_m``): split-K over a grid of (N tiles, K splits), so a
+    small-M product still has enough programs to keep every SM streaming. Each program reads its run of K steps
+    of the packed weights once, unpacks codes with shifts and masks in registers and accumulates in f32; a
+    matrix-vector product (M = 1) uses CUDA-core multiply-adds, 2 <= M <= 16 pads M to 16 for ``dot``. The
+    splits need not divide K evenly (the last one runs fewer steps). Their f32 partial sums are added outside the
+    kernel: deterministic, no atomics, and small next to the weights.
   - ``"pallas_prefill"`` (larger M): a tiled matmul over (M tiles, N tiles), looping over K.
 - ``"xla"``: ``gptq_matmul_reference``, plain jnp; the CPU path and the fallback.
 
@@ -63,8 +65,9 @@ class DecodeTiles:
 
     block_n: int = 128  # output columns per program
     block_k: int = 128  # input rows per loop step; also capped at the group size (one group per step)
-    split_k: int | None = None  # K splits; None: double from 1 until the grid has >= min_programs programs
-    min_programs: int = 264  # two waves of an H100's 132 SMs: enough programs in flight to saturate memory
+    split_k: int | None = None  # K splits; None: enough for min_programs programs, keeping min_k_steps each
+    min_programs: int = 264  # two waves of an H100's 132 SMs: enough loads in flight to saturate memory
+    min_k_steps: int = 4  # K steps per program at least, so the weight stream has a loop to pipeline
     num_warps: int = 4
     num_stages: int = 3  # software pipelining of the weight stream
 
@@ -97,7 +100,8 @@ class _Plan:
     block_m: int  # rows of x per program (M is padded to a multiple)
     block_n: int
     block_k: int
-    split_k: int
+    split_k: int  # grid size along K (decode); 1 for prefill
+    steps_per_split: int  # K steps of block_k per split; the last split may run fewer
     num_warps: int
     num_stages: int
 
@@ -144,18 +148,19 @@ def _tile_product(x_ref, qw_ref, s_ref, qz_ref, i, k_global, *, bits: int, group
     return part * s
 
 
-def gptq_decode_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_k: int, precision,
-                       interpret: bool):
-    """One (N tile, K split) program of the small-M kernel.
+def gptq_decode_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_k: int,
+                       steps_per_split: int, precision, interpret: bool):
+    """One (N tile, K split) program of the small-M kernel: K steps ``[s * steps_per_split, ...)`` of split s.
 
-    Refs: ``x_ref`` ``(Mp, Ks)``; ``qw_ref`` int32 ``(Ks * bits / 32, bn)``; ``s_ref`` ``(G, bn)``; ``qz_ref``
-    int32 ``(G, bn * bits / 32)``; ``o_ref`` f32 ``(Mp, bn)``, this split's partial sum.
+    Refs: ``x_ref`` ``(Mp, K)``; ``qw_ref`` int32 ``(K * bits / 32, bn)``; ``s_ref`` ``(G, bn)``; ``qz_ref`` int32
+    ``(G, bn * bits / 32)``; ``o_ref`` f32 ``(Mp, bn)``, this split's partial sum.
     """
-    k_split = x_ref.shape[1]
-    k_base = pl.program_id(1) * k_split
+    steps = x_ref.shape[1] // block_k
+    first = pl.program_id(1) * steps_per_split
+    count = jnp.minimum(steps_per_split, steps - first)  # the last split may be short; lowers to scf.for all the same
     tile = functools.partial(_tile_product, x_ref, qw_ref, s_ref, qz_ref, bits=bits, group=group, block_k=block_k,
                              precision=precision, interpret=interpret)
-    acc = lax.fori_loop(0, k_split // block_k, lambda i, acc: acc + tile(i, k_base + i * block_k),
+    acc = lax.fori_loop(first, first + count, lambda i, acc: acc + tile(i, i * block_k),
                         jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc
 
@@ -195,14 +200,14 @@ def _pallas_matmul(x, qweight, scales, qzeros, *, bits: int, group: int, plan: _
     params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
     word_rows, zero_cols = bits * k // 32, bn * bits // 32
     if plan.kernel == "decode":
-        ks = k // split
+        # Blocks span all of K: each split finds its own run of K steps, so splits need not divide K.
         partial = pl.pallas_call(
-            functools.partial(gptq_decode_kernel, **statics),
+            functools.partial(gptq_decode_kernel, steps_per_split=plan.steps_per_split, **statics),
             out_shape=jax.ShapeDtypeStruct((split, m_pad, n), jnp.float32),
             grid=(n // bn, split),
             in_specs=[
-                pl.BlockSpec((m_pad, ks), lambda j, s: (0, s)),
-                pl.BlockSpec((word_rows // split, bn), lambda j, s: (s, j)),
+                pl.BlockSpec((m_pad, k), lambda j, s: (0, 0)),
+                pl.BlockSpec((word_rows, bn), lambda j, s: (0, j)),
                 pl.BlockSpec((groups, bn), lambda j, s: (0, j)),
                 pl.BlockSpec((groups, zero_cols), lambda j, s: (0, j)),
             ],
@@ -264,18 +269,18 @@ def _plan(m: int, w: PackedWeight, kernel: str, config: KernelConfig) -> _Plan:
         )
     if kernel == "decode":
         bm = 1 if m == 1 else 16  # dot needs 16 rows; M = 1 is a matrix-vector product without dot
+        steps = k // bk
         split = tiles.split_k
         if split is None:
-            split = 1
-            while (n // bn) * split < tiles.min_programs and (k // (2 * split)) % bk == 0 and k // (2 * split) >= bk:
-                split *= 2
-        if k % (split * bk):
-            raise NotImplementedError(f"{where}: split_k={split} times block_k={bk} must divide K")
+            split = min(-(-tiles.min_programs // (n // bn)), steps // max(tiles.min_k_steps, 1))
+        split = max(1, min(split, steps))
+        per_split = -(-steps // split)
+        split = -(-steps // per_split)  # no empty splits: e.g. 86 steps in 9 splits run 10 steps each, last 6
     else:
         cap = 1 << (max(tiles.block_m, 16).bit_length() - 1)  # block_m rounded down to a power of two
         bm = max(16, min(cap, 1 << (m - 1).bit_length()))  # no bigger than M rounded up to a power of two
-        split = 1
-    return _Plan(kernel, bm, bn, bk, split, tiles.num_warps, tiles.num_stages)
+        split, per_split = 1, k // bk
+    return _Plan(kernel, bm, bn, bk, split, per_split, tiles.num_warps, tiles.num_stages)
 
 
 def gptq_matmul_pallas(
