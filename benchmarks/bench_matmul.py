@@ -1,0 +1,220 @@
+"""Benchmark: the GPTQ dequant-matmul, Pallas kernel vs the jnp reference under XLA vs a plain bf16 XLA dot.
+
+All three run in one process on the same device, on the same activations and (dequantized) weights, and each
+result is checked against the reference before it is timed. Each timed call runs the matmul on several distinct
+copies of the weight, enough bytes to overflow the GPU's L2 cache: decode is weight streaming, and a layer's weights
+are read once per token, not served from cache. That also amortizes Python dispatch over many kernels.
+
+Reported per (K x N, M): microseconds per matmul (median over repeats), speedup over the bf16 dot, effective GB/s
+of weight traffic (packed qweight + scales + qzeros; the bf16 dot reads K*N*2 bytes) and its fraction of the
+device's copy bandwidth, measured here with a large elementwise copy.
+
+On CPU the Pallas kernel can only run in interpret mode, whose timings mean nothing: it is not timed, and the JSON
+says so; with --check-interpret its result is still checked for the smallest M.
+
+    python benchmarks/bench_matmul.py                      # full sweep (GPU)
+    python benchmarks/bench_matmul.py --quick              # a few M and shapes (CPU)
+    python benchmarks/bench_matmul.py --m 1,16 --shapes 4096x4096 --bits 4 --group-size 128
+
+Writes JSON to benchmarks/results/bench_matmul_<device kind>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import PackedWeight, gptq_matmul, gptq_matmul_reference
+from pallas_kernels import matmul as matmul_mod
+
+M_ALL = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SHAPES_ALL = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192))  # (K, N)
+M_QUICK = (1, 8, 64, 256)
+SHAPES_QUICK = ((4096, 4096), (11008, 4096))
+TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # max |y - ref| / max |ref|
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, seed: int = 0) -> PackedWeight:
+    rng = np.random.default_rng(seed)
+    g = k if group_size == -1 else group_size
+    groups = -(-k // g)
+    maxq = (1 << bits) - 1
+    codes = rng.integers(0, maxq + 1, (k, n), dtype=np.int32)
+    zeros = rng.integers(0, maxq + 1, (groups, n), dtype=np.int32)
+    scales = (rng.uniform(0.5, 1.5, (groups, n)) * 0.02 / maxq).astype(np.float16)
+    g_idx = None
+    if act_order:
+        g_idx = np.empty(k, np.int32)
+        g_idx[rng.permutation(k)] = np.arange(k) // g
+    return PackedWeight.from_codes(codes, scales, zeros, g_idx, bits, group_size)
+
+
+def weight_bytes(w: PackedWeight) -> int:
+    return sum(a.size * a.dtype.itemsize for a in (w.qweight, w.qzeros, w.scales))
+
+
+def copies(tree, count: int):
+    """``count`` copies in distinct device buffers: XLA cannot tell they are equal, and the cache cannot hold them."""
+    return [jax.tree.map(lambda a: jnp.array(a, copy=True), tree) for _ in range(count)]
+
+
+def time_call(fn, args, *, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn(*args)`` after ``warmup`` calls, each call waited for with ``block_until_ready``."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, *, warmup: int, repeats: int) -> float:
+    """Bytes/s of an elementwise f32 copy (read + write) of ``nbytes``: the device's practical memory bandwidth."""
+    a = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    return 2 * nbytes / time_call(f, (a,), warmup=warmup, repeats=repeats)
+
+
+def rel_err(y, ref) -> float:
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def device_slug(kind: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"M in {M_QUICK}, shapes {SHAPES_QUICK} (for CPU)")
+    p.add_argument("--m", type=str, default=None, help="comma-separated M values")
+    p.add_argument("--shapes", type=str, default=None, help="comma-separated KxN, e.g. 4096x4096,11008x4096")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--act-order", action="store_true", help="a desc_act layer (rows reordered at load time)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(TOL))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--stream-mb", type=float, default=None,
+                   help="weight bytes touched per timed call (default 512 on GPU to overflow L2, 32 on CPU)")
+    p.add_argument("--check-interpret", action="store_true",
+                   help="on CPU, still check the Pallas kernel (interpret mode) at the smallest M")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    dev = jax.devices()[0]
+    on_gpu = dev.platform == "gpu"
+    dtype = jnp.dtype(args.dtype)
+    ms = M_QUICK if args.quick else M_ALL
+    shapes = SHAPES_QUICK if args.quick else SHAPES_ALL
+    if args.m:
+        ms = tuple(int(v) for v in args.m.split(","))
+    if args.shapes:
+        shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(","))
+    stream_bytes = int((args.stream_mb if args.stream_mb is not None else (512 if on_gpu else 32)) * 2**20)
+    timing = dict(warmup=args.warmup, repeats=args.repeats)
+
+    bw = copy_bandwidth(max(stream_bytes, 64 * 2**20), **timing)
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s")
+    pallas_note = None if on_gpu else (
+        f"Pallas kernel not timed on {dev.platform}: it only runs in interpret mode there, whose timings are "
+        "meaningless"
+    )
+    if pallas_note:
+        print(pallas_note)
+
+    rows, failures = [], 0
+    for k, n in shapes:
+        w = make_layer(k, n, args.bits, args.group_size, args.act_order, seed=k + n)
+        wq_bytes = weight_bytes(w)
+        w_dense = w.dequantize(dtype)  # (K, N): the bf16 baseline's weight, same values as the reference's
+        dense_bytes = w_dense.size * w_dense.dtype.itemsize
+        n_q = max(1, math.ceil(stream_bytes / wq_bytes))
+        n_dense = max(1, math.ceil(stream_bytes / dense_bytes))
+        wqs, wds = copies(w, n_q), copies(w_dense, n_dense)
+        # Layer lists are pytrees: one jit call runs every copy back to back.
+        impls = {
+            "xla_reference": (jax.jit(lambda x, ws: [gptq_matmul_reference(x, w) for w in ws]), wqs, wq_bytes),
+            "xla_bf16_dot": (jax.jit(lambda x, ws: [jnp.dot(x, w) for w in ws]), wds, dense_bytes),
+        }
+        if on_gpu:
+            impls["pallas"] = (jax.jit(lambda x, ws: [gptq_matmul(x, w, impl="pallas") for w in ws]), wqs, wq_bytes)
+        for m in ms:
+            x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), dtype)
+            ref = gptq_matmul_reference(x, w)
+            kernel = "decode" if m <= matmul_mod.KernelConfig().max_decode_m else "prefill"
+            result = {}
+            for name, (fn, ws, nbytes) in impls.items():
+                err = rel_err(fn(x, ws[:1])[0], ref)
+                row = dict(K=k, N=n, M=m, impl=name, rel_err=err, copies_per_call=len(ws), weight_bytes=nbytes)
+                if name == "pallas":
+                    row.update(kernel=kernel, plan=repr(matmul_mod._plan(m, w, kernel, matmul_mod.KernelConfig())))
+                if err > TOL[args.dtype]:
+                    row["status"] = f"MISMATCH: rel_err {err:.3g} > {TOL[args.dtype]}"
+                    failures += 1
+                else:
+                    sec = time_call(fn, (x, ws), **timing) / len(ws)
+                    row.update(status="ok", us=sec * 1e6, GBps=nbytes / sec / 1e9, frac_copy_bw=nbytes / sec / bw)
+                result[name] = row
+            if not on_gpu and args.check_interpret and m == min(ms):
+                err = rel_err(gptq_matmul(x, w, impl="pallas", interpret=True), ref)
+                ok = err <= TOL[args.dtype]
+                failures += not ok
+                result["pallas"] = dict(K=k, N=n, M=m, impl="pallas", kernel=kernel, rel_err=err,
+                                        status=("checked in interpret mode; not timed" if ok else
+                                                f"MISMATCH in interpret mode: rel_err {err:.3g}"))
+            base = result["xla_bf16_dot"].get("us")
+            for row in result.values():
+                if base and row.get("us"):
+                    row["speedup_vs_bf16"] = base / row["us"]
+                rows.append(row)
+
+    print(f"\n{'K x N':>12} {'M':>4} {'impl':>14} {'us':>10} {'x bf16':>7} {'GB/s':>8} {'% copy':>7}  status")
+    for r in rows:
+        us = f"{r['us']:10.1f}" if "us" in r else f"{'-':>10}"
+        sp = f"{r['speedup_vs_bf16']:7.2f}" if "speedup_vs_bf16" in r else f"{'-':>7}"
+        gb = f"{r['GBps']:8.1f}" if "GBps" in r else f"{'-':>8}"
+        fr = f"{100 * r['frac_copy_bw']:6.1f}%" if "frac_copy_bw" in r else f"{'-':>7}"
+        print(f"{r['K']:>5} x {r['N']:<5} {r['M']:>4} {r['impl']:>14} {us} {sp} {gb} {fr}  {r['status']}")
+
+    out = args.out or RESULTS / f"bench_matmul_{device_slug(dev.device_kind)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = dict(
+        benchmark="gptq_matmul",
+        device_kind=dev.device_kind,
+        platform=dev.platform,
+        jax_version=jax.__version__,
+        python=platform.python_version(),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        settings=dict(bits=args.bits, group_size=args.group_size, act_order=args.act_order, dtype=args.dtype,
+                      warmup=args.warmup, repeats=args.repeats, stream_bytes=stream_bytes,
+                      kernel_config=repr(matmul_mod.KernelConfig())),
+        copy_bandwidth_GBps=bw / 1e9,
+        load_average_at_end=os.getloadavg() if hasattr(os, "getloadavg") else None,  # other work on the machine
+        pallas_timing_skipped=pallas_note,
+        results=rows,
+    )
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
