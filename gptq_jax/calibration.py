@@ -8,10 +8,13 @@ tokens, 0 for right padding).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +53,24 @@ class Calibration:
 def random_windows(token_ids: Sequence[int] | np.ndarray, *, nsamples: int, seqlen: int, seed: int = 0) -> Calibration:
     """``nsamples`` windows of ``seqlen`` tokens at random offsets of one long token stream (the paper's recipe).
 
-    Raises ``ValueError`` when the stream holds fewer than ``nsamples * seqlen`` tokens: the windows would
-    mostly repeat the same text, which is not what anyone asking for that many means.
+    Raises ``ValueError`` when the stream is shorter than one window. When it holds fewer than ``nsamples * seqlen``
+    tokens the windows overlap (the paper samples from corpora far larger than that); a warning says so.
     """
     ids = np.asarray(token_ids, np.int32).reshape(-1)
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples={nsamples} and seqlen={seqlen} must be positive")
-    need = nsamples * seqlen
-    if ids.size < max(need, seqlen + 1):
+    if ids.size < seqlen:
         raise ValueError(
-            f"calibration text has {ids.size} tokens, too few for {nsamples} windows of {seqlen} tokens "
-            f"({need} needed): pass more text, or fewer samples (--nsamples) or shorter windows (--seqlen)"
+            f"calibration text has {ids.size} tokens, fewer than one window of seqlen={seqlen}: "
+            "pass more text (--calib FILE) or shorter windows (--seqlen)"
+        )
+    if ids.size < nsamples * seqlen:
+        log.warning(
+            "calibration text has %d tokens, fewer than %d windows x %d tokens = %d: the windows overlap",
+            ids.size,
+            nsamples,
+            seqlen,
+            nsamples * seqlen,
         )
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, ids.size - seqlen + 1, size=nsamples)
@@ -84,9 +94,3 @@ def from_texts(texts: Sequence[str], tokenizer: Any, *, seqlen: int) -> Calibrat
         tokens[i, : len(r)] = r
         mask[i, : len(r)] = 1
     return Calibration(tokens, mask)
-
-
-def tokenize(text: str, tokenizer: Any) -> np.ndarray:
-    """The whole text as one int32 token stream, without special tokens (long texts are fine)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return np.asarray(ids, np.int32)

@@ -96,13 +96,38 @@ class QuantizeResult(NamedTuple):
 # Jitted pieces: one decoder layer with Hessian accumulation for one group.
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "group"))
-def _layer_pass(graphdef, state, h, positions, mask, hess, group):
-    """Runs one decoder layer on a batch ``h (B, T, D)``; folds the captured input of ``group`` into ``hess``."""
+def capture_input(layer: nnx.Module, h: jax.Array, group: str, *, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """The input of ``group``'s linears, computing only as much of the layer as that needs.
+
+    Mirrors ``DecoderLayer.__call__`` (pre-norm attention, then a SwiGLU MLP); ``tests/test_pipeline.py`` checks it
+    against the layer's own ``capture=True`` output. Stopping early matters: of the true-sequential passes over the
+    calibration set, only the first and the last need the whole layer.
+    """
+    x = layer.input_layernorm(h)  # (B, T, D)
+    if group == "qkv":
+        return x
+    a, _, o_in = layer.self_attn(x, positions=positions, attention_mask=mask)
+    if group == "o":
+        return o_in  # (B, T, H*hd)
+    y = layer.post_attention_layernorm(h + a)  # (B, T, D)
+    if group == "gate_up":
+        return y
+    return jax.nn.silu(layer.mlp.gate_proj(y)) * layer.mlp.up_proj(y)  # (B, T, I): down_proj's input
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "group", "full"))
+def _layer_pass(graphdef, state, h, positions, mask, hess, group, full):
+    """One decoder layer on a batch ``h (B, T, D)``: folds the input of ``group`` into ``hess``, and returns the
+    layer's output when ``full`` (else None, having computed only up to that input)."""
     layer = nnx.merge(graphdef, state)
-    out, _, captured = layer(h, positions=positions, attention_mask=mask, capture=True)
+    out = None
+    if full:
+        out, _, captured = layer(h, positions=positions, attention_mask=mask, capture=True)
+        x = None if group is None else captured[group]
+    else:
+        x = capture_input(layer, h, group, positions=positions, mask=mask)
     if group is not None:
-        hess = accumulate_hessian(*hess, captured[group], mask)
+        hess = accumulate_hessian(*hess, x, mask)
     return out, hess
 
 
@@ -397,15 +422,16 @@ def quantize(
         batches.append((put(_embed(gd_model, st_model, tok)), mask, make_positions(mask)))
     del gd_model, st_model
 
-    def run(layer, group, hidden):
-        """One pass of ``layer`` over all batches; returns outputs and the Hessian of ``group``'s input."""
+    def run(layer, group, hidden, full=True):
+        """One pass of ``layer`` over all batches: its outputs (if ``full``) and the Hessian of ``group``'s input."""
         graphdef, state = nnx.split(layer)
-        k = None if group is None else captured_width(layer, group)
-        hess = None if group is None else init_hessian(k)
+        hess = None if group is None else init_hessian(captured_width(layer, group))
         outs = []
         for (_, mask, pos), h in zip(batches, hidden, strict=True):
-            out, hess = _layer_pass(graphdef, state, jax.device_put(h, jax.devices()[0]), pos, mask, hess, group)
-            outs.append(put(out))
+            h = jax.device_put(h, jax.devices()[0])
+            out, hess = _layer_pass(graphdef, state, h, pos, mask, hess, group, full)
+            if full:
+                outs.append(put(out))
         return outs, (None if hess is None else hess[0])
 
     hidden = [b[0] for b in batches]
@@ -419,9 +445,11 @@ def quantize(
         if true_sequential:
             float_out = None
             for group, subs in LINEAR_GROUPS:
-                outs, hess = run(layer, group, hidden)
+                # The first pass runs the float layer whole (its output is the reference for the layer error);
+                # later passes stop at the input they need.
+                outs, hess = run(layer, group, hidden, full=float_out is None)
                 if float_out is None:
-                    float_out = outs  # the first pass runs the float layer
+                    float_out = outs
                 for sub in subs:
                     quantize_linear(li, sub, hess)
                 del hess
@@ -431,9 +459,10 @@ def quantize(
             float_out = []
             for (_, mask, pos), h in zip(batches, hidden, strict=True):
                 h = jax.device_put(h, jax.devices()[0])
-                for g, _ in LINEAR_GROUPS:
-                    out, hs[g] = _layer_pass(graphdef, state, h, pos, mask, hs[g], g)
-                float_out.append(put(out))
+                for i, (g, _) in enumerate(LINEAR_GROUPS):
+                    out, hs[g] = _layer_pass(graphdef, state, h, pos, mask, hs[g], g, i == 0)
+                    if i == 0:
+                        float_out.append(put(out))
             for g, subs in LINEAR_GROUPS:
                 for sub in subs:
                     quantize_linear(li, sub, hs[g][0])

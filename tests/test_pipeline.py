@@ -10,7 +10,7 @@ from helpers_models import tiny_config
 from gptq_jax import QuantConfig
 from gptq_jax.calibration import Calibration, from_texts, random_windows
 from gptq_jax.models import LlamaForCausalLM, ModelConfig
-from gptq_jax.models.llama import make_forward
+from gptq_jax.models.llama import make_forward, make_positions
 from gptq_jax.pipeline import LAYER_LINEARS, quantize
 
 
@@ -132,15 +132,18 @@ def test_bad_calibration():
         Calibration.from_tokens(np.zeros((2, 8), np.float32))
 
 
-def test_random_windows_recipe_and_errors():
+def test_random_windows_recipe_and_errors(caplog):
     ids = np.arange(1000)
     c = random_windows(ids, nsamples=5, seqlen=100, seed=3)
     assert c.tokens.shape == (5, 100) and c.mask.all()
     for row in c.tokens:  # each window is a contiguous slice of the stream
         np.testing.assert_array_equal(np.diff(row), 1)
     np.testing.assert_array_equal(c.tokens, random_windows(ids, nsamples=5, seqlen=100, seed=3).tokens)
-    with pytest.raises(ValueError, match="too few for 20 windows of 100 tokens"):
-        random_windows(ids, nsamples=20, seqlen=100)
+    assert "overlap" not in caplog.text
+    random_windows(ids, nsamples=20, seqlen=100)
+    assert "the windows overlap" in caplog.text
+    with pytest.raises(ValueError, match="fewer than one window of seqlen=2000"):
+        random_windows(ids, nsamples=2, seqlen=2000)
 
 
 def test_from_texts_pads_right():
@@ -153,3 +156,20 @@ def test_from_texts_pads_right():
     c = from_texts(["a bb ccc", "dddd"], Tok(), seqlen=2)
     np.testing.assert_array_equal(c.tokens, [[1, 2], [4, 0]])
     np.testing.assert_array_equal(c.mask, [[1, 1], [1, 0]])
+
+
+@pytest.mark.parametrize("arch", ["llama_bias", "qwen3"])
+def test_partial_capture_matches_the_layer(arch):
+    import jax.numpy as jnp
+
+    from gptq_jax.pipeline import LINEAR_GROUPS, capture_input
+
+    model = _model(arch)
+    calib = _calib(n=3, t=16)
+    mask = jnp.asarray(calib.mask)
+    pos = make_positions(mask)
+    h = model.embed(jnp.asarray(calib.tokens))
+    _, _, full = model.layers[0](h, positions=pos, attention_mask=mask, capture=True)
+    for group, _ in LINEAR_GROUPS:
+        part = capture_input(model.layers[0], h, group, positions=pos, mask=mask)
+        np.testing.assert_allclose(np.asarray(part), np.asarray(full[group]), rtol=1e-6, atol=1e-6)
