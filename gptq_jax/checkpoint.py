@@ -155,6 +155,7 @@ def save_quantized(
         for fname, text in (extra_files or {}).items():
             with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
                 f.write(text)
+        _public_permissions(tmp)
         if os.path.exists(out_dir):
             old = f"{out_dir}.old-{os.getpid()}"
             os.rename(out_dir, old)
@@ -165,6 +166,15 @@ def save_quantized(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _public_permissions(directory: str) -> None:
+    """``mkdtemp`` makes the directory private (0700); give it and its files the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
 def _write_shards(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:

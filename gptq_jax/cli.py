@@ -4,6 +4,10 @@
     gptq-jax generate MODEL_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
                                [--chat] [--dtype D] [--json]
     gptq-jax convert-gguf FILE OUT_DIR [--overwrite]
+    gptq-jax quantize MODEL_DIR OUT_DIR [--bits 4] [--group-size 128] [--sym|--asym] [--act-order] ...
+                               (see gptq_jax/quantize_cmd.py)
+
+`eval` and `generate` take float checkpoints and GPTQ checkpoints alike.
 
 D is f32 (default), bf16 or f16. Results go to stdout (with `--json`, exactly one JSON object); logs and progress
 bars go to stderr. Bad input ends with a one-line `gptq-jax <command>: error: ...` on stderr and exit status 2 (bad
@@ -104,8 +108,22 @@ def load_model(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any
     path = check_model_dir(args.model_dir)
     tok = load_tokenizer(path) if tokenizer else None
     logger.info("loading %s (%s)", path, args.dtype)
-    model, config = load_pretrained(path, dtype=jnp.dtype(DTYPES[args.dtype]))
+    if is_quantized(path):  # a GPTQ checkpoint: ours from `quantize`, or one written by the PyTorch tools
+        from gptq_jax.checkpoint import load_quantized
+
+        model, config = load_quantized(path, dtype=jnp.dtype(DTYPES[args.dtype]))
+    else:
+        model, config = load_pretrained(path, dtype=jnp.dtype(DTYPES[args.dtype]))
     return model, config, tok
+
+
+def is_quantized(path: Path) -> bool:
+    """Whether a checkpoint directory holds a GPTQ model (``quantization_config`` or ``quantize_config.json``)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False  # the loader reports what is wrong with it
+    return "quantization_config" in config or (path / "quantize_config.json").is_file()
 
 
 def print_json(obj: dict[str, Any]) -> None:
@@ -244,7 +262,20 @@ def _convert_gguf_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_arguments(p: argparse.ArgumentParser) -> None:
+    from gptq_jax import quantize_cmd  # its own module: it is the largest command
+
+    quantize_cmd.add_arguments(p)
+
+
+def _quantize_run(args: argparse.Namespace) -> int:
+    from gptq_jax import quantize_cmd
+
+    return quantize_cmd.run(args)
+
+
 COMMANDS: list[Command] = [
+    Command("quantize", "GPTQ-quantize a checkpoint into a GPTQ checkpoint", _quantize_arguments, _quantize_run),
     Command("eval", "perplexity of a model on a text (GPTQ protocol)", _eval_arguments, _eval_run),
     Command("generate", "generate text from a prompt", _generate_arguments, _generate_run),
     Command("convert-gguf", "convert a Llama GGUF file to a float32 HF checkpoint", _convert_gguf_arguments,
