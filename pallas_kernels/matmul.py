@@ -237,11 +237,11 @@ def _pallas_matmul(x, qweight, scales, qzeros, *, bits: int, group: int, plan: _
 
 
 def _pow2_tile(extent: int, want: int) -> int:
-    """Largest power of two <= want that divides extent (0 when extent is 0)."""
-    t = 1 << max(want, 1).bit_length() - 1
-    while t > 1 and extent % t:
+    """Largest power of two <= want that divides extent (Triton block sizes are powers of two)."""
+    t = 1 << (max(want, 1).bit_length() - 1)
+    while extent % t:
         t //= 2
-    return t if extent % t == 0 else 0
+    return t
 
 
 def _plan(m: int, w: PackedWeight, kernel: str, config: KernelConfig) -> _Plan:

@@ -281,6 +281,27 @@ def test_interpret_env_var_runs_the_kernel_on_cpu(spy, monkeypatch):
     assert spy[0] == ("pallas", True)
 
 
+def test_gpu_dispatch_picks_the_kernel_by_m_and_falls_back(monkeypatch):
+    """On a GPU (simulated: the launch is replaced) the order is Pallas, then XLA; the kernel is chosen by M."""
+    seen = []
+
+    def launch(x, qweight, scales, qzeros, *, bits, group, plan, interpret):
+        seen.append((x.shape[0], plan.kernel, interpret))
+        return jnp.zeros((x.shape[0], qweight.shape[1]), x.dtype)
+
+    monkeypatch.setattr(matmul_mod, "_pallas_matmul", launch)
+    monkeypatch.setattr(matmul_mod, "_platform", lambda x: "gpu")
+    monkeypatch.delenv(matmul_mod.INTERPRET_ENV, raising=False)
+    w, _ = make_layer(128, 32, 4, 32, sym=True, act_order=False)
+    for m in (1, 16, 17):
+        gptq_matmul(activations(m, 128, jnp.float32), w)
+    assert seen == [(1, "decode", False), (16, "decode", False), (17, "prefill", False)]
+    w3, w64 = make_layer(128, 32, 3, 32, sym=True, act_order=False)  # 3-bit: Pallas declines, XLA runs
+    x = activations(2, 128, jnp.float32)
+    assert_close(gptq_matmul(x, w3), np.asarray(x, np.float64) @ w64, jnp.float32)
+    assert len(seen) == 3
+
+
 def test_explicit_pallas_on_cpu_without_interpret_says_how(monkeypatch):
     monkeypatch.delenv(matmul_mod.INTERPRET_ENV, raising=False)
     w, _ = make_layer(128, 32, 4, 32, sym=True, act_order=False)
