@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.packing import PackedWeight, unpack_cols_jnp, unpack_rows_jnp
+from pallas_kernels.packing import PackedWeight
 
 try:  # The Triton lowering's public names; absent only from JAX builds without GPU Pallas support.
     from jax.experimental.pallas import triton as pltriton
@@ -416,10 +416,7 @@ def gptq_matmul(
 
 @functools.partial(jax.jit, static_argnames=("f32_operands",))
 def _reference(x: jax.Array, w: PackedWeight, f32_operands: bool) -> jax.Array:
-    q = unpack_rows_jnp(w.qweight, w.bits)  # (K, N) stored row order
-    z = unpack_cols_jnp(w.qzeros, w.bits)  # (G, N)
-    gi = jnp.arange(w.in_features) // w.group_len if w.g_idx is None else w.g_idx  # (K,)
-    wd = ((q - z[gi]).astype(jnp.float32) * w.scales[gi].astype(jnp.float32)).astype(x.dtype)  # (K, N)
+    wd = w.dequantize(x.dtype, stored_order=True)  # (K, N): unpack, (q - z) * s in f32, cast to x's dtype
     if w.perm is not None:
         x = jnp.take(x, w.perm, axis=-1)  # (..., K) in stored row order
     out_dtype = x.dtype

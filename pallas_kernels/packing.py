@@ -33,6 +33,7 @@ activations (``x[..., perm]``); kernels then never gather by ``g_idx``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -417,15 +418,24 @@ class PackedWeight:
 
     # ---- back to plain arrays ----
 
-    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
-        """``W`` ``[K, N]`` in the layer's input-row order (``x @ W`` is the layer), computed in f32, cast to dtype."""
-        q = unpack_rows_jnp(self.qweight, self.bits)  # (K, N) stored row order
-        z = unpack_cols_jnp(self.qzeros, self.bits)  # (G, N)
-        gi = jnp.arange(self.in_features) // self.group_len if self.g_idx is None else self.g_idx  # (K,)
-        w = (q - z[gi]).astype(jnp.float32) * self.scales[gi].astype(jnp.float32)  # (K, N)
-        if self.perm is not None:
-            w = jnp.zeros_like(w).at[self.perm].set(w)  # stored row i is input row perm[i]
-        return w.astype(dtype)
+    def dequantize(self, dtype: Any = jnp.float32, *, stored_order: bool = False) -> jax.Array:
+        """``W`` ``[K, N]``, computed in f32 and cast to ``dtype``.
+
+        Rows in the layer's input order (``x @ W`` is the layer), or with ``stored_order`` in ``qweight``'s row
+        order (``x[..., perm] @ W``), which needs no scatter.
+        """
+        return _dequantize(self, jnp.dtype(dtype), stored_order)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "stored_order"))
+def _dequantize(w: PackedWeight, dtype: Any, stored_order: bool) -> jax.Array:
+    q = unpack_rows_jnp(w.qweight, w.bits)  # (K, N) stored row order
+    z = unpack_cols_jnp(w.qzeros, w.bits)  # (G, N)
+    gi = jnp.arange(w.in_features) // w.group_len if w.g_idx is None else w.g_idx  # (K,)
+    wd = (q - z[gi]).astype(jnp.float32) * w.scales[gi].astype(jnp.float32)  # (K, N)
+    if w.perm is not None and not stored_order:
+        wd = jnp.zeros_like(wd).at[w.perm].set(wd)  # stored row i is input row perm[i]
+    return wd.astype(dtype)
 
 
 def checkpoint_arrays(w: PackedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
