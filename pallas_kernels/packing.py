@@ -194,7 +194,9 @@ def qzeros_v1_to_v2(qzeros: np.ndarray, bits: int) -> np.ndarray:
     """``gptq`` (v1, stored ``zero - 1``) packed zeros -> ``gptq_v2`` (true zero): +1 to every field.
 
     Each field wraps modulo ``2**bits``, so a v1 field of all ones (a true zero of 0 that the v1 packer
-    stored as -1) comes back as 0 rather than overflowing into its neighbour.
+    stored as -1) comes back as 0 rather than overflowing into its neighbour. What cannot be undone: packers that
+    OR'ed a sign-extended -1 into the word also set every higher field of that word to all ones; those fields
+    read back as zero 0 here, as the information is gone from the file.
     """
     return _shift_zero_fields(qzeros, bits, +1)
 
