@@ -19,6 +19,15 @@ install: $(STAMP)
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 tests
 
+# Fetches and converts SmolLM2-135M-Instruct, then float vs RTN vs GPTQ at 4-bit group 128 (see examples/demo.py).
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_gptq.py
+	$(PY) benchmarks/bench_matmul.py
+	$(PY) benchmarks/bench_model.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gptq_jax pallas_kernels tests benchmarks examples
 
