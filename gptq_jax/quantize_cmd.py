@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from gptq_jax.cli import CommandError, add_model_arguments, check_model_dir, positive_int
+from gptq_jax.cli import CommandError, add_model_arguments, check_model_dir, positive_int, probability
 
 logger = logging.getLogger("gptq_jax.cli")
 
@@ -35,16 +35,6 @@ def _group_size(text: str) -> int:
     return v
 
 
-def _damp(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="GPTQ checkpoint directory to write")
@@ -55,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (written as gptq_v2)")
     p.add_argument("--act-order", action="store_true", help="visit columns by descending Hessian diagonal")
     p.add_argument("--static-groups", action="store_true", help="fix group grids before the solve")
-    p.add_argument("--damp", type=_damp, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--damp", type=probability, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--mse", action="store_true", help="search each grid's range for the lowest error")
     p.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
