@@ -68,12 +68,12 @@ def test_matches_numpy_reference(bits, group_size, sym, act_order, static_groups
     assert (out.perm is not None) == act_order
 
 
-@pytest.mark.parametrize("group_size", [-1, 32, 48, 128])
+@pytest.mark.parametrize("group_size", [-1, 48])  # per channel; groups that straddle 128-column blocks
 def test_block_size_changes_nothing(group_size):
     w, h, x = _problem(seed=3, k=300)
     outs = [
         quantize_weight(w, h, QuantConfig(bits=3, group_size=group_size, sym=False, block_size=b))
-        for b in (16, 40, 128, 512)
+        for b in (128, 40, 512)
     ]
     base = np.asarray(outs[0].dequantize())
     for out in outs[1:]:
