@@ -186,6 +186,8 @@ def main(argv=None) -> int:
         "jax_version": jax.__version__,
         "config": {"bits": 4, "group_size": 128, "sym": True, "block_size": 128, "damp_percent": 0.01},
         "results": results,
+        # This machine may be shared: the load average says how much the timings above can be trusted.
+        "load_average_at_end": list(os.getloadavg()),
     }
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
