@@ -51,6 +51,15 @@ def window_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.sum(logz - picked, axis=-1)  # (B,)
 
 
+def _module_nll(graphdef: Any, state: Any, tokens: jax.Array) -> jax.Array:
+    logits, _ = nnx.merge(graphdef, state)(tokens)  # (B, T, V)
+    return window_nll(logits, tokens)
+
+
+# graphdef is static and hashable: repeated evaluations of models of the same structure reuse the compilation.
+_module_nll_jit = jax.jit(_module_nll, static_argnums=0)
+
+
 def make_nll_fn(model: Any) -> Callable[[jax.Array], jax.Array]:
     """A jitted `tokens (B, T) int32 -> (B,)` summed NLL per window for `model`.
 
@@ -60,13 +69,7 @@ def make_nll_fn(model: Any) -> Callable[[jax.Array], jax.Array]:
     """
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)
-
-        @jax.jit
-        def nll(state, tokens):
-            logits, _ = nnx.merge(graphdef, state)(tokens)  # (B, T, V)
-            return window_nll(logits, tokens)
-
-        return lambda tokens: nll(state, tokens)
+        return lambda tokens: _module_nll_jit(graphdef, state, tokens)
 
     @jax.jit
     def nll_plain(tokens):

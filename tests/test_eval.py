@@ -173,3 +173,15 @@ def test_tokenize_adds_no_special_tokens(tmp_path):
     tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
     ids = tokenize(tok, "w0 w1 w5")
     assert ids.dtype == np.int32 and ids.tolist() == [4, 5, 9]
+
+
+def test_repeated_evaluation_compiles_once():
+    from gptq_jax import eval as ev
+
+    table = np.random.default_rng(0).standard_normal((13, 13))  # a vocabulary size no other test uses
+    tokens = np.arange(40) % 13
+    before = ev._module_nll_jit._cache_size()
+    first = perplexity(Bigram(table), tokens, seqlen=8, progress=False)
+    second = perplexity(Bigram(table), tokens, seqlen=8, progress=False)  # a new, identical model object
+    assert ev._module_nll_jit._cache_size() == before + 1
+    assert first.nll == second.nll
