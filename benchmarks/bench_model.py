@@ -227,9 +227,9 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from gptq_jax.gguf import ensure_smollm2_dir
+    from gptq_jax.default_model import fetch_smollm2
 
-    args.model_dir = args.model_dir or ensure_smollm2_dir(REPO / ".cache" / "smollm2")
+    args.model_dir = args.model_dir or fetch_smollm2()
     load_before = os.getloadavg()
     variants = ["ours"] + [f"transformers-{t or 'default'}-threads" for t in args.torch_threads]
     runs: dict[str, list[dict]] = {v: [] for v in variants}

