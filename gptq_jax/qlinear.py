@@ -16,19 +16,9 @@ import numpy as np
 from flax import nnx
 
 from gptq_jax.models.llama import Linear, LlamaForCausalLM
+from gptq_jax.pipeline import LAYER_LINEARS
 from gptq_jax.quantizer import QuantizedWeight
 from pallas_kernels import PackedWeight, gptq_matmul, packing
-
-# The decoder linears, as gptq_jax.pipeline.LAYER_LINEARS (not imported: the pipeline imports this module's users).
-_LAYER_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 
 class QuantLinear(nnx.Module):
@@ -121,7 +111,7 @@ def quantized_linears(model: nnx.Module) -> dict[str, QuantLinear]:
     """HF module name -> ``QuantLinear`` for every quantized linear of a Llama-family model."""
     out = {}
     for i, layer in enumerate(model.layers):
-        for sub in _LAYER_LINEARS:
+        for sub in LAYER_LINEARS:
             mod = layer
             for part in sub.split("."):
                 mod = getattr(mod, part)
