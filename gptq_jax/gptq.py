@@ -123,60 +123,56 @@ def quantize_weight(w: jax.Array, h: jax.Array, config: QuantConfig) -> Quantize
     return out
 
 
-def _lower_triangular_inverse(low: jax.Array) -> jax.Array:
-    """Inverse of a lower-triangular ``L``, recursively by 2x2 blocks.
+def _set_diagonal(a: jax.Array, d: jax.Array) -> jax.Array:
+    """``a`` with its diagonal replaced by ``d``: a scatter of K values, not a pass over K^2."""
+    i = jnp.arange(a.shape[0])
+    return a.at[i, i].set(d, unique_indices=True)
 
-    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: about K^3/3 flops, nearly all in
-    matmuls, where a triangular solve against the identity spends K^3.
+
+def _damped_factor(h: jax.Array, damp_percent: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The solve's feedback matrix for ``H + damp * mean(diag H) * I``, growing ``damp`` until it works.
+
+    One Cholesky factorization and no inverse. With ``J`` the reversal permutation, factor
+    ``J H J = L L^T``; then ``R = J L J`` is upper triangular with ``H = R R^T``, and ``R^-1`` is the
+    paper's ``U`` (the upper Cholesky factor of ``H^-1``). The paper's column loop writes
+    ``W - Q = Err U``, so ``Err = (W - Q) R``, and each column, by the time it is quantized, is
+
+        w~_j = w_j + sum_{i<j} (w_i - q_i) R_ij / R_jj,
+
+    a feedback from the weights *as given* minus their dequantized codes through ``F = R diag(R)^-1``
+    (upper, unit diagonal). The paper's proxy loss is ``(w~_j - q_j)^2 R_jj^2 / 2``. The paper's code
+    forms ``H^-1`` and factors it again; this needs a third of the flops.
+
+    JAX's Cholesky returns NaN instead of raising on a matrix that is not positive definite (the whole
+    factor), so success is checked on its diagonal. Returns ``(F^T, diag R, damp used, ok)``; where nothing
+    worked, ``F = I`` and ``R = sqrt(diag H)``, which makes the solve exactly round-to-nearest.
     """
-    k = low.shape[0]
-    if k <= 256:
-        return jax.scipy.linalg.solve_triangular(low, jnp.eye(k, dtype=low.dtype), lower=True)
-    m = k // 2
-    a_inv = _lower_triangular_inverse(low[:m, :m])
-    d_inv = _lower_triangular_inverse(low[m:, m:])
-    c = -jnp.matmul(d_inv, jnp.matmul(low[m:, :m], a_inv, precision=_HIGHEST), precision=_HIGHEST)
-    top = jnp.concatenate([a_inv, jnp.zeros((m, k - m), low.dtype)], axis=1)
-    return jnp.concatenate([top, jnp.concatenate([c, d_inv], axis=1)], axis=0)
-
-
-def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
-    """Upper ``U`` with ``H^-1 = U^T U``, from one Cholesky and one triangular inverse.
-
-    With ``J`` the reversal permutation, factor ``J H J = L L^T``; then ``U = J L^-1 J`` is upper
-    triangular with a positive diagonal and ``U^T U = J L^-T L^-1 J = J (J H J)^-1 J = H^-1``.
-    This avoids forming ``H^-1`` and factoring it again, as the paper's code does.
-    """
-    lf = jax.scipy.linalg.cholesky(h[::-1, ::-1], lower=True)
-    return _lower_triangular_inverse(lf)[::-1, ::-1]
-
-
-def _damped_factor(h: jax.Array, damp_percent: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Factor ``H + damp * mean(diag H) * I``, growing ``damp`` until it works.
-
-    JAX's Cholesky returns NaN instead of raising on a matrix that is not positive definite, so success
-    is checked by finiteness. Returns ``(U, damp used, ok)``; where nothing worked, ``U`` is the factor of
-    ``diag(H)`` (clipped to be positive), which makes the solve exactly round-to-nearest.
-    """
-    eye = jnp.eye(h.shape[0], dtype=h.dtype)
-    mean_diag = jnp.mean(jnp.diagonal(h))
+    k = h.shape[0]
+    diag = jnp.diagonal(h)
+    mean_diag = jnp.mean(diag)
+    h_rev = h[::-1, ::-1]
+    diag_rev = diag[::-1]
 
     def cond(c):
-        frac, _, ok = c
+        frac, _, _, ok = c
         return (~ok) & (frac < 1.0)
 
     def body(c):
-        frac, _, _ = c
+        frac, _, _, _ = c
         # The first pass tries damp_percent itself; later passes grow it.
         frac = jnp.where(frac < 0, damp_percent, jnp.minimum(frac * _DAMP_GROWTH, 1.0))
-        u = _upper_cholesky_of_inverse(h + (frac * mean_diag) * eye)
-        return frac, u, jnp.all(jnp.isfinite(u))
+        low = jax.scipy.linalg.cholesky(_set_diagonal(h_rev, diag_rev + frac * mean_diag), lower=True)
+        rd = jnp.diagonal(low)[::-1]
+        ok = jnp.all(jnp.isfinite(rd) & (rd > 0))
+        # One fused pass: F^T = diag(R)^-1 J L^T J, and the identity where the factor failed. The solve
+        # keeps F transposed (lower) so that every feedback product is a plain [M, c] @ [c, N] matmul.
+        ft = jnp.where(ok, low.T[::-1, ::-1] / rd[:, None], jnp.eye(k, dtype=h.dtype))
+        return frac, ft, rd, ok
 
-    init = (jnp.float32(-1.0), jnp.zeros_like(h), jnp.bool_(False))
-    frac, u, ok = lax.while_loop(cond, body, init)
-    diag = jnp.diagonal(h)
-    u_rtn = jnp.diag(lax.rsqrt(jnp.where(diag > 0, diag, 1.0)))
-    return jnp.where(ok, u, u_rtn), frac, ok
+    init = (jnp.float32(-1.0), jnp.zeros_like(h), jnp.zeros((k,), h.dtype), jnp.bool_(False))
+    frac, ft, rd, ok = lax.while_loop(cond, body, init)
+    rd_rtn = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
+    return ft, jnp.where(ok, rd, rd_rtn), frac, ok
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +217,7 @@ def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
     # Inputs that never fire carry no information: give them a unit diagonal and a zero weight.
     diag = jnp.diagonal(h)
     dead = diag == 0.0
-    h = jnp.where(jnp.eye(k, dtype=jnp.bool_) & dead[None, :], 1.0, h)
+    h = _set_diagonal(h, jnp.where(dead, 1.0, diag))
     w_live = jnp.where(dead[None, :], 0.0, w)
 
     # Grids that are fixed before the solve: per-channel (on the weight as given, as the reference
@@ -242,15 +238,26 @@ def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
     if config.static_groups and config.group_size != -1:
         col_group = jnp.pad(perm // g, (0, kp - k))  # grid of each visited column
 
-    u, damp, ok = _damped_factor(h, config.damp_percent)
+    ft, rdiag, damp, ok = _damped_factor(h, config.damp_percent)  # ft = F^T, lower
 
-    # Padding columns have w = 0 and a unit, uncoupled row in U: they quantize exactly and feed back nothing.
-    wt = jnp.pad(w_live.T, ((0, kp - k), (0, 0)))  # (Kp, N)
+    # Padding columns have w = 0 and a unit, uncoupled row in F: they quantize exactly and feed back nothing.
+    wt = jnp.pad(w_live.T, ((0, kp - k), (0, 0)))  # (Kp, N), updated as the solve goes
+    wt0 = wt  # the weights as given: the feedback is driven by wt0 - dequant(q)
     if kp > k:
-        u = jnp.pad(u, ((0, kp - k), (0, kp - k)))
-        u = jnp.where(jnp.eye(kp, dtype=jnp.bool_) & (jnp.arange(kp) >= k)[None, :], 1.0, u)
+        ft = jnp.pad(ft, ((0, kp - k), (0, kp - k)))
+        ft = jnp.where(jnp.eye(kp, dtype=jnp.bool_) & (jnp.arange(kp) >= k)[None, :], 1.0, ft)
+        rdiag = jnp.pad(rdiag, (0, kp - k), constant_values=1.0)
 
     groups_p = kp // g if plan.dynamic_groups else 1
+    if plan.dynamic_groups:
+        # A group's grid is fitted on its columns as the paper's loop has them at the group's first column:
+        # w_G + A U_GG, with A the feedback from earlier columns and U_GG = R_GG^-1 the group's diagonal
+        # block of U. The F-form loop holds w_G + A diag(R_GG)^-1 instead (the same numbers by the time
+        # each column is quantized, not before), so the diagonal blocks of U are formed here: K g^2 flops.
+        ft_blocks = ft.reshape(groups_p, g, groups_p, g)[jnp.arange(groups_p), :, jnp.arange(groups_p)]  # (G, g, g)
+        r_blocks = jnp.swapaxes(ft_blocks, 1, 2) * rdiag.reshape(groups_p, 1, g)
+        eye_g = jnp.broadcast_to(jnp.eye(g, dtype=jnp.float32), r_blocks.shape)
+        u_groups = jax.scipy.linalg.solve_triangular(r_blocks, eye_g, lower=False)  # (G, g, g)
     grid = (
         jnp.ones((n,), jnp.float32),
         jnp.zeros((n,), jnp.float32),
@@ -263,55 +270,66 @@ def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
             return grid[0], grid[1]
         return fixed_scales[col_group[c]], fixed_zeros[col_group[c]]
 
-    def solve_sub(c0, wt_b, u_b, grid, loss):
-        """Columns c0 .. c0+b-1, one at a time (GPTQ, Alg. 1 inner loop). wt_b (b, N), u_b (b, b)."""
+    def solve_sub(c0, wt_b, w0_b, ft_b, r_b, grid, loss):
+        """Columns c0 .. c0+b-1, one at a time (GPTQ, Alg. 1 inner loop).
+
+        wt_b (b, N) as updated, w0_b (b, N) as given, ft_b (b, b) the block of F^T, r_b (b,) diag R.
+        Returns the codes and ``D = W0 - dequant(Q)`` for the sub-block.
+        """
 
         def column(j, carry):
-            wt_b, q_b, e_b, loss = carry
+            wt_b, q_b, d_b, loss = carry
             w_j = wt_b[j]  # (N,)
-            d = u_b[j, j]
             s, z = column_grid(c0 + j, grid)
             q = jnp.clip(jnp.round(_true_div(w_j, s)) + z, 0.0, maxq)
-            err = w_j - s * (q - z)
-            e = err / d
-            loss = loss + 0.5 * jnp.sum(err * err) / (d * d)
-            wt_b = wt_b - u_b[j][:, None] * e[None, :]  # rank-1 feedback; U is upper, so earlier rows keep
-            return wt_b, q_b.at[j].set(q.astype(jnp.int32)), e_b.at[j].set(e), loss
+            deq = s * (q - z)
+            err = w_j - deq
+            loss = loss + 0.5 * jnp.sum(err * err) * (r_b[j] * r_b[j])
+            d = w0_b[j] - deq
+            wt_b = wt_b + ft_b[:, j][:, None] * d[None, :]  # rank-1 feedback; F^T is lower, earlier rows keep
+            return wt_b, q_b.at[j].set(q.astype(jnp.int32)), d_b.at[j].set(d), loss
 
         init = (wt_b, jnp.zeros(wt_b.shape, jnp.int32), jnp.zeros_like(wt_b), loss)
-        _, q_b, e_b, loss = lax.fori_loop(0, plan.sub, column, init, unroll=_UNROLL)
-        return q_b, e_b, loss
+        _, q_b, d_b, loss = lax.fori_loop(0, plan.sub, column, init, unroll=_UNROLL)
+        return q_b, d_b, loss
 
-    def solve_block(c0, wt_blk, u_blk, q_blk, grid, loss):
-        """One block of B columns starting at global column c0; wt_blk (B, N), u_blk (B, B)."""
+    def solve_block(c0, wt_blk, w0_blk, ft_blk, r_blk, q_blk, grid, loss):
+        """One block of B columns starting at global column c0; wt_blk, w0_blk (B, N), ft_blk (B, B)."""
         bsz, sub = plan.block, plan.sub
-        err_blk = jnp.zeros_like(wt_blk)
+        d_blk = jnp.zeros_like(wt_blk)
 
         def body(si, carry):
-            wt_blk, q_blk, err_blk, grid, loss = carry
+            wt_blk, q_blk, d_blk, grid, loss = carry
             l0 = si * sub
             if plan.dynamic_groups:
 
                 def refit(grid):
                     cur, zcur, scales, zeros = grid
-                    s, z = grid_params(lax.dynamic_slice_in_dim(wt_blk, l0, g).T, config)  # (N,)
                     gi = (c0 + l0) // g
+                    w0_g = lax.dynamic_slice_in_dim(w0_blk, l0, g)  # (g, N)
+                    fed = (lax.dynamic_slice_in_dim(wt_blk, l0, g) - w0_g) * lax.dynamic_slice_in_dim(r_blk, l0, g)[
+                        :, None
+                    ]
+                    w_g = w0_g + jnp.matmul(u_groups[gi].T, fed, precision=_HIGHEST)
+                    s, z = grid_params(w_g.T, config)  # (N,)
                     return s, z, scales.at[gi].set(s), zeros.at[gi].set(z)
 
                 grid = lax.cond((c0 + l0) % g == 0, refit, lambda grid: grid, grid)
             wt_b = lax.dynamic_slice_in_dim(wt_blk, l0, sub)  # (b, N)
-            u_b = lax.dynamic_slice(u_blk, (l0, l0), (sub, sub))
-            q_b, e_b, loss = solve_sub(c0 + l0, wt_b, u_b, grid, loss)
+            w0_b = lax.dynamic_slice_in_dim(w0_blk, l0, sub)
+            ft_b = lax.dynamic_slice(ft_blk, (l0, l0), (sub, sub))
+            r_b = lax.dynamic_slice_in_dim(r_blk, l0, sub)
+            q_b, d_b, loss = solve_sub(c0 + l0, wt_b, w0_b, ft_b, r_b, grid, loss)
             # Lazy update of the rest of the block: rows after this sub-block only.
-            rows = lax.dynamic_slice_in_dim(u_blk, l0, sub)  # (b, B)
-            rows = jnp.where(jnp.arange(bsz)[None, :] >= l0 + sub, rows, 0.0)
-            wt_blk = wt_blk - jnp.matmul(rows.T, e_b, precision=_HIGHEST)  # (B, N)
+            cols = lax.dynamic_slice_in_dim(ft_blk, l0, sub, axis=1)  # (B, b)
+            cols = jnp.where(jnp.arange(bsz)[:, None] >= l0 + sub, cols, 0.0)
+            wt_blk = wt_blk + jnp.matmul(cols, d_b, precision=_HIGHEST)  # (B, N)
             q_blk = lax.dynamic_update_slice_in_dim(q_blk, q_b, l0, 0)
-            err_blk = lax.dynamic_update_slice_in_dim(err_blk, e_b, l0, 0)
-            return wt_blk, q_blk, err_blk, grid, loss
+            d_blk = lax.dynamic_update_slice_in_dim(d_blk, d_b, l0, 0)
+            return wt_blk, q_blk, d_blk, grid, loss
 
-        _, q_blk, err_blk, grid, loss = lax.fori_loop(0, bsz // sub, body, (wt_blk, q_blk, err_blk, grid, loss))
-        return q_blk, err_blk, grid, loss
+        _, q_blk, d_blk, grid, loss = lax.fori_loop(0, bsz // sub, body, (wt_blk, q_blk, d_blk, grid, loss))
+        return q_blk, d_blk, grid, loss
 
     loss = jnp.zeros((), jnp.float32)
     q_parts = []
@@ -319,28 +337,32 @@ def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
         s2 = min(s1 + plan.superblock, kp)
         size = s2 - s1
         wt_s = wt[s1:s2]  # (S, N)
-        u_s = u[s1:s2, s1:s2]
+        w0_s = wt0[s1:s2]
+        ft_s = ft[s1:s2, s1:s2]
+        r_s = rdiag[s1:s2]
 
-        def block_body(bi, carry, s1=s1, size=size, u_s=u_s):
-            wt_s, q_s, err_s, grid, loss = carry
+        def block_body(bi, carry, s1=s1, size=size, w0_s=w0_s, ft_s=ft_s, r_s=r_s):
+            wt_s, q_s, d_s, grid, loss = carry
             i1 = bi * plan.block
             wt_blk = lax.dynamic_slice_in_dim(wt_s, i1, plan.block)
-            u_blk = lax.dynamic_slice(u_s, (i1, i1), (plan.block, plan.block))
+            w0_blk = lax.dynamic_slice_in_dim(w0_s, i1, plan.block)
+            ft_blk = lax.dynamic_slice(ft_s, (i1, i1), (plan.block, plan.block))
+            r_blk = lax.dynamic_slice_in_dim(r_s, i1, plan.block)
             q_blk = jnp.zeros((plan.block, n), jnp.int32)
-            q_blk, err_blk, grid, loss = solve_block(s1 + i1, wt_blk, u_blk, q_blk, grid, loss)
-            rows = lax.dynamic_slice_in_dim(u_s, i1, plan.block)  # (B, S)
-            rows = jnp.where(jnp.arange(size)[None, :] >= i1 + plan.block, rows, 0.0)
-            wt_s = wt_s - jnp.matmul(rows.T, err_blk, precision=_HIGHEST)  # (S, N)
+            q_blk, d_blk, grid, loss = solve_block(s1 + i1, wt_blk, w0_blk, ft_blk, r_blk, q_blk, grid, loss)
+            cols = lax.dynamic_slice_in_dim(ft_s, i1, plan.block, axis=1)  # (S, B)
+            cols = jnp.where(jnp.arange(size)[:, None] >= i1 + plan.block, cols, 0.0)
+            wt_s = wt_s + jnp.matmul(cols, d_blk, precision=_HIGHEST)  # (S, N)
             q_s = lax.dynamic_update_slice_in_dim(q_s, q_blk, i1, 0)
-            err_s = lax.dynamic_update_slice_in_dim(err_s, err_blk, i1, 0)
-            return wt_s, q_s, err_s, grid, loss
+            d_s = lax.dynamic_update_slice_in_dim(d_s, d_blk, i1, 0)
+            return wt_s, q_s, d_s, grid, loss
 
         init = (wt_s, jnp.zeros((size, n), jnp.int32), jnp.zeros((size, n), jnp.float32), grid, loss)
-        _, q_s, err_s, grid, loss = lax.fori_loop(0, size // plan.block, block_body, init)
+        _, q_s, d_s, grid, loss = lax.fori_loop(0, size // plan.block, block_body, init)
         q_parts.append(q_s)
         if s2 < kp:
             # Exact trailing update with static shapes (GPTQ, Alg. 1, lazy batch update).
-            wt = wt.at[s2:].add(-jnp.matmul(u[s1:s2, s2:].T, err_s, precision=_HIGHEST))
+            wt = wt.at[s2:].add(jnp.matmul(ft[s2:, s1:s2], d_s, precision=_HIGHEST))
 
     codes_perm = jnp.concatenate(q_parts, axis=0)[:k]  # (K, N), visiting order
     groups = config.groups(k)
