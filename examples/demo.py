@@ -84,7 +84,12 @@ def main(argv=None) -> int:
     res = quantize(model, calib, quant_config=gqc, progress=True)
     gptq_s = time.perf_counter() - t0
     pack_model(model, res.weights)
-    out = Path(save_quantized(model, args.out, quant_config=gqc, tokenizer_dir=model_dir, overwrite=True))
+    # Embeddings and norms in float16, as the PyTorch GPTQ tools publish them (and vLLM's GPTQ kernels expect).
+    out = Path(
+        save_quantized(
+            model, args.out, quant_config=gqc, float_dtype="float16", tokenizer_dir=model_dir, overwrite=True
+        )
+    )
     loaded, _ = load_quantized(out)
     rows.append((label, ppl(loaded), gptq_s, _size(out)))
 

@@ -2,13 +2,16 @@
 
     gptq-jax quantize MODEL_DIR OUT_DIR [--bits 4] [--group-size 128] [--sym|--asym] [--act-order]
         [--static-groups] [--damp 0.01] [--mse] [--nsamples 128] [--seqlen 2048] [--calib FILE]
-        [--format gptq|gptq_v2] [--seed 0] [--method gptq|rtn] [--batch-size 8] [--dtype f32] [--overwrite]
+        [--format gptq|gptq_v2] [--seed 0] [--method gptq|rtn] [--batch-size 8] [--dtype f32]
+        [--save-dtype f16] [--overwrite]
 
 Progress: a bar per decoder layer on stderr. Writes OUT_DIR (weights, config with ``quantization_config``,
-tokenizer, ``quant_report.json``) in one rename at the end. Each finished decoder layer is kept in a work directory
-beside OUT_DIR (``.OUT_DIR.gptq-work``), so an interrupted run (Ctrl-C, a crash) resumes from the last finished
-layer when run again with the same arguments; other arguments are refused. The work directory is removed once
-OUT_DIR is written.
+tokenizer, ``quant_report.json``) in one rename at the end. The unquantized tensors (embeddings, norms, an untied
+``lm_head``) are written in ``--save-dtype``, float16 by default, as the PyTorch GPTQ tools publish them and as vLLM's
+GPTQ kernels expect (``torch_dtype`` in ``config.json`` says which). Each finished decoder layer is kept in a work
+directory beside OUT_DIR (``.OUT_DIR.gptq-work``), so an interrupted run (Ctrl-C, a crash) resumes from the last
+finished layer when run again with the same arguments; other arguments are refused. The work directory is removed
+once OUT_DIR is written.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from gptq_jax.cli import CommandError, add_model_arguments, check_model_dir, positive_int, probability
+from gptq_jax.cli import DTYPES, CommandError, add_model_arguments, check_model_dir, positive_int, probability
 
 logger = logging.getLogger("gptq_jax.cli")
 
@@ -54,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn: round-to-nearest baseline")
     p.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per pass (default 8)")
+    p.add_argument(
+        "--save-dtype",
+        choices=sorted(DTYPES),
+        default="f16",
+        help="dtype of the unquantized tensors in OUT_DIR (embeddings, norms); default f16, as PyTorch tools expect",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
 
 
@@ -91,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
     from gptq_jax import data
     from gptq_jax.calibration import random_windows
     from gptq_jax.checkpoint import save_quantized
-    from gptq_jax.cli import DTYPES
     from gptq_jax.config import QuantConfig
     from gptq_jax.models import load_pretrained, load_tokenizer
     from gptq_jax.pipeline import quantize
@@ -139,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         args.out_dir,
         quant_config=qc,
         checkpoint_format=args.format,
+        float_dtype=jnp.dtype(DTYPES[args.save_dtype]),
         tokenizer_dir=args.model_dir,
         overwrite=args.overwrite,
         extra_files={"quant_report.json": json.dumps(report, indent=1)},

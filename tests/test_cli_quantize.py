@@ -38,6 +38,14 @@ def test_quantize_then_eval_and_generate(tiny, capsys):
     assert len(report["linears"]) == 14 and len(report["layers"]) == 2
     assert (out / "tokenizer.json").is_file()
     assert not work_dir_for(out).exists()  # removed after a successful save
+    # Unquantized tensors are float16 by default, as the PyTorch tools publish them; scales always are.
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    assert conf["torch_dtype"] == "float16"
+    assert tensors["model.embed_tokens.weight"].dtype == np.float16
+    assert tensors["model.norm.weight"].dtype == np.float16
+    assert tensors["model.layers.0.self_attn.q_proj.scales"].dtype == np.float16
 
     assert main(["eval", str(out), "--text", str(root / "calib.txt"), "--seqlen", "32", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
@@ -124,6 +132,22 @@ def test_non_empty_out_dir_is_refused(tiny, capsys):
 def test_rtn_method_needs_no_calibration(tiny):
     root, model_dir = tiny
     out = root / "rtn"
-    assert main(["quantize", str(model_dir), str(out), "--method", "rtn", "--group-size", "32", "--asym"]) == 0
+    argv = [
+        "quantize",
+        str(model_dir),
+        str(out),
+        "--method",
+        "rtn",
+        "--group-size",
+        "32",
+        "--asym",
+        "--save-dtype",
+        "f32",
+    ]
+    assert main(argv) == 0
     conf = json.loads((out / "config.json").read_text())
     assert conf["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    assert conf["torch_dtype"] == "float32"
+    from safetensors.numpy import load_file
+
+    assert load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"].dtype == np.float32
