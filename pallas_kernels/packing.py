@@ -170,7 +170,16 @@ def unpack_rows_jnp(qweight: jax.Array, bits: int) -> jax.Array:
 
 def unpack_cols_jnp(qzeros: jax.Array, bits: int) -> jax.Array:
     """jnp ``unpack_cols``: int32 ``[G, N * bits / 32]`` -> int32 zero points ``[G, N]``; traceable."""
-    return _unpack(jax.lax.bitcast_convert_type(qzeros, jnp.uint32).T, bits, jnp).T
+    words = jax.lax.bitcast_convert_type(qzeros, jnp.uint32)
+    n_codes, n_words = chunk_shape(bits)
+    if n_words == 1:
+        # 2/4/8-bit: shift along the last axis directly. No transposes, so when XLA fuses this into a (K, N)
+        # dequantization loop (it does on CPU) each element costs a shift and a mask, not a transposed copy.
+        g, w = words.shape
+        shifts = jnp.arange(n_codes, dtype=jnp.uint32) * jnp.uint32(bits)  # (codes per word,)
+        codes = (words[:, :, None] >> shifts) & jnp.uint32((1 << bits) - 1)  # (G, words, codes per word)
+        return codes.reshape(g, w * n_codes).astype(jnp.int32)
+    return _unpack(words.T, bits, jnp).T
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,8 +442,20 @@ class PackedWeight:
 def _dequantize(w: PackedWeight, dtype: Any, stored_order: bool) -> jax.Array:
     q = unpack_rows_jnp(w.qweight, w.bits)  # (K, N) stored row order
     z = unpack_cols_jnp(w.qzeros, w.bits)  # (G, N)
-    gi = jnp.arange(w.in_features) // w.group_len if w.g_idx is None else w.g_idx  # (K,)
-    wd = (q - z[gi]).astype(jnp.float32) * w.scales[gi].astype(jnp.float32)  # (K, N)
+    s, z = w.scales.astype(jnp.float32), z.astype(jnp.float32)  # (G, N) each
+    if w.g_idx is None:
+        # Contiguous groups of g rows (the last may be partial): a broadcast and a reshape, which XLA fuses into
+        # the (K, N) loop as plain index arithmetic. (A gather, or jnp.repeat, which lowers to one through a
+        # cumulative sum, costs ~10x more per element on CPU.)
+        k, g, n = w.in_features, w.group_len, w.out_features
+
+        def rows(a):
+            return jnp.broadcast_to(a[:, None, :], (a.shape[0], g, n)).reshape(a.shape[0] * g, n)[:k]
+
+        s, z = rows(s), rows(z)
+    else:
+        s, z = s[w.g_idx], z[w.g_idx]
+    wd = (q.astype(jnp.float32) - z) * s  # (K, N); q - z is an exact small integer in f32
     if w.perm is not None and not stored_order:
         wd = jnp.zeros_like(wd).at[w.perm].set(wd)  # stored row i is input row perm[i]
     return wd.astype(dtype)
