@@ -5,18 +5,24 @@ Transformers" (2022), Algorithm 1. Notation follows the paper: ``W`` is ``[N out
 ``2/n X X^T`` over calibration inputs, and ``U`` is the upper Cholesky factor of ``H^-1``, whose rows
 give the error feedback of each quantized column onto the columns after it.
 
-The solve works on ``Wt = W^T`` (``[K, N]``, a row per input column) so that a column of the paper is a
-contiguous row here. Columns are visited in three nested levels of blocks, each applying its error
-feedback lazily (the paper's "lazy batch updates", generalised one level further):
+The same numbers come from one Cholesky factorization of ``H`` and no inverse: with ``H = R R^T``
+(``R`` upper), ``U = R^-1``, and each column by the time it is quantized is its original value plus
+``sum_{i<j} (w_i - q_i) R_ij / R_jj`` (see ``_damped_factor``). The solve feeds back the original weights
+minus their dequantized codes through ``F = R diag(R)^-1``, held transposed.
 
-- sub-blocks of ``b`` (<= 16) columns: exact rank-1 updates inside, unrolled;
+The solve works on ``Wt = W^T`` (``[K, N]``, a row per input column) so that a column of the paper is a
+contiguous row here. Columns are visited in three nested levels of blocks, each applying its feedback
+lazily (the paper's "lazy batch updates", generalised one level further):
+
+- sub-blocks of ``b`` (<= 16) columns: exact rank-1 updates inside;
 - blocks of ``B`` (``config.block_size``) columns: after each sub-block, one ``[B, b] @ [b, N]`` update;
 - super-blocks of ``S`` columns, a Python loop: after each block, one ``[S, B] @ [B, N]`` update, and
-  after each super-block the exact trailing update ``W[:, s2:] -= Err @ U[s1:s2, s2:]`` with static shapes.
+  after each super-block the exact trailing update ``Wt[s2:] += F^T[s2:, s1:s2] @ D`` with static shapes.
 
 All levels compute the same numbers as the column-by-column algorithm, up to float rounding; the block
 size is a speed knob only. Group grids are fitted when the solve reaches a group's first column, on the
-weights as updated so far; blocks are aligned to groups so that the whole group is up to date then.
+weights as the paper's loop has them then (recovered through the group's diagonal block of ``U``);
+blocks are aligned to groups so that the whole group is up to date then.
 """
 
 from __future__ import annotations
