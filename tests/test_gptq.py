@@ -81,6 +81,23 @@ def test_block_size_changes_nothing(group_size):
         np.testing.assert_allclose(np.asarray(out.dequantize()), base, atol=1e-3)
 
 
+def test_feedback_factor_is_the_papers_u():
+    """The solve's F^T and diag R (one Cholesky of H, no inverse) give back the paper's U = chol(H^-1)^T:
+    U = R^-1 with R = F diag(R), and the damping lands on the diagonal only."""
+    from gptq_jax.gptq import _damped_factor
+
+    _, h, _ = _problem(seed=5, k=96)
+    ft, rd, damp, ok = _damped_factor(jnp.asarray(h), 0.01)
+    assert bool(ok) and float(damp) == pytest.approx(0.01)
+    ft, rd = np.asarray(ft, np.float64), np.asarray(rd, np.float64)
+    assert np.allclose(np.triu(ft, 1), 0.0) and np.allclose(np.diag(ft), 1.0)  # F^T: lower, unit diagonal
+    r = ft.T * rd[None, :]
+    hd = np.array(h, np.float64) + 0.01 * np.mean(np.diag(h)) * np.eye(96)
+    np.testing.assert_allclose(r @ r.T, hd, rtol=1e-4, atol=1e-4 * np.abs(hd).max())
+    u_paper = np.linalg.cholesky(np.linalg.inv(hd)).T
+    np.testing.assert_allclose(np.linalg.inv(r), u_paper, rtol=1e-3, atol=1e-4 * np.abs(u_paper).max())
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [-1, 32])
 def test_identity_hessian_is_round_to_nearest(act_order, group_size):
