@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --durations=15 tests
 
 # Fetches and converts SmolLM2-135M-Instruct, then float vs RTN vs GPTQ at 4-bit group 128 (see examples/demo.py).
 demo: $(STAMP)
