@@ -365,6 +365,9 @@ def quantize(
         if not isinstance(lin, Linear) or skipped(name):
             return None
         say(name)
+        # JAX dispatches the calibration pass that produced `hess` asynchronously: wait for it here, so that a
+        # linear's "seconds" is its own solve and the pass is charged to the layer, not to the first linear.
+        jax.block_until_ready(hess)
         t0 = time.perf_counter()
         w = lin.kernel[...].T.astype(jnp.float32)  # (N out, K in): the paper's orientation
         qw = rtn_quantize(w, quant_config) if hess is None else quantize_weight(w, hess, quant_config)
