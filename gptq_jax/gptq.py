@@ -313,9 +313,8 @@ def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
                     cur, zcur, scales, zeros = grid
                     gi = (c0 + l0) // g
                     w0_g = lax.dynamic_slice_in_dim(w0_blk, l0, g)  # (g, N)
-                    fed = (lax.dynamic_slice_in_dim(wt_blk, l0, g) - w0_g) * lax.dynamic_slice_in_dim(r_blk, l0, g)[
-                        :, None
-                    ]
+                    r_g = lax.dynamic_slice_in_dim(r_blk, l0, g)  # (g,)
+                    fed = (lax.dynamic_slice_in_dim(wt_blk, l0, g) - w0_g) * r_g[:, None]  # A^T, (g, N)
                     w_g = w0_g + jnp.matmul(u_groups[gi].T, fed, precision=_HIGHEST)
                     s, z = grid_params(w_g.T, config)  # (N,)
                     return s, z, scales.at[gi].set(s), zeros.at[gi].set(z)
