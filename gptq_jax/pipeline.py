@@ -97,38 +97,80 @@ class QuantizeResult(NamedTuple):
 
 
 def capture_input(layer: nnx.Module, h: jax.Array, group: str, *, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """The input of ``group``'s linears, computing only as much of the layer as that needs.
+    """The input of ``group``'s linears, computed from the layer input ``h`` with the layer's current weights
+    (running the stages of ``stage_forward`` up to it)."""
+    carry = h
+    for stage, _ in LINEAR_GROUPS:
+        x, carry = stage_forward(layer, stage, h, carry, positions=positions, mask=mask)
+        if stage == group:
+            return x
+    raise ValueError(f"unknown linear group {group!r}; expected one of {[g for g, _ in LINEAR_GROUPS]}")
 
-    Mirrors ``DecoderLayer.__call__`` (pre-norm attention, then a SwiGLU MLP); ``tests/test_pipeline.py`` checks it
-    against the layer's own ``capture=True`` output. Stopping early matters: of the true-sequential passes over the
-    calibration set, only the first and the last need the whole layer.
+
+def stage_forward(
+    layer: nnx.Module, stage: str, h: jax.Array, carry: jax.Array, *, positions: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """One true-sequential stage of a decoder layer: ``(input of stage's linears, carry for the next stage)``.
+
+    Mirrors ``DecoderLayer.__call__`` (pre-norm attention, then a SwiGLU MLP) cut at each linear group, so each
+    stage starts from what the previous one left (``carry``) instead of from the layer input: over all
+    true-sequential passes the quantized layer is computed once, not once per group. ``h`` is the layer input.
+
+      stage "qkv":     carry h            -> input_layernorm(h),                 carry h
+      stage "o":       carry h            -> o_proj input (attention output),    carry o_in
+      stage "gate_up": carry o_in         -> post_attention_layernorm(h1),       carry h1 = h + o_proj(o_in)
+      stage "down":    carry h1           -> silu(gate(y)) * up(y),              carry the same (down's input)
+      final:           ``stage_output(layer, h1, a)`` = h1 + down_proj(a)
+
+    ``tests/test_pipeline.py`` checks that chaining the stages reproduces the layer.
     """
-    x = layer.input_layernorm(h)  # (B, T, D)
-    if group == "qkv":
-        return x
-    a, _, o_in = layer.self_attn(x, positions=positions, attention_mask=mask)
-    if group == "o":
-        return o_in  # (B, T, H*hd)
-    y = layer.post_attention_layernorm(h + a)  # (B, T, D)
-    if group == "gate_up":
-        return y
-    return jax.nn.silu(layer.mlp.gate_proj(y)) * layer.mlp.up_proj(y)  # (B, T, I): down_proj's input
+    if stage == "qkv":
+        return layer.input_layernorm(h), h  # (B, T, D)
+    if stage == "o":
+        x = layer.input_layernorm(h)
+        _, _, o_in = layer.self_attn(x, positions=positions, attention_mask=mask)
+        return o_in, o_in  # (B, T, H*hd)
+    if stage == "gate_up":
+        h1 = h + layer.self_attn.o_proj(carry)  # (B, T, D)
+        return layer.post_attention_layernorm(h1), h1
+    if stage == "down":
+        y = layer.post_attention_layernorm(carry)
+        a = jax.nn.silu(layer.mlp.gate_proj(y)) * layer.mlp.up_proj(y)  # (B, T, I)
+        return a, a
+    raise ValueError(f"unknown linear group {stage!r}; expected one of {[g for g, _ in LINEAR_GROUPS]}")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "group", "full"))
-def _layer_pass(graphdef, state, h, positions, mask, hess, group, full):
-    """One decoder layer on a batch ``h (B, T, D)``: folds the input of ``group`` into ``hess``, and returns the
-    layer's output when ``full`` (else None, having computed only up to that input)."""
+def stage_output(layer: nnx.Module, h1: jax.Array, a: jax.Array) -> jax.Array:
+    """The layer's output from the carries of the last two stages: ``h1 + down_proj(a)``."""
+    return h1 + layer.mlp.down_proj(a)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "groups"))
+def _float_pass(graphdef, state, h, positions, mask, hess, groups):
+    """The float layer on a batch ``h (B, T, D)``: its output, with the inputs of ``groups`` folded into ``hess``
+    (a tuple of accumulators, one per group)."""
     layer = nnx.merge(graphdef, state)
-    out = None
-    if full:
-        out, _, captured = layer(h, positions=positions, attention_mask=mask, capture=True)
-        x = None if group is None else captured[group]
-    else:
-        x = capture_input(layer, h, group, positions=positions, mask=mask)
-    if group is not None:
-        hess = accumulate_hessian(*hess, x, mask)
+    out, _, captured = layer(h, positions=positions, attention_mask=mask, capture=True)
+    hess = tuple(accumulate_hessian(*hg, captured[g], mask) for g, hg in zip(groups, hess, strict=True))
     return out, hess
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "stage"))
+def _stage_pass(graphdef, state, h, carry, positions, mask, hess, stage):
+    """One true-sequential stage on a batch: the carry for the next stage, and ``hess`` with the stage's input."""
+    layer = nnx.merge(graphdef, state)
+    x, carry = stage_forward(layer, stage, h, carry, positions=positions, mask=mask)
+    return carry, accumulate_hessian(*hess, x, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _output_pass(graphdef, state, h1, a):
+    return stage_output(nnx.merge(graphdef, state), h1, a)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _layer_forward(graphdef, state, h, positions, mask):
+    return nnx.merge(graphdef, state)(h, positions=positions, attention_mask=mask)[0]
 
 
 @jax.jit
@@ -257,14 +299,17 @@ def _as_model(params: Any, config: ModelConfig | None) -> LlamaForCausalLM:
     )
 
 
-def _activation_placement(calib: Calibration, hidden: int, dtype: Any, offload: bool | None) -> Any:
+def _activation_placement(calib: Calibration, mc: ModelConfig, dtype: Any, offload: bool | None) -> Any:
     """Where to keep the layer inputs: the device when they fit comfortably, else the host."""
     if offload is not None:
         return jax.devices("cpu")[0] if offload else None
     dev = jax.devices()[0]
     if dev.platform == "cpu":
         return None
-    need = calib.tokens.size * hidden * jnp.dtype(dtype).itemsize * 3  # inputs, float outputs, new outputs
+    # At the peak of a layer: inputs, float outputs, the last two stages' carries (h1: D wide, down's input: I
+    # wide) and the new outputs.
+    width = 4 * mc.hidden_size + mc.intermediate_size
+    need = calib.tokens.size * width * jnp.dtype(dtype).itemsize
     stats = dev.memory_stats() or {}
     limit = stats.get("bytes_limit")
     if limit is not None and need > 0.5 * (limit - stats.get("bytes_in_use", 0)):
@@ -415,7 +460,7 @@ def quantize(
         if resume_from:
             log.info("resuming after %d finished decoder layers in %s", resume_from, work_dir)
 
-    placement = _activation_placement(calib, mc.hidden_size, model.dtype, offload_activations)
+    placement = _activation_placement(calib, mc, model.dtype, offload_activations)
     put = (lambda x: jax.device_put(x, placement)) if placement is not None else (lambda x: x)  # noqa: E731
     batches = []
     gd_model, st_model = nnx.split(model)
@@ -425,54 +470,78 @@ def quantize(
         batches.append((put(_embed(gd_model, st_model, tok)), mask, make_positions(mask)))
     del gd_model, st_model
 
-    def run(layer, group, hidden, full=True):
-        """One pass of ``layer`` over all batches: its outputs (if ``full``) and the Hessian of ``group``'s input."""
+    dev0 = jax.devices()[0]
+    batch_meta = [(mask, pos) for _, mask, pos in batches]
+
+    def float_pass(layer, groups, hidden):
+        """The float layer over all batches: its outputs, and the Hessians of ``groups``' inputs."""
         graphdef, state = nnx.split(layer)
-        hess = None if group is None else init_hessian(captured_width(layer, group))
+        hess = tuple(init_hessian(captured_width(layer, g)) for g in groups)
         outs = []
-        for (_, mask, pos), h in zip(batches, hidden, strict=True):
-            h = jax.device_put(h, jax.devices()[0])
-            out, hess = _layer_pass(graphdef, state, h, pos, mask, hess, group, full)
-            if full:
-                outs.append(put(out))
-        return outs, (None if hess is None else hess[0])
+        for (mask, pos), h in zip(batch_meta, hidden, strict=True):
+            out, hess = _float_pass(graphdef, state, jax.device_put(h, dev0), pos, mask, hess, groups)
+            outs.append(put(out))
+        return outs, [hg[0] for hg in hess]
+
+    def stage_pass(layer, stage, hidden, carries):
+        """One stage of the (partly quantized) layer over all batches: next carries and the stage's Hessian."""
+        graphdef, state = nnx.split(layer)
+        hess = init_hessian(captured_width(layer, stage))
+        out = []
+        for (mask, pos), h, c in zip(batch_meta, hidden, carries, strict=True):
+            c, hess = _stage_pass(
+                graphdef, state, jax.device_put(h, dev0), jax.device_put(c, dev0), pos, mask, hess, stage
+            )
+            out.append(put(c))
+        return out, hess[0]
+
+    def forward(layer, hidden):
+        graphdef, state = nnx.split(layer)
+        return [
+            put(_layer_forward(graphdef, state, jax.device_put(h, dev0), pos, mask))
+            for (mask, pos), h in zip(batch_meta, hidden, strict=True)
+        ]
 
     hidden = [b[0] for b in batches]
+    del batches
     for li in range(resume_from):  # replay finished layers (deterministic: the same passes as the first run)
-        hidden, _ = run(model.layers[li], None, hidden)
+        hidden = forward(model.layers[li], hidden)
 
+    groups = tuple(g for g, _ in LINEAR_GROUPS)
     for li in range(resume_from, n_layers):
         t_layer = time.perf_counter()
         layer = model.layers[li]
         first = len(report.linears)
         if true_sequential:
-            float_out = None
-            for group, subs in LINEAR_GROUPS:
-                # The first pass runs the float layer whole (its output is the reference for the layer error);
-                # later passes stop at the input they need.
-                outs, hess = run(layer, group, hidden, full=float_out is None)
-                if float_out is None:
-                    float_out = outs
+            # The float pass gives the reference output (for the layer error) and q/k/v's Hessian; each later
+            # stage continues from the previous stage's carry with the linears quantized so far.
+            carries, h1 = hidden, None
+            for stage, subs in LINEAR_GROUPS:
+                if stage == groups[0]:
+                    float_out, (hess,) = float_pass(layer, (stage,), hidden)
+                else:
+                    carries, hess = stage_pass(layer, stage, hidden, carries)
+                    if stage == "gate_up":
+                        h1 = carries  # h + attention output: the residual the MLP adds to
                 for sub in subs:
                     quantize_linear(li, sub, hess)
                 del hess
-        else:
             graphdef, state = nnx.split(layer)
-            hs = {g: init_hessian(captured_width(layer, g)) for g, _ in LINEAR_GROUPS}
-            float_out = []
-            for (_, mask, pos), h in zip(batches, hidden, strict=True):
-                h = jax.device_put(h, jax.devices()[0])
-                for i, (g, _) in enumerate(LINEAR_GROUPS):
-                    out, hs[g] = _layer_pass(graphdef, state, h, pos, mask, hs[g], g, i == 0)
-                    if i == 0:
-                        float_out.append(put(out))
-            for g, subs in LINEAR_GROUPS:
+            new_hidden = [
+                put(_output_pass(graphdef, state, jax.device_put(r, dev0), jax.device_put(a, dev0)))
+                for r, a in zip(h1, carries, strict=True)
+            ]
+            del carries, h1
+        else:
+            float_out, hs = float_pass(layer, groups, hidden)
+            for (_, subs), hess in zip(LINEAR_GROUPS, hs, strict=True):
                 for sub in subs:
-                    quantize_linear(li, sub, hs[g][0])
+                    quantize_linear(li, sub, hess)
             del hs
-        hidden, _ = run(layer, None, hidden)
+            new_hidden = forward(layer, hidden)
+        hidden = new_hidden
         num = den = 0.0
-        for (_, mask, _), a, b in zip(batches, hidden, float_out, strict=True):
+        for (mask, _), a, b in zip(batch_meta, hidden, float_out, strict=True):
             e, s = _sq_err(a, b, mask)
             num, den = num + float(e), den + float(s)
         del float_out
