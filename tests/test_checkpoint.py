@@ -70,6 +70,55 @@ def test_save_load_gives_identical_logits(tmp_path, arch, qc, method):
             np.testing.assert_array_equal(a, b)
 
 
+def _torch_unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """FORMAT.md's packing read as a little-endian bit stream along ``dim``: code i starts at bit ``bits * i`` of
+    the concatenated 32-bit words (for 3 bits it straddles words at codes 10 and 21). Written here with torch
+    from the format's facts alone, as a PyTorch-side reader would, sharing no code with ``pallas_kernels``."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    if dim == 1:
+        return _torch_unpack(w.T, bits, 0).T
+    n = w.shape[0] * 32 // bits
+    pos = torch.arange(n) * bits
+    word, off = pos // 32, (pos % 32)[:, None]
+    nxt = torch.clamp(word + 1, max=w.shape[0] - 1)
+    val = (w[word] >> off) | torch.where(off + bits > 32, w[nxt] << (32 - off), torch.zeros_like(w[word]))
+    return val & ((1 << bits) - 1)
+
+
+@pytest.mark.parametrize("arch,qc,method", CASES)
+def test_transformers_computes_our_checkpoint(tmp_path, arch, qc, method):
+    """The PyTorch side reads what we write: a torch reader built from FORMAT.md dequantizes our safetensors into
+    transformers' own model class, which then gives our quantized model's logits."""
+    from helpers_models import build_torch_model
+
+    model, tok, _ = _quantized_model(arch, qc, method=method)
+    out = save_quantized(model, tmp_path / "q", quant_config=qc)
+    conf = json.loads(open(os.path.join(out, "config.json")).read())
+    qconf = conf.pop("quantization_config")
+    v1 = qconf.get("checkpoint_format", "gptq") == "gptq"
+    tensors = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(out, "model.safetensors")).items()}
+    state = {}
+    for key, t in tensors.items():
+        if key.endswith(".qweight"):
+            name = key[: -len(".qweight")]
+            q = _torch_unpack(t, qconf["bits"], 0)  # (K, N)
+            z = _torch_unpack(tensors[name + ".qzeros"], qconf["bits"], 1) + (1 if v1 else 0)  # (G, N)
+            g_idx = tensors[name + ".g_idx"].long()
+            w = tensors[name + ".scales"].float()[g_idx] * (q - z[g_idx]).float()  # (K, N)
+            state[name + ".weight"] = w.T.contiguous()  # torch Linear: (N, K)
+        elif not key.endswith((".qzeros", ".scales", ".g_idx")):
+            state[key] = t.float()
+    ref = build_torch_model(conf)
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert set(missing) <= {"lm_head.weight"} and conf.get("tie_word_embeddings", False) == bool(missing)
+    with torch.no_grad():
+        theirs = ref(torch.tensor(tok)).logits.numpy()
+    loaded, _ = load_quantized(out)
+    ours = np.asarray(make_forward(loaded)(tok)[0])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(np.abs(theirs).max()))
+
+
 def test_symmetric_v1_zeros_are_seven(tmp_path):
     model, _, _ = _quantized_model("llama", QuantConfig(bits=4, group_size=32))
     out = save_quantized(model, tmp_path / "q", quant_config=QuantConfig(bits=4, group_size=32))
