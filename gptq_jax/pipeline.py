@@ -6,7 +6,9 @@ quantized, and the layer is run again with its quantized weights so the next lay
 
 Inside a layer the order is "true sequential": q/k/v, then o, then gate/up, then down, each group seeing the
 inputs produced by the groups already quantized. Linears that read the same input (q/k/v; gate/up) share one
-Hessian, computed once.
+Hessian, computed once. Each stage continues from the activations the previous stage left (``stage_forward``),
+so per layer the calibration set goes once through the float layer (the reference for the layer's output error)
+and once through the quantized one.
 
 Memory: one decoder layer's weights are touched at a time (in f32 for the solve), and the calibration
 activations ``[S, T, D]`` live on the device when they fit and on the host otherwise. Rows of W are independent
@@ -502,12 +504,31 @@ def quantize(
             for (mask, pos), h in zip(batch_meta, hidden, strict=True)
         ]
 
-    hidden = [b[0] for b in batches]
-    del batches
-    for li in range(resume_from):  # replay finished layers (deterministic: the same passes as the first run)
-        hidden = forward(model.layers[li], hidden)
+    def output(layer, h1, a):
+        graphdef, state = nnx.split(layer)
+        return [
+            put(_output_pass(graphdef, state, jax.device_put(r, dev0), jax.device_put(x, dev0)))
+            for r, x in zip(h1, a, strict=True)
+        ]
+
+    def replay(layer, hidden):
+        """A finished layer's outputs computed by the very programs the first run used, so that a resumed run
+        is bit-identical to an uninterrupted one (the Hessians they also fold are discarded)."""
+        if not true_sequential:
+            return forward(layer, hidden)
+        carries = hidden
+        for stage in groups[1:]:
+            carries, _ = stage_pass(layer, stage, hidden, carries)
+            if stage == "gate_up":
+                h1 = carries
+        return output(layer, h1, carries)
 
     groups = tuple(g for g, _ in LINEAR_GROUPS)
+    hidden = [b[0] for b in batches]
+    del batches
+    for li in range(resume_from):
+        hidden = replay(model.layers[li], hidden)
+
     for li in range(resume_from, n_layers):
         t_layer = time.perf_counter()
         layer = model.layers[li]
@@ -526,11 +547,7 @@ def quantize(
                 for sub in subs:
                     quantize_linear(li, sub, hess)
                 del hess
-            graphdef, state = nnx.split(layer)
-            new_hidden = [
-                put(_output_pass(graphdef, state, jax.device_put(r, dev0), jax.device_put(a, dev0)))
-                for r, a in zip(h1, carries, strict=True)
-            ]
+            new_hidden = output(layer, h1, carries)
             del carries, h1
         else:
             float_out, hs = float_pass(layer, groups, hidden)
