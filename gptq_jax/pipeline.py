@@ -98,42 +98,40 @@ class QuantizeResult(NamedTuple):
 # Jitted pieces: one decoder layer with Hessian accumulation for one group.
 
 
-def capture_input(layer: nnx.Module, h: jax.Array, group: str, *, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """The input of ``group``'s linears, computed from the layer input ``h`` with the layer's current weights
-    (running the stages of ``stage_forward`` up to it)."""
-    carry = h
-    for stage, _ in LINEAR_GROUPS:
-        x, carry = stage_forward(layer, stage, h, carry, positions=positions, mask=mask)
-        if stage == group:
-            return x
-    raise ValueError(f"unknown linear group {group!r}; expected one of {[g for g, _ in LINEAR_GROUPS]}")
-
-
 def stage_forward(
-    layer: nnx.Module, stage: str, h: jax.Array, carry: jax.Array, *, positions: jax.Array, mask: jax.Array
+    layer: nnx.Module,
+    stage: str,
+    carry: jax.Array,
+    *,
+    positions: jax.Array,
+    mask: jax.Array,
+    residual: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One true-sequential stage of a decoder layer: ``(input of stage's linears, carry for the next stage)``.
 
     Mirrors ``DecoderLayer.__call__`` (pre-norm attention, then a SwiGLU MLP) cut at each linear group, so each
     stage starts from what the previous one left (``carry``) instead of from the layer input: over all
-    true-sequential passes the quantized layer is computed once, not once per group. ``h`` is the layer input.
+    true-sequential passes the quantized layer is computed once, not once per group. Only "gate_up" also reads
+    the layer input ``h`` (as ``residual``), so the other stages never need it moved to the device.
 
       stage "qkv":     carry h            -> input_layernorm(h),                 carry h
       stage "o":       carry h            -> o_proj input (attention output),    carry o_in
-      stage "gate_up": carry o_in         -> post_attention_layernorm(h1),       carry h1 = h + o_proj(o_in)
+      stage "gate_up": carry o_in, h      -> post_attention_layernorm(h1),       carry h1 = h + o_proj(o_in)
       stage "down":    carry h1           -> silu(gate(y)) * up(y),              carry the same (down's input)
       final:           ``stage_output(layer, h1, a)`` = h1 + down_proj(a)
 
     ``tests/test_pipeline.py`` checks that chaining the stages reproduces the layer.
     """
     if stage == "qkv":
-        return layer.input_layernorm(h), h  # (B, T, D)
+        return layer.input_layernorm(carry), carry  # (B, T, D)
     if stage == "o":
-        x = layer.input_layernorm(h)
+        x = layer.input_layernorm(carry)
         _, _, o_in = layer.self_attn(x, positions=positions, attention_mask=mask)
         return o_in, o_in  # (B, T, H*hd)
     if stage == "gate_up":
-        h1 = h + layer.self_attn.o_proj(carry)  # (B, T, D)
+        if residual is None:
+            raise ValueError("stage 'gate_up' needs the layer input as residual=")
+        h1 = residual + layer.self_attn.o_proj(carry)  # (B, T, D)
         return layer.post_attention_layernorm(h1), h1
     if stage == "down":
         y = layer.post_attention_layernorm(carry)
@@ -158,10 +156,10 @@ def _float_pass(graphdef, state, h, positions, mask, hess, groups):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "stage"))
-def _stage_pass(graphdef, state, h, carry, positions, mask, hess, stage):
+def _stage_pass(graphdef, state, carry, residual, positions, mask, hess, stage):
     """One true-sequential stage on a batch: the carry for the next stage, and ``hess`` with the stage's input."""
     layer = nnx.merge(graphdef, state)
-    x, carry = stage_forward(layer, stage, h, carry, positions=positions, mask=mask)
+    x, carry = stage_forward(layer, stage, carry, positions=positions, mask=mask, residual=residual)
     return carry, accumulate_hessian(*hess, x, mask)
 
 
@@ -491,9 +489,8 @@ def quantize(
         hess = init_hessian(captured_width(layer, stage))
         out = []
         for (mask, pos), h, c in zip(batch_meta, hidden, carries, strict=True):
-            c, hess = _stage_pass(
-                graphdef, state, jax.device_put(h, dev0), jax.device_put(c, dev0), pos, mask, hess, stage
-            )
+            residual = jax.device_put(h, dev0) if stage == "gate_up" else None
+            c, hess = _stage_pass(graphdef, state, jax.device_put(c, dev0), residual, pos, mask, hess, stage)
             out.append(put(c))
         return out, hess[0]
 

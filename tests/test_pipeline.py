@@ -162,7 +162,7 @@ def test_from_texts_pads_right():
 def test_partial_capture_matches_the_layer(arch):
     import jax.numpy as jnp
 
-    from gptq_jax.pipeline import LINEAR_GROUPS, capture_input, stage_forward, stage_output
+    from gptq_jax.pipeline import LINEAR_GROUPS, stage_forward, stage_output
 
     model = _model(arch)
     calib = _calib(n=3, t=16)
@@ -171,16 +171,16 @@ def test_partial_capture_matches_the_layer(arch):
     h = model.embed(jnp.asarray(calib.tokens))
     layer = model.layers[0]
     out, _, full = layer(h, positions=pos, attention_mask=mask, capture=True)
-    for group, _ in LINEAR_GROUPS:
-        part = capture_input(layer, h, group, positions=pos, mask=mask)
-        np.testing.assert_allclose(np.asarray(part), np.asarray(full[group]), rtol=1e-6, atol=1e-6)
-    # The stages chained through their carries, as the pipeline runs them, give the layer's output.
+    # The stages chained through their carries, as the pipeline runs them, give each linear group's input and
+    # then the layer's output.
     carry = h
     for group, _ in LINEAR_GROUPS:
-        x, carry = stage_forward(layer, group, h, carry, positions=pos, mask=mask)
+        x, carry = stage_forward(layer, group, carry, positions=pos, mask=mask, residual=h)
         np.testing.assert_allclose(np.asarray(x), np.asarray(full[group]), rtol=1e-6, atol=1e-6)
         if group == "gate_up":
             h1 = carry
     np.testing.assert_allclose(np.asarray(stage_output(layer, h1, carry)), np.asarray(out), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="unknown linear group 'mlp'"):
-        capture_input(layer, h, "mlp", positions=pos, mask=mask)
+        stage_forward(layer, "mlp", h, positions=pos, mask=mask)
+    with pytest.raises(ValueError, match="needs the layer input"):
+        stage_forward(layer, "gate_up", full["o"], positions=pos, mask=mask)
