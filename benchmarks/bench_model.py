@@ -1,8 +1,10 @@
 """SmolLM2-135M on this machine: our JAX model against transformers' PyTorch model, side by side in one run.
 
 Measures, float32, batch 1:
-  - perplexity-evaluation throughput (tokens/s): logits and summed next-token NLL of `--windows` windows of
-    `seqlen` held-out tokens, for each seqlen in `--seqlens`;
+  - perplexity-evaluation throughput (tokens/s): summed next-token NLL of `--windows` windows of `seqlen` held-out
+    tokens, for each seqlen in `--seqlens`, as each side computes it (ours: `gptq_jax.eval`, whose head runs in
+    tiles with a running log-sum-exp; transformers: the model's full logits, then logsumexp and the target logit);
+  - the plain forward to full `(1, T, V)` logits (tokens/s) on both sides, the same work for each;
   - prefill and decode throughput (tokens/s): greedy decoding with a KV cache, `--new-tokens` tokens after a
     `--prompt`-token prompt.
 
@@ -66,9 +68,11 @@ def run_ours(args: argparse.Namespace, tokens: np.ndarray) -> dict:
     from gptq_jax.eval import make_nll_fn
     from gptq_jax.generate import generate_tokens
     from gptq_jax.models import load_pretrained
+    from gptq_jax.models.llama import make_forward
 
     model, _ = load_pretrained(args.model_dir, dtype=jnp.float32)
     nll_fn = make_nll_fn(model)  # what gptq_jax.eval.perplexity runs per batch
+    forward = make_forward(model)
     out = {"eval": [], "versions": {"jax": jax.__version__}, "backend": jax.default_backend()}
     for seqlen in args.seqlens:
         batches = [jnp.asarray(w[None]) for w in _windows(tokens, seqlen, args.windows)]  # (1, T) each
@@ -81,7 +85,16 @@ def run_ours(args: argparse.Namespace, tokens: np.ndarray) -> dict:
             for b in batches:
                 jax.block_until_ready(nll_fn(b))
             times.append(time.perf_counter() - t0)
-        out["eval"].append({"seqlen": seqlen, "nll_sum": nll, "warmup_seconds": warm, "seconds": times})
+        fwd_times = []  # the plain forward to full (1, T, V) logits, for comparison with transformers' forward
+        jax.block_until_ready(forward(batches[0])[0])  # compiles
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for b in batches:
+                jax.block_until_ready(forward(b)[0])
+            fwd_times.append(time.perf_counter() - t0)
+        out["eval"].append(
+            {"seqlen": seqlen, "nll_sum": nll, "warmup_seconds": warm, "seconds": times, "forward_seconds": fwd_times}
+        )
     prompt = tokens[: args.prompt].astype(np.int32)
     first = generate_tokens(model, prompt, max_new_tokens=args.new_tokens)
     pre, dec = [], []
@@ -153,7 +166,14 @@ def run_torch(args: argparse.Namespace, tokens: np.ndarray) -> dict:
                 for b in batches:
                     torch_window_nll(model, b)
                 times.append(time.perf_counter() - t0)
-            out["eval"].append({"seqlen": seqlen, "nll_sum": nll, "warmup_seconds": warm, "seconds": times})
+            fwd_times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                for b in batches:
+                    model(b).logits  # noqa: B018
+                fwd_times.append(time.perf_counter() - t0)
+            row = {"seqlen": seqlen, "nll_sum": nll, "warmup_seconds": warm, "seconds": times}
+            out["eval"].append({**row, "forward_seconds": fwd_times})
         prompt = tokens[: args.prompt].astype(np.int32)
         first, _, _ = torch_greedy(model, prompt, args.new_tokens)
         pre, dec = [], []
@@ -253,6 +273,10 @@ def main() -> None:
             row[f"eval_tokens_per_second_seqlen_{seqlen}"] = (
                 args.windows * seqlen / median(v, lambda r, i=i: r["eval"][i]["seconds"])
             )
+        for i, seqlen in enumerate(args.seqlens):
+            row[f"forward_tokens_per_second_seqlen_{seqlen}"] = (
+                args.windows * seqlen / median(v, lambda r, i=i: r["eval"][i]["forward_seconds"])
+            )
         row["prefill_tokens_per_second"] = args.prompt / median(v, lambda r: r["decode"]["prefill_seconds"])
         row["decode_tokens_per_second"] = (args.new_tokens - 1) / median(v, lambda r: r["decode"]["decode_seconds"])
         if v != "ours":
@@ -297,7 +321,7 @@ def main() -> None:
     names = {v: v.replace("transformers-", "torch ").replace("-threads", " thr") for v in variants}
     print(f"{'':26s}" + "".join(f"{names[v]:>18s}" for v in variants) + f"{'ours/best':>11s}")
     for k in summary["ours"]:
-        label = k.replace("_tokens_per_second", "").replace("eval_seqlen_", "eval, seqlen ")
+        label = k.replace("_tokens_per_second", "").replace("_seqlen_", ", seqlen ").replace("forward", "logits fwd")
         if k.startswith("prefill"):
             label = f"prefill, {args.prompt} tokens"
         elif k.startswith("decode"):

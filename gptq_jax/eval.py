@@ -52,7 +52,14 @@ def window_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def _module_nll(graphdef: Any, state: Any, tokens: jax.Array) -> jax.Array:
-    logits, _ = nnx.merge(graphdef, state)(tokens)  # (B, T, V)
+    model = nnx.merge(graphdef, state)
+    if hasattr(model, "hidden_states") and hasattr(model, "token_nll"):
+        # The head in tiles (LlamaForCausalLM.token_nll): same sums, without the (B, T, V) logits.
+        h, _ = model.hidden_states(tokens)  # (B, T, D)
+        B, T, D = h.shape
+        nll = model.token_nll(h[:, :-1].reshape(B * (T - 1), D), tokens[:, 1:].reshape(B * (T - 1)))
+        return jnp.sum(nll.reshape(B, T - 1), axis=-1)  # (B,)
+    logits, _ = model(tokens)  # (B, T, V)
     return window_nll(logits, tokens)
 
 

@@ -78,8 +78,15 @@ def sample_next(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> 
 
 def _step(graphdef: Any, sampling: SamplingConfig, state: Any, tokens: jax.Array, cache: Any, key: jax.Array):
     """One forward pass over `tokens (B, T)` with the cache, and the next token: `(next (B,) int32, cache)`."""
-    logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache)  # (B, T, V)
-    return sample_next(logits[:, -1], key, sampling), cache
+    model = nnx.merge(graphdef, state)
+    if hasattr(model, "hidden_states") and hasattr(model, "head"):
+        # Only the last position's logits are needed: the head (a sixth of SmolLM2's prefill) runs on one row.
+        h, cache = model.hidden_states(tokens, cache=cache)  # (B, T, D)
+        logits = model.head(h[:, -1:])[:, 0]  # (B, V)
+    else:
+        logits, cache = model(tokens, cache=cache)  # (B, T, V)
+        logits = logits[:, -1]  # (B, V)
+    return sample_next(logits, key, sampling), cache
 
 
 # The cache argument is donated: its buffers are updated in place rather than copied every step.

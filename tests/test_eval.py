@@ -104,24 +104,53 @@ def test_bad_arguments(kwargs, tokens, match):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama_tied"])
-def test_tiny_llama_matches_torch(tmp_path, arch):
+@pytest.mark.parametrize("tiles", [None, (7, 48)])
+def test_tiny_llama_matches_torch(tmp_path, monkeypatch, arch, tiles):
     import torch
 
-    from gptq_jax.models import load_pretrained
+    from gptq_jax.models import llama, load_pretrained
 
+    seqlen = 32
+    if tiles is not None:  # the head in many small tiles, the last one overlapping the one before (128 = 48 + 48 + 32)
+        monkeypatch.setattr(llama, "HEAD_ROWS", tiles[0])
+        monkeypatch.setattr(llama, "HEAD_VOCAB", tiles[1])
+        seqlen = 24  # another shape, so the evaluation is traced again with the patched tiles
     path = write_hf_checkpoint(tmp_path, arch, seed=1)
-    tokens = np.random.default_rng(0).integers(0, 128, size=5 * 32 + 7).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, 128, size=5 * seqlen + 7).astype(np.int32)
     model, _ = load_pretrained(path)
-    ours = perplexity(model, tokens, seqlen=32, batch_size=2, progress=False)
+    ours = perplexity(model, tokens, seqlen=seqlen, batch_size=2, progress=False)
 
     ref = torch_model(path)
-    x = torch.tensor(tokens[: 5 * 32].reshape(5, 32), dtype=torch.long)
+    x = torch.tensor(tokens[: 5 * seqlen].reshape(5, seqlen), dtype=torch.long)
     with torch.no_grad():
         logits = ref(x).logits.double()
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), x[:, 1:].reshape(-1)).item()
     assert ours.windows == 5
     assert ours.nll == pytest.approx(nll, rel=1e-5)
     assert ours.perplexity == pytest.approx(np.exp(nll), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied", "qwen2"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tiled_head_nll_equals_full_logits(monkeypatch, arch, dtype):
+    """LlamaForCausalLM.token_nll (the head in tiles with a running log-sum-exp) against the NLL of the full logits,
+    for tied and untied heads, with row chunks that need padding and a last vocabulary tile that overlaps the one
+    before it (128 = 48 + 48 + 32). Targets include every id of the overlap (80..95)."""
+    from helpers_models import tiny_config
+
+    from gptq_jax.models import llama
+
+    monkeypatch.setattr(llama, "HEAD_ROWS", 7)
+    monkeypatch.setattr(llama, "HEAD_VOCAB", 48)
+    model = llama.LlamaForCausalLM(llama.ModelConfig.from_hf_dict(tiny_config(arch)), dtype=dtype, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(1)
+    targets = np.concatenate([np.arange(80, 96), [0, 47, 48, 127], rng.integers(0, 128, 30)]).astype(np.int32)
+    h = jnp.asarray(rng.standard_normal((len(targets), 64)) * 2, dtype)  # (50, D)
+    got = np.asarray(model.token_nll(h, jnp.asarray(targets)))
+    logits = np.asarray(model.head(h[None])[0], np.float64)  # (50, V)
+    want = np.log(np.exp(logits).sum(-1)) - logits[np.arange(len(targets)), targets]
+    assert got.shape == (len(targets),) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
