@@ -28,9 +28,9 @@ blocks are aligned to groups so that the whole group is up to date then.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -210,8 +210,16 @@ def _plan(k: int, config: QuantConfig) -> _Plan:
     return _Plan(k=k, kp=kp, sub=sub, block=block, superblock=superblock, group=g, dynamic_groups=dynamic)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+def _solver() -> Any:
+    """The jitted solve for the default backend (``_solver().lower(w, h, config)`` compiles it ahead of time)."""
+    return _gptq_cpu if jax.default_backend() == "cpu" else _gptq_jit
+
+
 def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
+    return _solver()(w, h, config)
+
+
+def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
     n, k = w.shape
     plan = _plan(k, config)
     g, kp = plan.group, plan.kp
@@ -396,3 +404,15 @@ def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
         group_size=g,
         sym=config.sym,
     )
+
+
+_gptq_jit = jax.jit(_gptq_impl, static_argnames=("config",))
+# XLA:CPU's default scheduler favours concurrency and keeps many K x K and K x N temporaries live at once; its
+# memory-optimized scheduler halves the temp buffer of a 4096x4096 solve (422 -> 218 MB). XLA:CPU allocates that
+# buffer afresh for every call and the kernel faults it in page by page (152k -> 70k faults per call), so the
+# smaller buffer is also faster: 1.98 -> 1.81 s and 1.68 -> 1.62 s in two interleaved runs on the 2-core CPU.
+_gptq_cpu = jax.jit(
+    _gptq_impl,
+    static_argnames=("config",),
+    compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
+)
