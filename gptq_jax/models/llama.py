@@ -677,15 +677,10 @@ class DecoderLayer(nnx.Module):
 
 
 # Tile of the output head in LlamaForCausalLM.token_nll: HEAD_ROWS positions x HEAD_VOCAB vocabulary entries (16 MB
-# of f32 logits). Measured on a 2-core CPU for a 2048-token window of SmolLM2: 0.93 s against 1.8 s for the full
-# (2047, 49152) logits, which also fault in 200k fresh pages per call.
+# of f32 logits). Measured alone on a 2-core CPU for a 2048-token window of SmolLM2: 0.93 s against 1.8 s for the
+# full (2047, 49152) logits and their log-sum-exp, most of the difference being the 200k fresh pages those 400 MB
+# fault in per call.
 HEAD_ROWS, HEAD_VOCAB = 1024, 4096
-
-
-def _nll_of_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """``logits (R, V)``, ``targets (R,)`` -> ``(R,)`` float32 next-token NLL."""
-    logits = logits.astype(jnp.float32)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
 
 def _rows(fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, y: jax.Array, rows: int) -> jax.Array:
@@ -732,17 +727,15 @@ class LlamaForCausalLM(nnx.Module):
         """
         N, D = h.shape
         x = self.norm(h)  # (N, D)
-        if self.lm_head is None:
+        tied = self.lm_head is None  # else a float Linear: lm_head is never quantized
+        if tied:
             w = self.embed_tokens.embedding[...]  # (V, D)
             V, bias = w.shape[0], None
-        elif isinstance(self.lm_head, Linear):
+        else:
             w = self.lm_head.kernel[...]  # (D, V)
             V, bias = w.shape[1], self.lm_head.bias
-        else:  # some other head layer: tile positions only
-            return _rows(lambda xc, yc: _nll_of_logits(self.head(xc[None])[0], yc), x, targets, HEAD_ROWS)
         vc = min(HEAD_VOCAB, V)
         n_tiles = -(-V // vc)
-        tied = self.lm_head is None
 
         def row_chunk(xc: jax.Array, yc: jax.Array) -> jax.Array:  # (R, D), (R,) -> (R,)
             def tile(i, carry):
