@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from gptq_jax.calibration import Calibration
@@ -38,6 +34,7 @@ from gptq_jax.gptq import quantize_weight
 from gptq_jax.hessian import accumulate_hessian, init_hessian
 from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig, make_positions
 from gptq_jax.quantizer import QuantizedWeight, rtn_quantize
+from gptq_jax.resume import ResumeStore, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -226,93 +223,6 @@ def dequantized_kernel(qw: QuantizedWeight, dtype: Any, scale_dtype: Any = jnp.f
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Resuming
-
-
-def fingerprint(
-    model_config: ModelConfig, quant_config: QuantConfig, calib: Calibration, method: str, extra: str = ""
-) -> str:
-    """Identifies one quantization job: a resume is only allowed into a work directory with the same one."""
-    h = hashlib.sha256()
-    for part in (repr(model_config), repr(quant_config), method, extra):
-        h.update(part.encode())
-    h.update(np.ascontiguousarray(calib.tokens).tobytes())
-    h.update(np.ascontiguousarray(calib.mask).tobytes())
-    return h.hexdigest()
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-
-    _atomic_write(path, write)
-
-
-_QW_FIELDS = ("codes", "scales", "zeros", "g_idx", "loss", "damp", "fallback")
-
-
-def _save_layer(work_dir: str, index: int, weights: dict[str, QuantizedWeight], reports: dict[str, Any]) -> None:
-    arrays = {}
-    for name, qw in weights.items():
-        for f in _QW_FIELDS:
-            arrays[f"{name}/{f}"] = np.asarray(getattr(qw, f))
-        if qw.perm is not None:
-            arrays[f"{name}/perm"] = np.asarray(qw.perm)
-        arrays[f"{name}/meta"] = np.asarray([qw.bits, qw.group_size, int(qw.sym)])
-    path = os.path.join(work_dir, f"layer-{index:05d}.npz")
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    _atomic_write(path, write)
-    _write_json(os.path.join(work_dir, f"layer-{index:05d}.json"), reports)
-
-
-def _load_layer(work_dir: str, index: int) -> tuple[dict[str, QuantizedWeight], dict[str, Any]] | None:
-    npz, js = (os.path.join(work_dir, f"layer-{index:05d}.{ext}") for ext in ("npz", "json"))
-    if not (os.path.exists(npz) and os.path.exists(js)):
-        return None
-    with np.load(npz) as data:
-        names = sorted({k.rsplit("/", 1)[0] for k in data.files})
-        weights = {}
-        for name in names:
-            bits, group_size, sym = (int(v) for v in data[f"{name}/meta"])
-            fields = {f: jnp.asarray(data[f"{name}/{f}"]) for f in _QW_FIELDS}
-            perm = jnp.asarray(data[f"{name}/perm"]) if f"{name}/perm" in data.files else None
-            weights[name] = QuantizedWeight(**fields, perm=perm, bits=bits, group_size=group_size, sym=bool(sym))
-    with open(js) as f:
-        reports = json.load(f)
-    return weights, reports
-
-
-def _open_work_dir(work_dir: str, fp: str) -> None:
-    os.makedirs(work_dir, exist_ok=True)
-    manifest = os.path.join(work_dir, "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            old = json.load(f).get("fingerprint")
-        if old != fp:
-            raise ValueError(
-                f"{work_dir} holds a partial quantization made with different arguments (model, options or "
-                "calibration data); rerun with the same arguments to resume, or remove that directory to start over"
-            )
-        return
-    _write_json(manifest, {"fingerprint": fp})
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The entry point
 
 
@@ -477,9 +387,12 @@ def quantize(
     # ---- GPTQ, layer by layer ----
     resume_from = 0
     if work_dir is not None:
-        fp = fingerprint(mc, quant_config, calib, method, f"{true_sequential}|{sorted(skip)}|{fingerprint_extra}")
-        _open_work_dir(work_dir, fp)
-        while (saved := _load_layer(work_dir, resume_from)) is not None:
+        fp = fingerprint(
+            (repr(mc), repr(quant_config), method, f"{true_sequential}|{sorted(skip)}|{fingerprint_extra}"),
+            (calib.tokens, calib.mask),
+        )
+        store = ResumeStore(work_dir, fp)
+        while (saved := store.load(resume_from)) is not None:
             layer_weights, layer_report = saved
             for name, qw in layer_weights.items():
                 sub = name.split(".", 3)[3]
@@ -600,8 +513,8 @@ def quantize(
         report.layers.append(layer_rec)
         if work_dir is not None:
             names = [r["name"] for r in report.linears[first:]]
-            _save_layer(
-                work_dir, li, {n: weights[n] for n in names}, {"linears": report.linears[first:], "layer": layer_rec}
+            store.save(
+                li, {n: weights[n] for n in names}, {"linears": report.linears[first:], "layer": layer_rec}
             )
         if bar is not None:
             bar.update(1)

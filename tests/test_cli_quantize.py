@@ -65,19 +65,19 @@ def test_interrupted_run_resumes(tiny, capsys):
     work = work_dir_for(out)
     capsys.readouterr()
 
-    import gptq_jax.pipeline as pipeline
+    from gptq_jax.resume import ResumeStore
 
-    real = pipeline._save_layer
+    real = ResumeStore.save
 
     def crash_after_first(*a, **k):
         real(*a, **k)
         raise KeyboardInterrupt
 
-    pipeline._save_layer = crash_after_first
+    ResumeStore.save = crash_after_first
     try:
         assert main(["quantize", str(model_dir), str(out), *ARGS, *calib]) == 130
     finally:
-        pipeline._save_layer = real
+        ResumeStore.save = real
     assert not out.exists() and (work / "layer-00000.npz").is_file()
     assert main(["quantize", str(model_dir), str(out), *ARGS, *calib]) == 0
     assert "resumed after 1 layers" in capsys.readouterr().out
@@ -92,11 +92,11 @@ def test_interrupted_run_resumes(tiny, capsys):
         np.testing.assert_array_equal(ta[k], tb[k])
     # Other arguments are refused while a partial run is there.
     shutil.rmtree(out)
-    pipeline._save_layer = crash_after_first
+    ResumeStore.save = crash_after_first
     try:
         main(["quantize", str(model_dir), str(out), *ARGS, *calib])
     finally:
-        pipeline._save_layer = real
+        ResumeStore.save = real
     assert main(["quantize", str(model_dir), str(out), *ARGS, "--bits", "3", *calib]) == 1
     assert "different arguments" in capsys.readouterr().err
 
