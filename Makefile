@@ -12,6 +12,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,dev]'
+	$(PY) -m pip download -q --no-deps google-tunix==0.1.7 -d .cache/wheels
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=("smollm2", "llama2-7b"), default="smollm2")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=1, help="windows per forward call (the engine default)")
     ap.add_argument("--layers", type=int, help="quantize only the first N decoder layers (llama2-7b)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     ap.add_argument("--out", default=None)

@@ -9,14 +9,15 @@ Core (one layer at a time, pure and jitted):
 
 Whole models:
 
-- ``quantize(model, calib, quant_config=...)``: layer-by-layer GPTQ of a Llama-family model
-  (``gptq_jax.models.load_pretrained``), calibrated on ``gptq_jax.calibration`` windows.
+- ``quantize(model, calib, quant_config=...)``: block-by-block GPTQ of any Flax model (NNX, or Linen params with
+  ``apply_fn=``): every matmul that reads a parameter is found in the traced program (``gptq_jax.engine``).
+- ``pack(model, result)``: the quantized model computing from packed weights (``gptq_jax.engine.packed``).
 """
 
 from gptq_jax.config import SUPPORTED_BITS, QuantConfig
+from gptq_jax.engine.driver import QuantizeResult, QuantReport, quantize
 from gptq_jax.gptq import quantize_weight
 from gptq_jax.hessian import accumulate_hessian, init_hessian
-from gptq_jax.pipeline import QuantizeResult, QuantReport, quantize
 from gptq_jax.quantizer import QuantizedWeight, rtn_quantize
 
 __all__ = [

@@ -30,8 +30,7 @@ from safetensors.numpy import save_file
 from gptq_jax.config import QuantConfig
 from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig
 from gptq_jax.models.params import hf_to_nnx, nnx_to_hf
-from gptq_jax.pipeline import LAYER_LINEARS, get_submodule
-from gptq_jax.qlinear import QuantLinear, quantized_linears
+from gptq_jax.qlinear import QuantLinear, module_at, quantized_linears
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -288,12 +287,14 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
         raise ValueError(f"{path}: quantization_config is present but no tensor ends in .qweight")
     for name in quant_names:
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-        if m is None or int(m.group(1)) >= config.num_hidden_layers or m.group(2) not in LAYER_LINEARS:
+        parent_path, _, attr = name.removeprefix("model.").rpartition(".")
+        try:
+            parent = module_at(model, parent_path) if m is not None else None
+        except (AttributeError, IndexError, TypeError):
+            parent = None
+        old = getattr(parent, attr, None)
+        if not isinstance(old, Linear):
             raise ValueError(f"{path}: quantized tensor {name}.qweight has no place in this model")
-        layer = model.layers[int(m.group(1))]
-        parent_path, attr = m.group(2).rsplit(".", 1)
-        parent = get_submodule(layer, parent_path)
-        old: Linear = getattr(parent, attr)
         missing = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales") if f"{name}.{s}" not in raw]
         if missing:
             raise ValueError(f"{path}: missing tensor(s) {missing}")

@@ -37,7 +37,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from gptq_jax.config import QuantConfig
-from gptq_jax.quantizer import QuantizedWeight, _true_div, grid_params, group_grid_params
+from gptq_jax.quantizer import (
+    QuantizedWeight,
+    _count_nonfinite,
+    _true_div,
+    check_weight,
+    grid_params,
+    group_grid_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +56,6 @@ _SUPER_BLOCK = 512
 # Damping grows by this factor per retry, up to 100% of mean(diag H).
 _DAMP_GROWTH = 4.0
 _UNROLL = 1
-
-
-def check_weight(w, config: QuantConfig) -> None:
-    """Boundary checks on a weight ``[N out, K in]``: shape, dtype, finiteness, group size."""
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    shape = getattr(w, "shape", None)
-    if shape is None or len(shape) != 2:
-        raise ValueError(f"weight must be a 2-D array [out_features, in_features], got shape {shape}")
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(f"weight must be a floating-point array, got dtype {w.dtype}")
-    if min(shape) == 0:
-        raise ValueError(f"weight has an empty dimension: shape {tuple(shape)}")
-    config.check_in_features(shape[1])
-    bad = _count_nonfinite(w)
-    if bad:
-        raise ValueError(f"weight of shape {tuple(shape)} holds {bad} NaN or Inf values")
 
 
 def check_hessian(w, h) -> None:
@@ -84,13 +74,6 @@ def check_hessian(w, h) -> None:
         raise ValueError(f"hessian of shape {tuple(shape)} holds {bad} NaN or Inf values")
 
 
-@jax.jit
-def _nonfinite(x):
-    return jnp.sum(~jnp.isfinite(x))
-
-
-def _count_nonfinite(x) -> int:
-    return int(_nonfinite(jnp.asarray(x)))
 
 
 def quantize_weight(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:

@@ -16,7 +16,6 @@ import numpy as np
 from flax import nnx
 
 from gptq_jax.models.llama import Linear, LlamaForCausalLM
-from gptq_jax.pipeline import LAYER_LINEARS
 from gptq_jax.quantizer import QuantizedWeight
 from pallas_kernels import PackedWeight, gptq_matmul, packing
 
@@ -107,37 +106,41 @@ class QuantLinear(nnx.Module):
         return out
 
 
+def module_at(root: nnx.Module, path: str) -> Any:
+    """The submodule at a dotted NNX path such as ``layers.3.self_attn.q_proj``."""
+    node: Any = root
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
 def quantized_linears(model: nnx.Module) -> dict[str, QuantLinear]:
-    """HF module name -> ``QuantLinear`` for every quantized linear of a Llama-family model."""
+    """HF module name -> ``QuantLinear`` for every quantized linear of a Llama-family model (found by walking the
+    model, so whatever the engine quantized is found)."""
     out = {}
-    for i, layer in enumerate(model.layers):
-        for sub in LAYER_LINEARS:
-            mod = layer
-            for part in sub.split("."):
-                mod = getattr(mod, part)
-            if isinstance(mod, QuantLinear):
-                out[f"model.layers.{i}.{sub}"] = mod
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, QuantLinear):
+            out["model." + ".".join(str(p) for p in path)] = node
     return out
 
 
 def pack_model(model: LlamaForCausalLM, weights: dict[str, QuantizedWeight]) -> LlamaForCausalLM:
-    """Replace each ``Linear`` named in ``weights`` (HF module names, as ``gptq_jax.quantize`` returns them) by a
-    ``QuantLinear`` holding its packed weight; biases are kept. Modifies and returns ``model``."""
+    """Replace each ``Linear`` whose kernel is in ``weights`` (parameter paths such as
+    ``layers.3.self_attn.q_proj.kernel``, as ``gptq_jax.quantize`` returns them) by a ``QuantLinear`` holding its
+    packed weight; biases are kept. Modifies and returns ``model``."""
     for name, qw in weights.items():
-        parts = name.split(".")
-        if parts[:2] != ["model", "layers"]:
-            raise ValueError(f"{name} is not a decoder-layer linear")
-        parent = model.layers[int(parts[2])]
-        for part in parts[3:-1]:
-            parent = getattr(parent, part)
-        old = getattr(parent, parts[-1])
+        if not name.endswith(".kernel"):
+            raise ValueError(f"{name} is not the kernel of a Linear")
+        parent_path, attr = name.removesuffix(".kernel").rsplit(".", 1)
+        parent = module_at(model, parent_path)
+        old = getattr(parent, attr)
         if not isinstance(old, Linear):
-            raise ValueError(f"{name} is a {type(old).__name__}, not a float Linear")
+            raise ValueError(f"{name} belongs to a {type(old).__name__}, not a float Linear")
         if tuple(qw.codes.shape) != (old.out_features, old.in_features):
             raise ValueError(
                 f"{name}: quantized weight {tuple(qw.codes.shape)} does not match the layer's "
                 f"(out, in) = {(old.out_features, old.in_features)}"
             )
         bias = None if old.bias is None else old.bias[...]
-        setattr(parent, parts[-1], QuantLinear.from_quantized(qw, bias, dtype=old.kernel[...].dtype))
+        setattr(parent, attr, QuantLinear.from_quantized(qw, bias, dtype=old.kernel[...].dtype))
     return model

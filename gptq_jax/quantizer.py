@@ -166,6 +166,33 @@ class QuantizedWeight:
         return (s * (self.codes.astype(jnp.float32) - z)).astype(dtype)
 
 
+@jax.jit
+def _nonfinite(x):
+    return jnp.sum(~jnp.isfinite(x))
+
+
+def _count_nonfinite(x) -> int:
+    return int(_nonfinite(jnp.asarray(x)))
+
+
+def check_weight(w, config: QuantConfig) -> None:
+    """Boundary checks on a weight ``[N out, K in]``: shape, dtype, finiteness, group size."""
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    shape = getattr(w, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"weight must be a 2-D array [out_features, in_features], got shape {shape}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"weight must be a floating-point array, got dtype {w.dtype}")
+    if min(shape) == 0:
+        raise ValueError(f"weight has an empty dimension: shape {tuple(shape)}")
+    config.check_in_features(shape[1])
+    bad = _count_nonfinite(w)
+    if bad:
+        raise ValueError(f"weight of shape {tuple(shape)} holds {bad} NaN or Inf values")
+
+
+
 def rtn_codes(w: jax.Array, config: QuantConfig, scales: jax.Array, zeros: jax.Array, g_idx: jax.Array) -> jax.Array:
     """Round-to-nearest codes int32 ``[N, K]`` of ``w`` on given per-group grids ``[N, G]``."""
     s = jnp.take(scales, g_idx, axis=1)
@@ -204,7 +231,5 @@ def rtn_quantize(w: jax.Array, config: QuantConfig) -> QuantizedWeight:
     ``loss`` is ``sum (w - q)^2 / 2`` (the proxy loss with H = I). Act-order and static groups have
     no meaning without a Hessian and are ignored.
     """
-    from gptq_jax.gptq import check_weight  # shared boundary checks
-
     check_weight(w, config)
     return _rtn(jnp.asarray(w), config)

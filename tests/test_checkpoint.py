@@ -30,7 +30,7 @@ def _quantized_model(arch="llama_bias", qc=QuantConfig(bits=4, group_size=32), s
     time); GPTQ where act-order must produce a non-monotone g_idx."""
     model = LlamaForCausalLM(ModelConfig.from_hf_dict(tiny_config(arch)), rngs=nnx.Rngs(seed))
     tok = np.random.default_rng(seed).integers(0, 128, (6, 24))
-    res = quantize(model, tok if method == "gptq" else None, quant_config=qc, method=method)
+    res = quantize(model, tok, quant_config=qc, method=method)
     fake = np.asarray(make_forward(model)(tok)[0])
     pack_model(model, res.weights)
     return model, tok, fake

@@ -81,7 +81,7 @@ def test_gptq_beats_rtn_on_a_trained_model(trained, tmp_path):
 
     p_float = ppl(_model(trained))
     rtn = _model(trained)
-    quantize(rtn, None, quant_config=qc, method="rtn")
+    quantize(rtn, calib, quant_config=qc, method="rtn")
     g = _model(trained)
     res = quantize(g, calib, quant_config=qc)
     p_rtn, p_gptq = ppl(rtn), ppl(g)
@@ -115,7 +115,7 @@ def test_smollm2_3bit_gptq_beats_rtn(smollm2_dir):
         return perplexity(model, held_out, seqlen=256, batch_size=4, max_windows=8, progress=False).perplexity
 
     rtn, _ = load_pretrained(smollm2_dir)
-    quantize(rtn, None, quant_config=qc, method="rtn")
+    quantize(rtn, calib, quant_config=qc, method="rtn")
     g, _ = load_pretrained(smollm2_dir)
     res = quantize(g, calib, quant_config=qc, batch_size=8)
     p_rtn, p_gptq = ppl(rtn), ppl(g)

@@ -593,8 +593,8 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x: jax.Array, *, positions: jax.Array, attention_mask: jax.Array, cache: KVCache | None = None
-    ) -> tuple[jax.Array, KVCache | None, jax.Array]:
-        """Returns (output (B, T, D), updated cache, o_proj input (B, T, H*hd))."""
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Returns (output (B, T, D), updated cache)."""
         c = self.config
         B, T, _ = x.shape
         kvh, hd = c.num_key_value_heads, c.head_dim
@@ -620,7 +620,7 @@ class Attention(nnx.Module):
             q_slots = q_slots + start
         out = attend(q, k, v, q_slots, valid, window=self.window, causal_prefix=no_cache)  # (B, T, H, hd)
         o_in = out.reshape(B, T, c.num_attention_heads * hd).astype(x.dtype)  # (B, T, H*hd)
-        return self.o_proj(o_in), cache, o_in
+        return self.o_proj(o_in), cache
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -634,10 +634,10 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, i, use_bias=b, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(i, d, use_bias=b, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """SwiGLU. Returns (output (B, T, D), down_proj input (B, T, I))."""
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """SwiGLU: (B, T, D) -> (B, T, D)."""
         a = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, I)
-        return self.down_proj(a), a
+        return self.down_proj(a)
 
 
 class DecoderLayer(nnx.Module):
@@ -655,20 +655,15 @@ class DecoderLayer(nnx.Module):
         positions: jax.Array,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
-        capture: bool = False,
-    ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
-        """Pre-norm block on ``h (B, T, D)``. With ``capture=True`` also returns the inputs of each linear group,
-        ``{"qkv": (B, T, D), "o": (B, T, H*hd), "gate_up": (B, T, D), "down": (B, T, I)}`` (for GPTQ's Hessians)."""
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Pre-norm block on ``h (B, T, D)``: returns the new hidden states and the updated cache."""
         if attention_mask is None:
             attention_mask = jnp.ones(h.shape[:2], jnp.int32)
         x = self.input_layernorm(h)  # (B, T, D)
-        a, cache, o_in = self.self_attn(x, positions=positions, attention_mask=attention_mask, cache=cache)
+        a, cache = self.self_attn(x, positions=positions, attention_mask=attention_mask, cache=cache)
         h = h + a  # (B, T, D)
         y = self.post_attention_layernorm(h)  # (B, T, D)
-        m, down_in = self.mlp(y)
-        h = h + m  # (B, T, D)
-        if capture:
-            return h, cache, {"qkv": x, "o": o_in, "gate_up": y, "down": down_in}
+        h = h + self.mlp(y)  # (B, T, D)
         return h, cache
 
 
@@ -697,6 +692,10 @@ def _rows(fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, y: jax.
 
 class LlamaForCausalLM(nnx.Module):
     """Decoder-only LM for every architecture in SUPPORTED_ARCHITECTURES (the config switches the differences)."""
+
+    # The repeated blocks, for ``gptq_jax.quantize``: all it needs to know about this model to quantize it
+    # layer by layer (it finds the matmuls and their order itself).
+    gptq_blocks = "layers.*"
 
     def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         c = config

@@ -1,0 +1,223 @@
+"""A block's quantization plan: its stages in the order they run, and the compiled slices between them.
+
+From the flat program of a block (``trace.trace``) and the rules, parameters that are quantized are grouped into
+stages: parameters whose matmuls read the same activations share one Hessian and form one stage (q/k/v, then o,
+then gate/up, then down, in a Llama layer; whatever the block does, in any other model). A stage's cut is the
+equation of its first matmul. True-sequential quantization runs slice j of the program, equations
+``[cut_{j-1}, cut_j)``, from the carry the previous slice left, folding into the Hessians every activation it
+meets (including the one feeding equation ``cut_j``), then quantizes stage j, and continues. A weight that several
+matmuls read on different activations gets a look-ahead run past its cut, with its float value, for the later
+activations, before it is quantized. Per block, the
+calibration data goes through the block once in float (the reference for the block's output error) and once,
+slice by slice, as it gets quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gptq_jax.config import QuantConfig
+from gptq_jax.engine.trace import Traced, Use, activation_rows, find_uses, live_at, matrix_shape, run
+from gptq_jax.hessian import accumulate_hessian, init_hessian
+
+
+@dataclasses.dataclass
+class Stage:
+    params: list[int]  # parameter leaves quantized together after this stage's slice
+    captures: list[Use]  # one matmul per distinct activation the stage's Hessian sums over
+    cut: int  # equation of the stage's first matmul: everything before it runs with the stage's weights unused
+    k: int  # Hessian width
+
+    @property
+    def lookahead(self) -> int:
+        """Last equation whose activation the stage still needs after its cut (a weight read by several matmuls
+        on different activations), else ``cut``."""
+        return max(u.eqn for u in self.captures)
+
+
+@dataclasses.dataclass
+class Plan:
+    traced: Traced
+    stages: list[Stage]
+    w_axes: dict[int, tuple[int, ...]]  # contracting axes of every quantized parameter
+    configs: dict[int, QuantConfig]
+    skipped: dict[int, str]  # parameter -> why it stays float
+    fns: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+
+def make_plan(
+    traced: Traced, paths: Sequence[str], shapes: Sequence[tuple[int, ...]], candidates: Sequence[int],
+    not_candidates: dict[int, str], configs_in: Sequence[QuantConfig | None],
+) -> Plan:
+    """Group the quantizable parameters of a traced block into stages (see module docstring)."""
+    uses = find_uses(traced, candidates)
+    skipped = dict(not_candidates)
+    configs: dict[int, QuantConfig] = {}
+    for p in candidates:
+        if p in uses.problems:
+            skipped[p] = uses.problems[p]
+        elif p not in uses.matmuls:
+            skipped[p] = "not read by any matmul"
+        else:
+            qc = configs_in[p]
+            if qc is None:
+                skipped[p] = "kept in float by quant_config"
+                continue
+            n, k = matrix_shape(shapes[p], uses.matmuls[p][0].w_axes)
+            if qc.group_size > k:
+                raise ValueError(
+                    f"{paths[p]}: group_size={qc.group_size} is larger than its input width K={k}; "
+                    "use a smaller group size or -1 (per channel), or a rule that keeps it in float"
+                )
+            configs[p] = qc
+    alias = _cast_roots(traced)
+    key_of = lambda u: (alias.get(u.x, u.x), u.x.aval.dtype, u.x_axes)  # noqa: E731
+    groups: dict[frozenset, list[int]] = {}
+    for p in configs:
+        groups.setdefault(frozenset(key_of(u) for u in uses.matmuls[p]), []).append(p)
+    first_use: dict[Any, Use] = {}
+    for p in configs:
+        for u in uses.matmuls[p]:
+            k = key_of(u)
+            if k not in first_use or u.eqn < first_use[k].eqn:
+                first_use[k] = u
+    stages = []
+    for keys, params in groups.items():
+        cut = min(u.eqn for p in params for u in uses.matmuls[p])
+        caps = sorted((first_use[k] for k in keys), key=lambda u: u.eqn)
+        k = math.prod(caps[0].x.aval.shape[a] for a in caps[0].x_axes)
+        stages.append(Stage(sorted(params), caps, cut, k))
+    stages.sort(key=lambda s: s.cut)
+    w_axes = {p: uses.matmuls[p][0].w_axes for p in configs}
+    return Plan(traced, stages, w_axes, configs, skipped)
+
+
+def _cast_roots(traced: Traced) -> dict[Any, Any]:
+    """var -> the var it is a dtype cast of (followed to the root): casts of one activation share a Hessian."""
+    alias: dict[Any, Any] = {}
+    for eqn in traced.eqns:
+        if eqn.primitive.name == "convert_element_type" and not hasattr(eqn.invars[0], "val"):
+            alias[eqn.outvars[0]] = alias.get(eqn.invars[0], eqn.invars[0])
+    return alias
+
+
+def _token_mask(x_shape: Sequence[int], use: Use, mask: jax.Array | None) -> jax.Array | None:
+    if mask is None:
+        return None
+    free = tuple(d for a, d in enumerate(x_shape) if a not in use.x_axes)
+    if free == tuple(mask.shape):
+        return mask
+    if math.prod(free) == mask.size and free[: 1] == tuple(mask.shape[:1]):
+        return mask.reshape(free)
+    return None
+
+
+def _hooks(plan: Plan, stage_ids: Sequence[int], lo: int, hi: int, hess: dict[int, Any], mask: Any) -> dict:
+    """``on_use`` hooks folding the activations at equations ``[lo, hi]`` into the Hessians of ``stage_ids``."""
+    by_eqn: dict[int, list[tuple[int, Use]]] = {}
+    for s in stage_ids:
+        for u in plan.stages[s].captures:
+            if lo <= u.eqn <= hi:
+                by_eqn.setdefault(u.eqn, []).append((s, u))
+    hooks = {}
+    for e, items in by_eqn.items():
+
+        def fold(use, x, items=items):
+            rows = activation_rows(x, use.x_axes)
+            m = _token_mask(x.shape, use, mask)
+            for s, _ in items:
+                hess[s] = accumulate_hessian(*hess[s], rows, None if m is None else m.reshape(-1))
+
+        hooks[e] = (items[0][1], fold)
+    return hooks
+
+
+def slice_fn(plan: Plan, j: int | None) -> Any:
+    """The compiled slice ``j`` of a true-sequential pass (``j == len(stages)``: the last slice, to the outputs),
+    or, for ``j=None``, the whole block folding every stage's activations (the one-pass mode).
+
+    ``fn(params, start_values, hess, mask) -> (outputs or None, carry, hess)``; ``start_values`` are the input
+    leaves for the first slice, else the previous slice's carry. ``hess`` maps stage -> ``(h, n)``."""
+    if j in plan.fns:
+        return plan.fns[j]
+    traced, stages = plan.traced, plan.stages
+    if j is None:
+        lo, hi, start, stop, ids = 0, len(traced.eqns), 0, None, list(range(len(stages)))
+    else:
+        start = 0 if j == 0 else stages[j - 1].cut
+        stop = stages[j].cut if j < len(stages) else None
+        lo = 0 if j == 0 else start + 1
+        hi = stop if stop is not None else len(traced.eqns)
+        ids = list(range(len(stages)))
+    keep = live_at(traced, stop) if stop is not None else []
+    first = start == 0
+    start_vars = None if first else live_at(traced, start)
+
+    def fn(params, values, hess, mask):
+        hess = dict(hess)
+        hooks = _hooks(plan, [s for s in ids if s in hess], lo, hi, hess, mask)
+        out, kept = run(
+            traced, params, inputs=values if first else None,
+            carry=None if first else dict(zip(start_vars, values, strict=True)),
+            start=start, stop=stop if stop is not None else len(traced.eqns), keep=keep, on_use=hooks,
+        )
+        return out, [kept[v] for v in keep], hess
+
+    plan.fns[j] = jax.jit(fn)
+    return plan.fns[j]
+
+
+def lookahead_fn(plan: Plan, j: int) -> Any:
+    """``fn(params, carry_at_cut_j, hess, mask) -> hess``: runs on from stage j's cut to its last activation,
+    folding only stage j's Hessian (see ``Stage.lookahead``)."""
+    key = ("lookahead", j)
+    if key in plan.fns:
+        return plan.fns[key]
+    traced, st = plan.traced, plan.stages[j]
+    start_vars = live_at(traced, st.cut)
+
+    def fn(params, values, hess, mask):
+        hess = dict(hess)
+        hooks = _hooks(plan, [j], st.cut + 1, st.lookahead, hess, mask)
+        run(traced, params, carry=dict(zip(start_vars, values, strict=True)), start=st.cut, stop=st.lookahead,
+            on_use=hooks)
+        return hess
+
+    plan.fns[key] = jax.jit(fn)
+    return plan.fns[key]
+
+
+def empty_hessians(plan: Plan, stage_ids: Sequence[int]) -> dict[int, Any]:
+    return {s: init_hessian(plan.stages[s].k) for s in stage_ids}
+
+
+def stages_in_slice(plan: Plan, j: int | None) -> list[int]:
+    """Stages whose activations slice ``j`` meets (so their Hessians must go in)."""
+    if j is None:
+        return list(range(len(plan.stages)))
+    lo = 0 if j == 0 else plan.stages[j - 1].cut + 1
+    hi = plan.stages[j].cut if j < len(plan.stages) else len(plan.traced.eqns)
+    return [s for s, st in enumerate(plan.stages) if s >= j and any(lo <= u.eqn <= hi for u in st.captures)]
+
+
+def float_outputs_fn(plan: Plan) -> Any:
+    if "float" not in plan.fns:
+        plan.fns["float"] = jax.jit(lambda params, values: run(plan.traced, params, inputs=values)[0])
+    return plan.fns["float"]
+
+
+@jax.jit
+def squared_error(a: jax.Array, b: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``sum (a - b)^2`` and ``sum b^2`` in f32 over unmasked tokens (mask over a's leading axes, if it fits)."""
+    d = a.astype(jnp.float32) - b.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    if mask is not None and tuple(mask.shape) == tuple(a.shape[: mask.ndim]):
+        m = mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim)).astype(jnp.float32)
+        d, b = d * m, b * m
+    return jnp.sum(d * d), jnp.sum(b * b)
