@@ -29,13 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from gptq_jax.cli_common import (  # noqa: F401  (re-exported: commands and tests use them as cli.*)
+    DTYPES,
+    CommandError,
+    add_model_arguments,
+    check_model_dir,
+    non_negative_float,
+    positive_int,
+    probability,
+)
+
 logger = logging.getLogger("gptq_jax.cli")
-
-DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
-
-
-class CommandError(Exception):
-    """Bad input found by a command; the message is shown on one line, without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -47,56 +51,7 @@ class Command:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Argument types and shared helpers
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """MODEL_DIR and --dtype, as every command that loads a model takes them."""
-    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="Hugging Face checkpoint directory")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="f32", help="dtype of the weights and activations (default f32)"
-    )
-
-
-def check_model_dir(path: Path) -> Path:
-    """Fail fast, before JAX starts, on a path that cannot be a checkpoint directory."""
-    if not path.exists():
-        raise CommandError(f"model directory {path} does not exist")
-    if not path.is_dir():
-        raise CommandError(f"{path} is not a directory (expected a Hugging Face checkpoint directory)")
-    if not (path / "config.json").is_file():
-        raise CommandError(f"{path} is not a model directory: it has no config.json")
-    return path
+# Shared helpers (argument types and MODEL_DIR checks live in cli_common)
 
 
 def load_model(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any, Any, Any]:
@@ -300,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
+        # -v also after the subcommand; SUPPRESS keeps a -v given before it from being reset to False here.
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser

@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from gptq_jax.cli import DTYPES, CommandError, add_model_arguments, check_model_dir, positive_int, probability
+from gptq_jax.cli_common import DTYPES, CommandError, add_model_arguments, check_model_dir, positive_int, probability
 
 logger = logging.getLogger("gptq_jax.cli")
 
