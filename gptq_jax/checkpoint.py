@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 
 from gptq_jax.config import QuantConfig
 from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig
-from gptq_jax.models.params import hf_to_nnx, nnx_to_hf
+from gptq_jax.models.params import check_finite, hf_to_nnx, nnx_to_hf
 from gptq_jax.pipeline import LAYER_LINEARS, get_submodule
 from gptq_jax.qlinear import QuantLinear, quantized_linears
 
@@ -271,12 +271,16 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
 
     raw: dict[str, np.ndarray] = {}
     for file in _weight_files(path):
+        names = []
         try:
             with safe_open(file, framework="numpy") as f:
                 for name in f.keys():
                     raw[name] = f.get_tensor(name)
+                    names.append(name)
         except Exception as e:  # safetensors raises its own error types for truncated headers/data
             raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+        for name in names:
+            check_finite(raw[name], name, file)  # a NaN scale would otherwise run silently to NaN logits
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

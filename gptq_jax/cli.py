@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -81,8 +82,21 @@ def is_quantized(path: Path) -> bool:
     return "quantization_config" in config or (path / "quantize_config.json").is_file()
 
 
+def _strict(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None: JSON has no NaN (``json.dumps`` writes a bare
+    ``NaN`` token that strict parsers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def print_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    """One strict JSON object on stdout (non-finite numbers as null)."""
+    sys.stdout.write(json.dumps(_strict(obj), sort_keys=True, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -98,6 +99,43 @@ def crash_on_save(monkeypatch, *, after_layer: int | None, signum: int | None = 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# 3. NaN in a checkpoint is named at load; --json is strict JSON
+
+
+@pytest.fixture()
+def nan_checkpoint(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny[3], bad)
+
+    def nan(a):
+        a[0, 1] = np.nan
+        return a
+
+    edit_tensor(bad / "model.safetensors", "model.layers.1.mlp.up_proj.scales", nan)
+    return bad
+
+
+@pytest.mark.parametrize("command", [["eval", "--seqlen", "32", "--json"], ["generate", "--prompt", "w1", "--json"]])
+def test_nan_in_a_checkpoint_is_named(nan_checkpoint, tiny, capsys, command):
+    extra = ["--text", str(tiny[0] / "calib.txt")] if command[0] == "eval" else []
+    code, out, err = run(capsys, command[0], nan_checkpoint, *command[1:], *extra)
+    assert code == 1 and out == ""
+    line = one_line(err)
+    assert "model.layers.1.mlp.up_proj.scales" in line and "1 NaN/Inf" in line
+
+
+def test_json_output_is_strict(tiny, capsys):
+    def no_constants(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    # One new token: no decode step, so the decode rate is undefined (was printed as a bare NaN).
+    code, out, err = run(capsys, "generate", tiny[3], "--prompt", "w1 w2", "--max-new-tokens", "1", "--json")
+    assert code == 0, err
+    report = json.loads(out, parse_constant=no_constants)
+    assert report["new_tokens"] == 1 and report["decode_tokens_per_second"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # 4. A failed write in the work directory names the file
 
 
@@ -135,6 +173,71 @@ def test_damaged_work_file_is_redone(tiny, tmp_path, capsys, monkeypatch, damage
     assert "layer 0 in the work directory is damaged" in err and "quantizing it again" in err
     assert "resumed" not in printed  # layer 1 was computed from layer 0, so it is redone too
     assert_same_checkpoint(tiny[3], out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. --max-new-tokens beyond the context is capped
+
+
+def test_max_new_tokens_is_capped_at_the_context(tiny, capsys):
+    code, out, err = run(capsys, "generate", tiny[1], "--prompt", "w1 w2 w3", "--max-new-tokens", "100000000", "--json")
+    assert code == 0, err
+    assert "exceed the model's context of 256 tokens; generating at most 253 tokens" in err
+    report = json.loads(out)
+    assert report["new_tokens"] <= 253 and report["stop_reason"] in ("eos", "context")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Tokenizer problems name the file
+
+
+@pytest.mark.parametrize(
+    "breakage,message",
+    [
+        ("remove tokenizer", "has no tokenizer: expected tokenizer.json"),
+        ("config.json", "config.json is not valid JSON: "),
+        ("tokenizer.json", "tokenizer.json is not valid JSON: "),
+    ],
+)
+def test_tokenizer_problems_name_the_file(tiny, tmp_path, capsys, breakage, message):
+    model = copy_model(tiny, tmp_path / "model")
+    if breakage == "remove tokenizer":
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (model / f).unlink(missing_ok=True)
+    else:
+        text = (model / breakage).read_text()
+        (model / breakage).write_text(text[: len(text) // 2])
+    code, _, err = run(capsys, "generate", model, "--prompt", "w1")
+    line = one_line(err)
+    assert code == 1 and message in line
+    if breakage != "remove tokenizer":
+        assert "line " in line and "column " in line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. NaN/Inf in the model's weights: all checked up front, the tensor named
+
+
+def test_nan_in_model_weights_is_named_up_front(tiny, tmp_path, capsys, monkeypatch):
+    import gptq_jax.pipeline
+
+    model = copy_model(tiny, tmp_path / "model")
+
+    def inf(w):
+        w[3, 4] = np.inf
+        return w
+
+    edit_tensor(model / "model.safetensors", "model.layers.1.mlp.down_proj.weight", inf)
+    before = snapshot(model)
+
+    def never(*a, **k):
+        raise AssertionError("quantization started on a model with an Inf")
+
+    monkeypatch.setattr(gptq_jax.pipeline, "quantize", never)
+    code, _, err = run(capsys, "quantize", model, tmp_path / "q", *tiny[2])
+    line = one_line(err)
+    assert code == 1 and "tensor model.layers.1.mlp.down_proj.weight" in line and "[3, 4]" in line
+    assert snapshot(model) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
