@@ -13,6 +13,7 @@ asymmetric ones as ``gptq_v2`` (true zeros), since v1 cannot store a zero of 0. 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -140,9 +141,18 @@ def save_quantized(
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    need = sum(a.nbytes for a in tensors.values())
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough space to write {out_dir}: its weights need {need / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB are free in {parent}",
+        )
+    # The pid in the name lets a later run tell a leftover of a killed save from a save still running.
+    tmp = tempfile.mkdtemp(prefix=f"{partial_prefix(out_dir)}{os.getpid()}-", dir=parent)
     try:
-        _write_shards(tmp, tensors, max_shard_bytes)
+        _write_shards(tmp, tensors, max_shard_bytes, final_dir=out_dir)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2)
         with open(os.path.join(tmp, "quantize_config.json"), "w", encoding="utf-8") as f:
@@ -157,7 +167,7 @@ def save_quantized(
                 f.write(text)
         _public_permissions(tmp)
         if os.path.exists(out_dir):
-            old = f"{out_dir}.old-{os.getpid()}"
+            old = f"{out_dir}{OLD_SUFFIX}{os.getpid()}"
             os.rename(out_dir, old)
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -166,6 +176,14 @@ def save_quantized(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def partial_prefix(out_dir: str | os.PathLike) -> str:
+    """The name prefix of the temporary directory a save of ``out_dir`` builds (then ``{pid}-{random}``)."""
+    return f".{os.path.basename(os.path.abspath(os.fspath(out_dir)))}.partial-"
+
+
+OLD_SUFFIX = ".old-"  # ``{out_dir}.old-{pid}``: the previous output, for the moment an overwrite swaps them
 
 
 def _public_permissions(directory: str) -> None:
@@ -177,7 +195,25 @@ def _public_permissions(directory: str) -> None:
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
-def _write_shards(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+def _save_file(shard: dict[str, np.ndarray], file: str, final: str) -> None:
+    """``safetensors.numpy.save_file``, its I/O errors (a full disk) raised as ``OSError`` naming ``final``, the
+    path the file will have once the save is complete."""
+    try:
+        save_file(shard, file, metadata={"format": "pt"})
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {final}: {e.strerror or e}") from e
+    except Exception as e:  # safetensors' SafetensorError: "I/O error: No space left on device (os error 28)"
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        need = sum(a.nbytes for a in shard.values())
+        raise OSError(code, f"cannot write {final} ({need / 2**20:.1f} MiB): {os.strerror(code)}") from e
+
+
+def _write_shards(
+    directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int, final_dir: str | None = None
+) -> None:
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -191,7 +227,7 @@ def _write_shards(directory: str, tensors: dict[str, np.ndarray], max_shard_byte
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for fname, shard in zip(names, shards, strict=True):
-        save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
+        _save_file(shard, os.path.join(directory, fname), os.path.join(final_dir or directory, fname))
     if n > 1:
         index = {
             "metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},

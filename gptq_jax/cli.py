@@ -11,7 +11,9 @@
 
 D is f32 (default), bf16 or f16. Results go to stdout (with `--json`, exactly one JSON object); logs and progress
 bars go to stderr. Bad input ends with a one-line `gptq-jax <command>: error: ...` on stderr and exit status 2 (bad
-options) or 1 (bad files, failed work); `-v` shows debug logs and the traceback.
+options) or 1 (bad files, failed work); Ctrl-C ends with 130 and SIGTERM with 143, after one line saying what was
+kept. `-v` (before or after the command) shows debug logs and the traceback. README "Failures and recovery" lists
+what happens on each fault.
 
 To add a subcommand, write `add_arguments(parser)` and `run(args) -> int` and append a `Command` to `COMMANDS`;
 reuse `add_model_arguments` / `load_model` for a MODEL_DIR and `--dtype`.
@@ -24,7 +26,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,16 +304,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     _setup_logging(args.verbose)
     prog = f"{parser.prog} {args.command}"
+    terminated = []
+
+    def on_sigterm(signum, frame):  # a killed job (SIGTERM) stops as cleanly as Ctrl-C: temporary files go
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = _install_sigterm(on_sigterm)
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"{prog}: {what}" + (f"; {_one_line(e)}" if str(e) else ""), file=sys.stderr)
+        return 143 if terminated else 130
     except (CommandError, ValueError, OSError) as e:  # bad input: files, options, checkpoints
         if args.verbose:
             raise
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        _install_sigterm(previous)
+
+
+def _install_sigterm(handler: Any) -> Any:
+    """Set the SIGTERM handler (only the main thread may); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

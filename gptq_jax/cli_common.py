@@ -16,6 +16,10 @@ class CommandError(Exception):
     """Bad input found by a command; the message is shown on one line, without a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a command; its message says what was kept and how to go on."""
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

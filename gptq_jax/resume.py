@@ -181,6 +181,20 @@ def _decode(data: Any) -> dict[str, QuantizedWeight]:
     return weights
 
 
+def remove_store(work_dir: str) -> None:
+    """Delete a finished job's work directory: the files a store writes, then the directory if nothing else is in
+    it (a file someone else put there is left alone)."""
+    if not os.path.isdir(work_dir):
+        return
+    for name in os.listdir(work_dir):
+        if name == "manifest.json" or _LAYER_FILE.fullmatch(name) or re.fullmatch(r".+\.tmp-\d+", name):
+            os.remove(os.path.join(work_dir, name))
+    try:
+        os.rmdir(work_dir)
+    except OSError:
+        log.warning("kept %s: it holds files gptq-jax did not write", work_dir)
+
+
 class ResumeStore:
     """Finished blocks of one job in ``work_dir``; opening refuses a directory that holds finished blocks of a job
     with another fingerprint."""

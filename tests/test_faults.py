@@ -13,6 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import pytest
 from helpers_models import write_hf_checkpoint
 from safetensors.numpy import load_file, save_file
 
-from gptq_jax import cli
+from gptq_jax import checkpoint, cli
 from gptq_jax.cli_common import CommandError
 from gptq_jax.quantize_cmd import work_dir_for
 from gptq_jax.resume import ResumeStore, atomic_write
@@ -99,6 +102,84 @@ def crash_on_save(monkeypatch, *, after_layer: int | None, signum: int | None = 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# 1. OUT_DIR that is, contains or lies inside an input is refused; --overwrite replaces only our own output
+
+
+@pytest.mark.parametrize(
+    "layout,message",
+    [
+        ("proj/model proj", "contains MODEL_DIR"),
+        ("proj/model .", "contains MODEL_DIR"),
+        ("proj/model proj/model/q", "lies inside MODEL_DIR"),
+        ("proj/model link", "contains MODEL_DIR"),  # link -> proj: symlinks are followed
+        ("model proj --calib proj/calib.txt", "contains --calib"),
+    ],
+)
+def test_out_dir_overlapping_an_input_is_refused(tiny, tmp_path, capsys, monkeypatch, layout, message):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    copy_model(tiny, proj / "model")
+    copy_model(tiny, tmp_path / "model")
+    shutil.copy(tiny[0] / "calib.txt", proj / "calib.txt")
+    (tmp_path / "link").symlink_to(proj)
+    model, out, *rest = layout.split()
+    if out == ".":  # run from inside proj
+        monkeypatch.chdir(proj)
+        model = "model"
+    else:
+        monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path / "proj")
+    code, _, err = run(capsys, "quantize", model, out, *Q_ARGS, *rest, "--overwrite")
+    assert code == 1 and message in one_line(err)
+    assert snapshot(tmp_path / "proj") == before
+
+
+def test_overwrite_replaces_only_our_own_output(tiny, tmp_path, capsys):
+    root, model_dir, args, ref = tiny
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "quantize", model_dir, theirs, "--method", "rtn", "--group-size", "32", "--overwrite")
+    assert code == 1 and "not an earlier gptq-jax output" in one_line(err)
+    assert (theirs / "notes.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    shutil.copytree(ref, ours)
+    code, _, err = run(capsys, "quantize", model_dir, ours, "--method", "rtn", "--group-size", "32", "--overwrite")
+    assert code == 0, err
+    assert json.loads((ours / "quant_report.json").read_text())["method"] == "rtn"
+
+
+def test_only_our_files_leave_the_work_directory(tiny, tmp_path, capsys):
+    out = tmp_path / "q"
+    work = work_dir_for(out)
+    work.mkdir()
+    (work / "mine.txt").write_text("mine")
+    code, _, err = run(capsys, "quantize", tiny[1], out, *tiny[2])
+    assert code == 0, err
+    assert [p.name for p in work.iterdir()] == ["mine.txt"] and (work / "mine.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Resume does not trust work made from other weights
+
+
+def test_replaced_weights_are_not_resumed(tiny, tmp_path, capsys, monkeypatch):
+    model = copy_model(tiny, tmp_path / "model")
+    out = tmp_path / "q"
+    crash_on_save(monkeypatch, after_layer=0)
+    assert run(capsys, "quantize", model, out, *tiny[2])[0] == 130
+    monkeypatch.undo()
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    edit_tensor(weights, "model.layers.0.self_attn.q_proj.weight", lambda w: 2 * w)  # same path, same size
+    if weights.stat().st_mtime_ns == stat.st_mtime_ns:  # a coarse clock: make the replacement visible
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    code, out_text, err = run(capsys, "quantize", model, out, *tiny[2])
+    assert code == 1 and "different arguments (model files" in one_line(err)
+    assert "resumed" not in out_text and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # 3. NaN in a checkpoint is named at load; --json is strict JSON
 
 
@@ -133,6 +214,41 @@ def test_json_output_is_strict(tiny, capsys):
     assert code == 0, err
     report = json.loads(out, parse_constant=no_constants)
     assert report["new_tokens"] == 1 and report["decode_tokens_per_second"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. A full disk: which file, how much, and that the run resumes
+
+
+def test_disk_full_during_the_final_save(tiny, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    out = tmp_path / "q"
+
+    def full_disk(tensors, file, metadata=None):
+        Path(file).write_bytes(b"\0" * 100)  # what made it to disk before the device filled up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    code, _, err = run(capsys, "quantize", tiny[1], out, *tiny[2])
+    line = one_line(err)
+    assert code == 1 and "No space left on device" in line and str(out / "model.safetensors") in line
+    assert "MiB" in line and "2 finished layer(s) are kept" in line and "resume" in line
+    assert not out.exists() and not list(tmp_path.glob(".q.partial-*"))
+    monkeypatch.undo()
+    code, printed, err = run(capsys, "quantize", tiny[1], out, *tiny[2])
+    assert code == 0, err
+    assert "resumed after 2 layers" in printed
+    assert_same_checkpoint(tiny[3], out)
+
+
+def test_too_little_space_is_found_before_writing(tiny, tmp_path, capsys, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    code, _, err = run(capsys, "quantize", tiny[1], tmp_path / "q", "--method", "rtn", "--group-size", "32")
+    line = one_line(err)
+    assert code == 1 and "not enough space" in line and "MiB are free" in line
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -215,6 +331,44 @@ def test_tokenizer_problems_name_the_file(tiny, tmp_path, capsys, breakage, mess
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# 8. --calib a directory; an unwritable OUT_DIR is found before any slow work
+
+
+def test_calib_directory_is_named(tiny, capsys):
+    code, _, err = run(capsys, "quantize", tiny[1], tiny[0] / "never", *Q_ARGS, "--calib", tiny[0])
+    assert code == 1 and "is a directory; expected a UTF-8 text file" in one_line(err)
+    code, _, err = run(capsys, "eval", tiny[1], "--text", tiny[0])
+    assert code == 1 and "is a directory; expected a UTF-8 text file" in one_line(err)
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_unwritable_out_dir_is_found_first(tiny, tmp_path, capsys, monkeypatch, method):
+    import gptq_jax.models
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the probe see what a user would
+
+        def denied(*a, **k):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr("tempfile.TemporaryFile", denied)
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before OUT_DIR was checked")
+
+    monkeypatch.setattr(gptq_jax.models, "load_pretrained", never)
+    try:
+        code, _, err = run(capsys, "quantize", tiny[1], locked / "q", "--method", method, "--group-size", "32")
+    finally:
+        locked.chmod(0o755)
+    line = one_line(err)
+    assert code == 1 and f"{locked} is not writable (Permission denied)" in line
+    assert list(locked.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # 9. NaN/Inf in the model's weights: all checked up front, the tensor named
 
 
@@ -238,6 +392,81 @@ def test_nan_in_model_weights_is_named_up_front(tiny, tmp_path, capsys, monkeypa
     line = one_line(err)
     assert code == 1 and "tensor model.layers.1.mlp.down_proj.weight" in line and "[3, 4]" in line
     assert snapshot(model) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. Interrupts, leftovers, the progress bar
+
+
+def test_failed_run_without_finished_layers_does_not_block_the_next(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "q"
+    crash_on_save(monkeypatch, after_layer=None)
+    code, _, err = run(capsys, "quantize", tiny[1], out, *tiny[2], "--seed", "1")
+    assert code == 130 and "no layer had finished" in one_line(err)
+    assert work_dir_for(out).is_dir()
+    monkeypatch.undo()
+    code, _, err = run(capsys, "quantize", tiny[1], out, *tiny[2])  # corrected: the default seed
+    assert code == 0, err
+    assert_same_checkpoint(tiny[3], out)
+
+
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_interrupt_says_the_run_resumes(tiny, tmp_path, capsys, monkeypatch, signum, code, said):
+    out = tmp_path / "q"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # test runners may install their own
+    try:
+        crash_on_save(monkeypatch, after_layer=0, signum=signum)
+        got, _, err = run(capsys, "quantize", tiny[1], out, *tiny[2])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    line = one_line(err)
+    assert got == code and said in line
+    assert f"1 finished layer(s) are kept in {work_dir_for(out)}; run the same command again to resume" in line
+    monkeypatch.undo()
+    code, printed, err = run(capsys, "quantize", tiny[1], out, *tiny[2])
+    assert code == 0 and "resumed after 1 layers" in printed
+    assert "2/2" in err  # the bar counts the resumed layer and reaches the total
+    assert_same_checkpoint(tiny[3], out)
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+from gptq_jax import checkpoint, cli
+real = checkpoint._write_shards
+def write_then_die(*a, **k):
+    real(*a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint._write_shards = write_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_save_leaves_nothing_behind(tiny, tmp_path, capsys):
+    out = tmp_path / "q"
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    argv = ["quantize", str(tiny[1]), str(out), "--method", "rtn", "--group-size", "32"]  # rtn: a quick start
+    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, *argv], env=env, stderr=subprocess.PIPE)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".q.partial-{proc.pid}-"), left
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert f"removed {tmp_path / left[0]}, left by a run that was killed while saving" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_output_of_a_run_killed_while_overwriting_is_put_back(tiny, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    out = tmp_path / "q"
+    shutil.copytree(tiny[3], tmp_path / f"q.old-{dead.pid}")  # the previous output, renamed aside, then SIGKILL
+    before = snapshot(tmp_path / f"q.old-{dead.pid}")
+    code, _, err = run(capsys, "quantize", tiny[1], out, "--method", "rtn", "--group-size", "32")
+    assert code == 1 and f"OUT_DIR {out} is not empty" in one_line(err) and f"restored {out}" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+    assert snapshot(out) == {k.replace(f"q.old-{dead.pid}", "q"): v for k, v in before.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
