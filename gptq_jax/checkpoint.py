@@ -13,12 +13,14 @@ asymmetric ones as ``gptq_v2`` (true zeros), since v1 cannot store a zero of 0. 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -146,25 +148,22 @@ def save_quantized(
     if need > free:
         raise OSError(
             errno.ENOSPC,
-            f"not enough space to write {out_dir}: its weights need {need / 2**20:.1f} MiB, "
-            f"{free / 2**20:.1f} MiB are free in {parent}",
+            f"not enough space to write {out_dir}: its weights need {_size(need)}, {_size(free)} are free in {parent}",
         )
     # The pid in the name lets a later run tell a leftover of a killed save from a save still running.
     tmp = tempfile.mkdtemp(prefix=f"{partial_prefix(out_dir)}{os.getpid()}-", dir=parent)
     try:
         _write_shards(tmp, tensors, max_shard_bytes, final_dir=out_dir)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=2)
-        with open(os.path.join(tmp, "quantize_config.json"), "w", encoding="utf-8") as f:
-            json.dump(qconf, f, indent=2)
+        texts = {"config.json": json.dumps(hf_config, indent=2), "quantize_config.json": json.dumps(qconf, indent=2)}
+        for fname, text in {**texts, **(extra_files or {})}.items():
+            with _naming(os.path.join(out_dir, fname)), open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+                f.write(text)
         if tokenizer_dir is not None:
             for fname in TOKENIZER_FILES:
                 src = os.path.join(tokenizer_dir, fname)
                 if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(tmp, fname))
-        for fname, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
-                f.write(text)
+                    with _naming(os.path.join(out_dir, fname)):
+                        shutil.copy2(src, os.path.join(tmp, fname))
         _public_permissions(tmp)
         if os.path.exists(out_dir):
             old = f"{out_dir}{OLD_SUFFIX}{os.getpid()}"
@@ -195,20 +194,35 @@ def _public_permissions(directory: str) -> None:
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
+@contextlib.contextmanager
+def _naming(final: str) -> Iterator[None]:
+    """Raise an ``OSError`` (a full disk) again naming ``final``, the path the file will have once the save is
+    complete, rather than the hidden temporary directory it is written in."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {final}: {e.strerror or e}") from e
+
+
 def _save_file(shard: dict[str, np.ndarray], file: str, final: str) -> None:
     """``safetensors.numpy.save_file``, its I/O errors (a full disk) raised as ``OSError`` naming ``final``, the
     path the file will have once the save is complete."""
     try:
-        save_file(shard, file, metadata={"format": "pt"})
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write {final}: {e.strerror or e}") from e
+        with _naming(final):
+            save_file(shard, file, metadata={"format": "pt"})
+    except OSError:
+        raise
     except Exception as e:  # safetensors' SafetensorError: "I/O error: No space left on device (os error 28)"
         m = re.search(r"os error (\d+)", str(e))
         if m is None:
             raise
         code = int(m.group(1))
         need = sum(a.nbytes for a in shard.values())
-        raise OSError(code, f"cannot write {final} ({need / 2**20:.1f} MiB): {os.strerror(code)}") from e
+        raise OSError(code, f"cannot write {final} ({_size(need)}): {os.strerror(code)}") from e
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _write_shards(
