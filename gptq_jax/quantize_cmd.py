@@ -195,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
             raise Interrupted(
                 f"{n} finished layer(s) are kept in {work}; run the same command again to resume after them"
             ) from None
+        if work is None:
+            raise Interrupted("nothing was kept (--method rtn keeps no work directory)") from None
         raise Interrupted("no layer had finished; nothing was kept") from None
     except OSError as e:  # a full disk, in the work directory or in the final save: OUT_DIR is untouched either way
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -210,7 +212,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, work: Path | None) -> int:
-
     import jax.numpy as jnp
 
     from gptq_jax import data
