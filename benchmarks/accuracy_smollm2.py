@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             qc = QuantConfig(bits=bits, group_size=args.group_size, **kw)
             model, _ = load_pretrained(model_dir)
             t0 = time.perf_counter()
-            res = quantize(model, calib if method == "gptq" else None, quant_config=qc, method=method)
+            res = quantize(model, calib, quant_config=qc, method=method)
             secs = time.perf_counter() - t0
             p, _ = ppl(model)
             rows.append(

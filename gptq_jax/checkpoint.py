@@ -13,11 +13,14 @@ asymmetric ones as ``gptq_v2`` (true zeros), since v1 cannot store a zero of 0. 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -29,7 +32,7 @@ from safetensors.numpy import save_file
 
 from gptq_jax.config import QuantConfig
 from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig
-from gptq_jax.models.params import hf_to_nnx, nnx_to_hf
+from gptq_jax.models.params import check_finite, hf_to_nnx, nnx_to_hf
 from gptq_jax.qlinear import QuantLinear, module_at, quantized_linears
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -139,24 +142,30 @@ def save_quantized(
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    need = sum(a.nbytes for a in tensors.values())
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough space to write {out_dir}: its weights need {_size(need)}, {_size(free)} are free in {parent}",
+        )
+    # The pid in the name lets a later run tell a leftover of a killed save from a save still running.
+    tmp = tempfile.mkdtemp(prefix=f"{partial_prefix(out_dir)}{os.getpid()}-", dir=parent)
     try:
-        _write_shards(tmp, tensors, max_shard_bytes)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=2)
-        with open(os.path.join(tmp, "quantize_config.json"), "w", encoding="utf-8") as f:
-            json.dump(qconf, f, indent=2)
+        _write_shards(tmp, tensors, max_shard_bytes, final_dir=out_dir)
+        texts = {"config.json": json.dumps(hf_config, indent=2), "quantize_config.json": json.dumps(qconf, indent=2)}
+        for fname, text in {**texts, **(extra_files or {})}.items():
+            with _naming(os.path.join(out_dir, fname)), open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+                f.write(text)
         if tokenizer_dir is not None:
             for fname in TOKENIZER_FILES:
                 src = os.path.join(tokenizer_dir, fname)
                 if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(tmp, fname))
-        for fname, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
-                f.write(text)
+                    with _naming(os.path.join(out_dir, fname)):
+                        shutil.copy2(src, os.path.join(tmp, fname))
         _public_permissions(tmp)
         if os.path.exists(out_dir):
-            old = f"{out_dir}.old-{os.getpid()}"
+            old = f"{out_dir}{OLD_SUFFIX}{os.getpid()}"
             os.rename(out_dir, old)
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -165,6 +174,14 @@ def save_quantized(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def partial_prefix(out_dir: str | os.PathLike) -> str:
+    """The name prefix of the temporary directory a save of ``out_dir`` builds (then ``{pid}-{random}``)."""
+    return f".{os.path.basename(os.path.abspath(os.fspath(out_dir)))}.partial-"
+
+
+OLD_SUFFIX = ".old-"  # ``{out_dir}.old-{pid}``: the previous output, for the moment an overwrite swaps them
 
 
 def _public_permissions(directory: str) -> None:
@@ -176,7 +193,40 @@ def _public_permissions(directory: str) -> None:
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
-def _write_shards(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+@contextlib.contextmanager
+def _naming(final: str) -> Iterator[None]:
+    """Raise an ``OSError`` (a full disk) again naming ``final``, the path the file will have once the save is
+    complete, rather than the hidden temporary directory it is written in."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {final}: {e.strerror or e}") from e
+
+
+def _save_file(shard: dict[str, np.ndarray], file: str, final: str) -> None:
+    """``safetensors.numpy.save_file``, its I/O errors (a full disk) raised as ``OSError`` naming ``final``, the
+    path the file will have once the save is complete."""
+    try:
+        with _naming(final):
+            save_file(shard, file, metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError: "I/O error: No space left on device (os error 28)"
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        need = sum(a.nbytes for a in shard.values())
+        raise OSError(code, f"cannot write {final} ({_size(need)}): {os.strerror(code)}") from e
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _write_shards(
+    directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int, final_dir: str | None = None
+) -> None:
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -190,7 +240,7 @@ def _write_shards(directory: str, tensors: dict[str, np.ndarray], max_shard_byte
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for fname, shard in zip(names, shards, strict=True):
-        save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
+        _save_file(shard, os.path.join(directory, fname), os.path.join(final_dir or directory, fname))
     if n > 1:
         index = {
             "metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
@@ -270,12 +320,16 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
 
     raw: dict[str, np.ndarray] = {}
     for file in _weight_files(path):
+        names = []
         try:
             with safe_open(file, framework="numpy") as f:
                 for name in f.keys():
                     raw[name] = f.get_tensor(name)
+                    names.append(name)
         except Exception as e:  # safetensors raises its own error types for truncated headers/data
             raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+        for name in names:
+            check_finite(raw[name], name, file)  # a NaN scale would otherwise run silently to NaN logits
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

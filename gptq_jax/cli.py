@@ -11,7 +11,9 @@
 
 D is f32 (default), bf16 or f16. Results go to stdout (with `--json`, exactly one JSON object); logs and progress
 bars go to stderr. Bad input ends with a one-line `gptq-jax <command>: error: ...` on stderr and exit status 2 (bad
-options) or 1 (bad files, failed work); `-v` shows debug logs and the traceback.
+options) or 1 (bad files, failed work); Ctrl-C ends with 130 and SIGTERM with 143, after one line saying what was
+kept. `-v` (before or after the command) shows debug logs and the traceback. README "Failures and recovery" lists
+what happens on each fault.
 
 To add a subcommand, write `add_arguments(parser)` and `run(args) -> int` and append a `Command` to `COMMANDS`;
 reuse `add_model_arguments` / `load_model` for a MODEL_DIR and `--dtype`.
@@ -22,20 +24,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from gptq_jax.cli_common import (  # noqa: F401  (re-exported: commands and tests use them as cli.*)
+    DTYPES,
+    CommandError,
+    add_model_arguments,
+    check_model_dir,
+    non_negative_float,
+    positive_int,
+    probability,
+)
+
 logger = logging.getLogger("gptq_jax.cli")
-
-DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
-
-
-class CommandError(Exception):
-    """Bad input found by a command; the message is shown on one line, without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -47,56 +56,7 @@ class Command:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Argument types and shared helpers
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """MODEL_DIR and --dtype, as every command that loads a model takes them."""
-    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="Hugging Face checkpoint directory")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="f32", help="dtype of the weights and activations (default f32)"
-    )
-
-
-def check_model_dir(path: Path) -> Path:
-    """Fail fast, before JAX starts, on a path that cannot be a checkpoint directory."""
-    if not path.exists():
-        raise CommandError(f"model directory {path} does not exist")
-    if not path.is_dir():
-        raise CommandError(f"{path} is not a directory (expected a Hugging Face checkpoint directory)")
-    if not (path / "config.json").is_file():
-        raise CommandError(f"{path} is not a model directory: it has no config.json")
-    return path
+# Shared helpers (argument types and MODEL_DIR checks live in cli_common)
 
 
 def load_model(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any, Any, Any]:
@@ -126,8 +86,21 @@ def is_quantized(path: Path) -> bool:
     return "quantization_config" in config or (path / "quantize_config.json").is_file()
 
 
+def _strict(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None: JSON has no NaN (``json.dumps`` writes a bare
+    ``NaN`` token that strict parsers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def print_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    """One strict JSON object on stdout (non-finite numbers as null)."""
+    sys.stdout.write(json.dumps(_strict(obj), sort_keys=True, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -300,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
+        # -v also after the subcommand; SUPPRESS keeps a -v given before it from being reset to False here.
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser
@@ -329,16 +304,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     _setup_logging(args.verbose)
     prog = f"{parser.prog} {args.command}"
+    terminated = []
+
+    def on_sigterm(signum, frame):  # a killed job (SIGTERM) stops as cleanly as Ctrl-C: temporary files go
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = _install_sigterm(on_sigterm)
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"{prog}: {what}" + (f"; {_one_line(e)}" if str(e) else ""), file=sys.stderr)
+        return 143 if terminated else 130
     except (CommandError, ValueError, OSError) as e:  # bad input: files, options, checkpoints
         if args.verbose:
             raise
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        _install_sigterm(previous)
+
+
+def _install_sigterm(handler: Any) -> Any:
+    """Set the SIGTERM handler (only the main thread may); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def load_text(path: str | os.PathLike | None = None) -> str:
     if path is None:
         return default_text()
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"text file {path} is a directory; expected a UTF-8 text file")
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
     try:

@@ -10,6 +10,7 @@ distribution. Both compiled functions are built ahead of time, so the reported t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+log = logging.getLogger(__name__)
 
 # The cache length is rounded up to a multiple of this, so prompts of similar length reuse compiled decode steps.
 CACHE_BUCKET = 128
@@ -44,7 +47,7 @@ class GenerationResult:
     tokens: np.ndarray  # int32 [n]: the generated ids, the stopping EOS included when there is one
     prompt_tokens: int
     text: str | None  # the generated text (special tokens removed), when a tokenizer was given
-    stop_reason: str  # "eos" or "max_new_tokens"
+    stop_reason: str  # "eos", "max_new_tokens", or "context" (the model's context is full)
     prefill_seconds: float  # the prompt's forward pass (it yields the first new token)
     decode_seconds: float  # all single-token steps after that
     compile_seconds: float
@@ -134,7 +137,9 @@ def generate_tokens(
     """Continue the token sequence `prompt` (int `[T]`) with up to `max_new_tokens` tokens.
 
     `model` is a `LlamaForCausalLM` (or any NNX module with its call signature and a `config` that
-    `gptq_jax.models.llama.init_cache` accepts). Stops after the first token in `eos_token_ids`.
+    `gptq_jax.models.llama.init_cache` accepts). Stops after the first token in `eos_token_ids`, and when prompt and
+    new tokens fill the model's context (`config.max_position_embeddings`): a larger `max_new_tokens` is capped
+    with a warning, as the KV cache is sized from it.
     """
     from gptq_jax.models.llama import init_cache
 
@@ -145,7 +150,21 @@ def generate_tokens(
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
     config = model.config
     T = int(prompt.size)
+    context = getattr(config, "max_position_embeddings", None)
+    capped = False
+    if context is not None:
+        if T >= context:
+            raise ValueError(f"the prompt has {T} tokens, which fills the model's context of {context} tokens")
+        if T + max_new_tokens > context:
+            log.warning(
+                "max_new_tokens=%d and the prompt's %d tokens exceed the model's context of %d tokens; "
+                "generating at most %d tokens",
+                max_new_tokens, T, context, context - T,
+            )  # fmt: skip
+            max_new_tokens, capped = context - T, True
     max_len = -(-(T + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    if context is not None:
+        max_len = min(max_len, context)
     dtype = getattr(model, "dtype", jnp.float32)
     eos = frozenset(int(i) for i in eos_token_ids)
 
@@ -175,7 +194,7 @@ def generate_tokens(
         tokens=np.asarray(out, np.int32),
         prompt_tokens=T,
         text=None,
-        stop_reason="eos" if out[-1] in eos else "max_new_tokens",
+        stop_reason="eos" if out[-1] in eos else "context" if capped else "max_new_tokens",
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         compile_seconds=compile_seconds,

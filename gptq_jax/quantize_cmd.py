@@ -6,24 +6,39 @@
         [--save-dtype f16] [--overwrite]
 
 Progress: a bar per decoder layer on stderr. Writes OUT_DIR (weights, config with ``quantization_config``,
-tokenizer, ``quant_report.json``) in one rename at the end. The unquantized tensors (embeddings, norms, an untied
+tokenizer, ``quant_report.json``) in one rename at the end. ``--overwrite`` replaces only an earlier output of this
+command (a directory with ``quant_report.json``), and OUT_DIR may neither contain nor lie inside MODEL_DIR or the
+calibration file. The unquantized tensors (embeddings, norms, an untied
 ``lm_head``) are written in ``--save-dtype``, float16 by default, as the PyTorch GPTQ tools publish them and as vLLM's
 GPTQ kernels expect (``torch_dtype`` in ``config.json`` says which). Each finished decoder layer is kept in a work
 directory beside OUT_DIR (``.OUT_DIR.gptq-work``), so an interrupted run (Ctrl-C, a crash) resumes from the last
-finished layer when run again with the same arguments; other arguments are refused. The work directory is removed
-once OUT_DIR is written.
+finished layer when run again with the same arguments and model files (their sizes and modification times are
+part of the job's fingerprint); other arguments are refused. The work directory is removed once OUT_DIR is written,
+and what a killed run left beside OUT_DIR (a half-written ``.OUT_DIR.partial-*``) is removed by the next run.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
-from gptq_jax.cli import DTYPES, CommandError, add_model_arguments, check_model_dir, positive_int, probability
+from gptq_jax.cli_common import (
+    DTYPES,
+    CommandError,
+    Interrupted,
+    add_model_arguments,
+    check_model_dir,
+    positive_int,
+    probability,
+)
 
 logger = logging.getLogger("gptq_jax.cli")
 
@@ -76,25 +91,127 @@ def _check_options(args: argparse.Namespace) -> None:
         )
     if args.method == "rtn" and (args.act_order or args.static_groups):
         raise CommandError("--act-order and --static-groups need GPTQ's Hessians; they mean nothing with --method rtn")
+    if args.calib is not None:
+        if args.calib.is_dir():
+            raise CommandError(f"--calib {args.calib} is a directory; expected a UTF-8 text file")
+        if not args.calib.is_file():
+            raise CommandError(f"calibration text {args.calib} does not exist")
     out = args.out_dir
+    _check_overlap(out, "MODEL_DIR", args.model_dir)
+    if args.calib is not None:
+        _check_overlap(out, "--calib", args.calib)
     if out.exists() and not out.is_dir():
         raise CommandError(f"OUT_DIR {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CommandError(f"OUT_DIR {out} is not empty (pass --overwrite to replace it)")
-    if out.resolve() == args.model_dir.resolve():
-        raise CommandError("OUT_DIR must differ from MODEL_DIR")
-    if args.calib is not None and not args.calib.is_file():
-        raise CommandError(f"calibration text {args.calib} does not exist")
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise CommandError(f"OUT_DIR {out} is not empty (pass --overwrite to replace it)")
+        if not (out / "quant_report.json").is_file():
+            raise CommandError(
+                f"OUT_DIR {out} is not empty and not an earlier gptq-jax output (it has no quant_report.json); "
+                "--overwrite replaces only those: choose another OUT_DIR or empty it yourself"
+            )
+    _check_writable(out)
+
+
+def _check_overlap(out: Path, what: str, path: Path) -> None:
+    """Refuse an OUT_DIR that is, contains or lies inside ``path`` (symlinks resolved): replacing OUT_DIR would
+    delete the input, or the output would land among the inputs."""
+    o, p = out.resolve(), path.resolve()
+    if o == p:
+        raise CommandError(f"OUT_DIR {out} is {what} {path}; choose another OUT_DIR")
+    if o in p.parents:
+        raise CommandError(f"OUT_DIR {out} contains {what} {path}; choose an OUT_DIR outside it")
+    if p in o.parents:
+        raise CommandError(f"OUT_DIR {out} lies inside {what} {path}; choose an OUT_DIR outside it")
+
+
+def _check_writable(out: Path) -> None:
+    """OUT_DIR, its work directory and its temporary copy are made in OUT_DIR's parent (created if missing): try
+    a file there now, before any slow work."""
+    parent = out.resolve().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandError(f"cannot create OUT_DIR {out}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise CommandError(f"cannot write OUT_DIR {out}: {existing} is not writable ({e.strerror or e})") from None
 
 
 def work_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.gptq-work"
 
 
+def _weights_signature(model_dir: Path) -> str:
+    """What the resume fingerprint knows of the model files: each weight file's name, size and modification time,
+    and config.json's. Replacing a file (or editing it in place) changes its mtime, so old work is not reused."""
+    from gptq_jax.models.params import weight_files
+
+    files = [*weight_files(model_dir), str(model_dir / "config.json")]
+    return ";".join(f"{os.path.basename(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove what a killed run of ours left beside OUT_DIR: a half-written ``.OUT.partial-{pid}-*`` and, had the
+    kill come between the two renames of an overwrite, put the previous output ``OUT.old-{pid}`` back."""
+    from gptq_jax.checkpoint import OLD_SUFFIX, partial_prefix
+    from gptq_jax.resume import pid_alive, remove_leftovers
+
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        return
+    for path in remove_leftovers(str(parent), re.escape(partial_prefix(out)) + r"(?P<pid>\d+)-.*"):
+        logger.info("removed %s, left by a run that was killed while saving", path)
+    pattern = re.escape(out.name + OLD_SUFFIX) + r"(?P<pid>\d+)"
+    for old in sorted(parent.iterdir()):
+        m = re.fullmatch(pattern, old.name)
+        if m is None or pid_alive(int(m.group("pid"))):
+            continue
+        if not out.exists():
+            old.rename(out)
+            logger.warning("restored %s from %s, left by a run that was killed while replacing it", out, old)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("removed %s, left by a run that was killed while replacing OUT_DIR", old)
+
+
+def _finished_layers(work: Path | None) -> int:
+    return len(list(work.glob("layer-*.json"))) if work is not None and work.is_dir() else 0
+
+
 def run(args: argparse.Namespace) -> int:
     check_model_dir(args.model_dir)
+    _clean_leftovers(args.out_dir)  # first: it may put back a previous OUT_DIR, which the checks must then see
     _check_options(args)
+    work = work_dir_for(args.out_dir) if args.method == "gptq" else None
+    try:
+        return _run(args, work)
+    except KeyboardInterrupt:
+        n = _finished_layers(work)
+        if n:
+            raise Interrupted(
+                f"{n} finished layer(s) are kept in {work}; run the same command again to resume after them"
+            ) from None
+        if work is None:
+            raise Interrupted("nothing was kept (--method rtn keeps no work directory)") from None
+        raise Interrupted("no layer had finished; nothing was kept") from None
+    except OSError as e:  # a full disk, in the work directory or in the final save: OUT_DIR is untouched either way
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        n = _finished_layers(work)
+        then = (
+            f"the {n} finished layer(s) are kept in {work}: free some space and run the same command again to resume"
+            if n
+            else "free some space and run the command again"
+        )
+        where = f" ({e.filename})" if e.filename else ""
+        raise CommandError(f"{e.strerror or e}{where}; OUT_DIR was not written; {then}") from None
 
+
+def _run(args: argparse.Namespace, work: Path | None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
@@ -120,26 +237,26 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "gptq" and args.seqlen > config.max_position_embeddings:
         raise CommandError(f"--seqlen {args.seqlen} exceeds the model's context of {config.max_position_embeddings}")
 
-    work = None
     if args.method == "gptq":
         text = data.load_text(args.calib) if args.calib is not None else data.default_calibration_text()
         ids = data.tokenize(tok, text)
         calib = random_windows(ids, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         logger.info("calibration: %d windows of %d tokens from %d tokens of text", args.nsamples, args.seqlen, ids.size)
-        work = work_dir_for(args.out_dir)
     else:  # round-to-nearest reads no data: one short window only shows the engine the model's matmuls
         calib = np.zeros((1, 8), np.int32)
     t0 = time.perf_counter()
-    result = quantize(
-        model,
-        calib,
-        quant_config=qc,
-        method=args.method,
-        batch_size=args.batch_size,
-        work_dir=None if work is None else str(work),
-        fingerprint_extra=f"{args.model_dir.resolve()}|{args.dtype}",
-        progress=True,
-    )
+    with _LayerBar(len(model.layers), f"{args.method} {args.bits}-bit") as bar:
+        result = quantize(
+            model,
+            calib,
+            quant_config=qc,
+            method=args.method,
+            batch_size=args.batch_size,
+            work_dir=None if work is None else str(work),
+            fingerprint_extra=f"{args.model_dir.resolve()}|{args.dtype}|{_weights_signature(args.model_dir)}",
+            progress=bar.linear,
+        )
+        bar.done()
     seconds = time.perf_counter() - t0
     pack_model(result.model, result.weights)
     report = result.report.to_json()
@@ -155,9 +272,37 @@ def run(args: argparse.Namespace) -> int:
         extra_files={"quant_report.json": json.dumps(report, indent=1)},
     )
     if work is not None:
-        shutil.rmtree(work, ignore_errors=True)
+        from gptq_jax.resume import remove_store
+
+        remove_store(str(work))
     _summary(result.report, out, seconds)
     return 0
+
+
+class _LayerBar:
+    """A progress bar over decoder layers, fed by ``quantize``'s per-linear status lines: a line for layer ``i``
+    means layers ``0..i-1`` are finished. So a resumed run's bar starts at the layers it skipped and ends at the
+    total, instead of counting only the layers it computed."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="layer")
+
+    def linear(self, name: str) -> None:
+        m = re.match(r"(?:model\.)?layers\.(\d+)\.", name)
+        if m is not None and int(m.group(1)) > self.bar.n:
+            self.bar.update(int(m.group(1)) - self.bar.n)
+        self.bar.set_postfix_str(name, refresh=True)
+
+    def done(self) -> None:
+        self.bar.update(self.bar.total - self.bar.n)
+
+    def __enter__(self) -> _LayerBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def _summary(report, out: str, seconds: float) -> None:

@@ -9,6 +9,8 @@ Error policy (all raised before any tensor data is read, except for data corrupt
 - missing directory / config.json / weight file: ``FileNotFoundError`` naming the path;
 - malformed config, unsupported architecture, a corrupt or truncated safetensors file, a missing tensor, a tensor of
   the wrong shape or a non-float dtype, a tensor stored twice: ``ValueError`` naming the tensor and the values;
+- a tensor holding NaN or Inf: ``ValueError`` naming the tensor, its file and the count, when the weights are read
+  (all of them, before any work: quantizing a model with a NaN would otherwise fail layers later or silently);
 - tensors the model has no place for (e.g. GPTQ ``qweight``, a 3rd layer in a 2-layer config): ``ValueError``
   listing them, or with ``strict=False`` a warning and they are skipped. ``rotary_emb.inv_freq`` buffers (old Llama
   checkpoints) and a redundant ``lm_head.weight`` in a tied model are skipped silently: we recompute / share them.
@@ -143,6 +145,21 @@ def weight_files(path: str | os.PathLike) -> list[str]:
     return files
 
 
+def check_finite(x: Any, name: str, file: str) -> None:
+    """Raise ``ValueError`` naming tensor ``name`` of ``file`` if ``x`` (numpy or jax, any dtype) holds NaN or Inf."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return
+    finite = jnp.isfinite(jnp.asarray(x))
+    if bool(jnp.all(finite)):
+        return
+    bad = int(finite.size - jnp.count_nonzero(finite))
+    first = tuple(int(i) for i in np.unravel_index(int(jnp.argmin(finite.reshape(-1))), finite.shape))
+    raise ValueError(
+        f"tensor {name} in {file} has {bad} NaN/Inf value(s) (the first at index {list(first)}); "
+        "the checkpoint is damaged or was saved from a diverged model"
+    )
+
+
 def _open(file: str):
     try:
         return safe_open(file, framework="flax")
@@ -230,12 +247,18 @@ def load_pretrained(
                     x = f.get_tensor(name)
                 except Exception as e:
                     raise ValueError(f"{file}: cannot read tensor {name} (corrupt or truncated file?): {e}") from None
+                check_finite(x, name, file)
                 x = x.astype(dtype)
                 values[target] = x.T if transpose else x
                 del x
     flat = [(key, var.replace(values.pop(target))) for target, (key, var) in slots.items()]
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     return model, config
+
+
+_TOKENIZER_JSON = ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+# Any one of these sets of files is a tokenizer transformers can load without the network.
+_TOKENIZER_SETS = ({"tokenizer.json"}, {"tokenizer.model"}, {"vocab.json", "merges.txt"}, {"vocab.txt"})
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -245,6 +268,23 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    # transformers reports a malformed JSON file or a missing tokenizer file only vaguely ("cannot load a
+    # tokenizer", "you need sentencepiece"): name the file, and the JSON error with its line, first.
+    for fname in _TOKENIZER_JSON:
+        file = os.path.join(path, fname)
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{file} is not valid JSON: {e}") from None
+    present = set(os.listdir(path))
+    if not any(need <= present for need in _TOKENIZER_SETS):
+        if "vocab.json" in present and "merges.txt" not in present:
+            raise FileNotFoundError(f"{path} has vocab.json but no merges.txt (a BPE tokenizer needs both)")
+        raise FileNotFoundError(
+            f"{path} has no tokenizer: expected tokenizer.json (or tokenizer.model, or vocab.json with merges.txt)"
+        )
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
