@@ -196,7 +196,7 @@ def test_stages_of_a_layer_chain_to_its_output(arch):
     rules = compile_rules(QC)
     cands, other = subject.candidates(params)
     plan = plans.make_plan(traced, params.paths, [x.shape for x in params.leaves], cands, other,
-                           lambda p: config_for(rules, p), "gptq")
+                           [config_for(rules, p) for p in params.paths])
     groups = [sorted(params.paths[p].split(".", 2)[2] for p in st.params) for st in plan.stages]
     assert [len(g) for g in groups] == [3, 1, 2, 1]
     assert groups[1] == ["self_attn.o_proj.kernel"] and groups[3] == ["mlp.down_proj.kernel"]
@@ -205,3 +205,20 @@ def test_stages_of_a_layer_chain_to_its_output(arch):
         out, carry, _ = plans.slice_fn(plan, j)(params.leaves, values, {}, mask)
         values = carry
     np.testing.assert_allclose(np.asarray(out[0]), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_resume_redoes_blocks_whose_weights_changed(tmp_path):
+    """The work directory knows each block's float weights: a model edited between runs is not resumed."""
+    calib = _calib()
+    quantize(_model(), calib, quant_config=QC, work_dir=str(tmp_path))
+    edited = _model()
+    edited.layers[1].self_attn.q_proj.kernel.set_value(2 * edited.layers[1].self_attn.q_proj.kernel[...])
+    again = quantize(edited, calib, quant_config=QC, work_dir=str(tmp_path))
+    assert again.report.resumed_layers == 1
+    fresh = quantize(_model(), calib, quant_config=QC)
+    edited2 = _model()
+    edited2.layers[1].self_attn.q_proj.kernel.set_value(2 * edited2.layers[1].self_attn.q_proj.kernel[...])
+    want = quantize(edited2, calib, quant_config=QC)
+    name = "layers.1.self_attn.q_proj.kernel"
+    np.testing.assert_array_equal(np.asarray(again.weights[name].codes), np.asarray(want.weights[name].codes))
+    assert not np.array_equal(np.asarray(again.weights[name].scales), np.asarray(fresh.weights[name].scales))

@@ -15,6 +15,7 @@ block, ``resume.ResumeStore`` keeps finished blocks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -398,6 +399,7 @@ def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches
         bar.refresh()
     store = ResumeStore(work_dir, fp) if work_dir is not None else None
     hidden_in = 0  # the hidden states are the first leaf of (args, kwargs)
+    resuming = True  # finished blocks are reused while each matches the weights it was made from
     hidden = [jax.tree.leaves(x)[hidden_in] for x in inputs]
     _, tree = jax.tree.flatten(inputs[0])
     others = [jax.tree.leaves(x) for x in inputs]
@@ -417,7 +419,12 @@ def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches
         plan = plans[0]
         job.note_skipped(plan, params)
         hidden_out = _hidden_output(plan.traced.jaxpr.out_avals, hidden[0], path)
-        saved = store.load(i) if store is not None else None
+        digest = _weights_digest(params) if store is not None else None
+        saved = store.load(i) if store is not None and resuming else None
+        if saved is not None and saved[1].get("weights_digest") not in (None, digest):
+            log.warning("block %s: its weights differ from those of the run that saved it; redoing it and the "
+                        "blocks after it", path)
+            saved, resuming = None, False
         if saved is not None:
             weights, records = saved
             _restore(job, plan, params, weights)
@@ -436,10 +443,20 @@ def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches
             if store is not None:
                 names = [r["name"] for r in job.report.linears[first:]]
                 store.save(i, {n: job.weights[n] for n in names},
-                           {"linears": job.report.linears[first:], "layer": rec})
+                           {"linears": job.report.linears[first:], "layer": rec, "weights_digest": digest})
         block.write(params)
         if bar is not None:
             bar.update(1)
+
+
+def _weights_digest(params: subject.Params) -> str:
+    """SHA-256 of a block's float parameters: a resumed block must have been made from these very weights."""
+    h = hashlib.sha256()
+    for path, x in zip(params.paths, params.leaves, strict=True):
+        a = np.asarray(x)
+        h.update(f"{path}:{a.dtype}:{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def _note_outside(job: _Job, model: nnx.Module, block_paths: list[str]) -> None:
