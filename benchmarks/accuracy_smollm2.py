@@ -20,11 +20,11 @@ import time
 import jax
 
 from gptq_jax import QuantConfig, quantize
-from gptq_jax.calibration import random_windows
-from gptq_jax.data import default_calibration_text, default_eval_text, tokenize
-from gptq_jax.default_model import fetch_smollm2
-from gptq_jax.eval import perplexity
+from gptq_jax.core.calibration import random_windows
+from gptq_jax.io.default_model import fetch_smollm2
+from gptq_jax.io.text import default_calibration_text, default_eval_text, tokenize
 from gptq_jax.models import load_pretrained, load_tokenizer
+from gptq_jax.tasks.eval import perplexity
 
 # (label, method, QuantConfig keyword arguments)
 SETTINGS = [

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax import QuantConfig, accumulate_hessian, init_hessian
-from gptq_jax.gptq import _solver
+from gptq_jax.core.gptq import _solver
 
 SHAPES = [(576, 576), (1536, 576), (4096, 4096), (11008, 4096)]  # (out N, in K)
 

@@ -2,7 +2,7 @@
 
 Measures, float32, batch 1:
   - perplexity-evaluation throughput (tokens/s): summed next-token NLL of `--windows` windows of `seqlen` held-out
-    tokens, for each seqlen in `--seqlens`, as each side computes it (ours: `gptq_jax.eval`, whose head runs in
+    tokens, for each seqlen in `--seqlens`, as each side computes it (ours: `gptq_jax.tasks.eval`, whose head runs in
     tiles with a running log-sum-exp; transformers: the model's full logits, then logsumexp and the target logit);
   - the plain forward to full `(1, T, V)` logits (tokens/s) on both sides, the same work for each;
   - prefill and decode throughput (tokens/s): greedy decoding with a KV cache, `--new-tokens` tokens after a
@@ -65,13 +65,13 @@ def run_ours(args: argparse.Namespace, tokens: np.ndarray) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from gptq_jax.eval import make_nll_fn
-    from gptq_jax.generate import generate_tokens
     from gptq_jax.models import load_pretrained
     from gptq_jax.models.llama import make_forward
+    from gptq_jax.tasks.eval import make_nll_fn
+    from gptq_jax.tasks.generate import generate_tokens
 
     model, _ = load_pretrained(args.model_dir, dtype=jnp.float32)
-    nll_fn = make_nll_fn(model)  # what gptq_jax.eval.perplexity runs per batch
+    nll_fn = make_nll_fn(model)  # what gptq_jax.tasks.eval.perplexity runs per batch
     forward = make_forward(model)
     out = {"eval": [], "versions": {"jax": jax.__version__}, "backend": jax.default_backend()}
     for seqlen in args.seqlens:
@@ -112,7 +112,7 @@ def run_ours(args: argparse.Namespace, tokens: np.ndarray) -> dict:
 
 
 def torch_window_nll(model, x):
-    """Summed next-token NLL per window `(B,)`, the same formula as `gptq_jax.eval.window_nll`.
+    """Summed next-token NLL per window `(B,)`, the same formula as `gptq_jax.tasks.eval.window_nll`.
 
     (logsumexp minus the target logit: torch's float32 `cross_entropy` / `log_softmax` are ~1e-5 relative away from
     a float64 computation on these 49152-way logits; this formula is not.)"""
@@ -186,7 +186,7 @@ def run_torch(args: argparse.Namespace, tokens: np.ndarray) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from gptq_jax.data import default_eval_text, tokenize
+    from gptq_jax.io.text import default_eval_text, tokenize
     from gptq_jax.models import load_tokenizer
 
     tokens = tokenize(load_tokenizer(args.model_dir), default_eval_text())
@@ -247,7 +247,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from gptq_jax.default_model import fetch_smollm2
+    from gptq_jax.io.default_model import fetch_smollm2
 
     args.model_dir = args.model_dir or fetch_smollm2()
     load_before = os.getloadavg()

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from gptq_jax import QuantConfig, quantize
-from gptq_jax.calibration import random_windows
+from gptq_jax.core.calibration import random_windows
 
 LLAMA2_7B = {
     "architectures": ["LlamaForCausalLM"],
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     device = dev.device_kind if dev.platform != "cpu" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
     t_load = time.perf_counter()
     if args.model == "smollm2":
-        from gptq_jax.data import default_calibration_text, tokenize
-        from gptq_jax.default_model import fetch_smollm2
+        from gptq_jax.io.default_model import fetch_smollm2
+        from gptq_jax.io.text import default_calibration_text, tokenize
         from gptq_jax.models import load_pretrained, load_tokenizer
 
         path = fetch_smollm2()

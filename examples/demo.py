@@ -25,14 +25,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from gptq_jax import QuantConfig, quantize  # noqa: E402
-from gptq_jax.calibration import random_windows  # noqa: E402
-from gptq_jax.checkpoint import load_quantized, save_quantized  # noqa: E402
-from gptq_jax.data import default_calibration_text, default_eval_text, tokenize  # noqa: E402
-from gptq_jax.default_model import DEFAULT_CACHE, fetch_smollm2  # noqa: E402
-from gptq_jax.eval import perplexity  # noqa: E402
-from gptq_jax.generate import generate  # noqa: E402
+from gptq_jax.core.calibration import random_windows  # noqa: E402
+from gptq_jax.io.checkpoint import load_quantized, save_quantized  # noqa: E402
+from gptq_jax.io.default_model import DEFAULT_CACHE, fetch_smollm2  # noqa: E402
+from gptq_jax.io.text import default_calibration_text, default_eval_text, tokenize  # noqa: E402
 from gptq_jax.models import load_pretrained, load_tokenizer  # noqa: E402
-from gptq_jax.qlinear import pack_model  # noqa: E402
+from gptq_jax.models.qlinear import pack_model  # noqa: E402
+from gptq_jax.tasks.eval import perplexity  # noqa: E402
+from gptq_jax.tasks.generate import generate  # noqa: E402
 
 
 def _size(path: Path) -> int:

@@ -14,11 +14,12 @@ Whole models:
 - ``pack(model, result)``: the quantized model computing from packed weights (``gptq_jax.engine.packed``).
 """
 
-from gptq_jax.config import SUPPORTED_BITS, QuantConfig
+from gptq_jax.core.config import SUPPORTED_BITS, QuantConfig
+from gptq_jax.core.gptq import quantize_weight
+from gptq_jax.core.hessian import accumulate_hessian, init_hessian
+from gptq_jax.core.quantizer import QuantizedWeight, rtn_quantize
 from gptq_jax.engine.driver import QuantizeResult, QuantReport, quantize
-from gptq_jax.gptq import quantize_weight
-from gptq_jax.hessian import accumulate_hessian, init_hessian
-from gptq_jax.quantizer import QuantizedWeight, rtn_quantize
+from gptq_jax.engine.packed import pack
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -28,6 +29,7 @@ __all__ = [
     "QuantizedWeight",
     "accumulate_hessian",
     "init_hessian",
+    "pack",
     "quantize",
     "quantize_weight",
     "rtn_quantize",

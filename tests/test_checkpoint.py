@@ -14,11 +14,11 @@ from helpers_models import tiny_config
 from safetensors.numpy import load_file, save_file
 
 from gptq_jax import QuantConfig, quantize
-from gptq_jax.checkpoint import load_orbax, load_quantized, read_quantization_config, save_orbax, save_quantized
+from gptq_jax.io.checkpoint import load_orbax, load_quantized, read_quantization_config, save_orbax, save_quantized
 from gptq_jax.models import LlamaForCausalLM, ModelConfig
 from gptq_jax.models.llama import make_forward
 from gptq_jax.models.params import save_pretrained
-from gptq_jax.qlinear import QuantLinear, pack_model, quantized_linears
+from gptq_jax.models.qlinear import QuantLinear, pack_model, quantized_linears
 from pallas_kernels.packing import checkpoint_arrays
 
 # ---------------------------------------------------------------------------------------------------------------------

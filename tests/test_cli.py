@@ -13,8 +13,8 @@ import pytest
 from helpers_models import build_torch_model, tiny_config, write_hf_checkpoint
 
 from gptq_jax import cli
-from gptq_jax.eval import perplexity
 from gptq_jax.models import load_pretrained
+from gptq_jax.tasks.eval import perplexity
 
 TEXT = " ".join(f"w{i}" for i in np.random.default_rng(0).integers(0, 100, size=300))
 

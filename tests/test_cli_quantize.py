@@ -10,7 +10,7 @@ import pytest
 from helpers_models import write_hf_checkpoint
 
 from gptq_jax.cli import main
-from gptq_jax.quantize_cmd import work_dir_for
+from gptq_jax.cli.quantize_cmd import work_dir_for
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_interrupted_run_resumes(tiny, capsys):
     work = work_dir_for(out)
     capsys.readouterr()
 
-    from gptq_jax.resume import ResumeStore
+    from gptq_jax.engine.resume import ResumeStore
 
     real = ResumeStore.save
 

@@ -11,12 +11,12 @@ from flax import nnx
 from helpers_models import tiny_config
 
 from gptq_jax import QuantConfig, quantize
-from gptq_jax.calibration import random_windows
-from gptq_jax.checkpoint import load_quantized, save_quantized
-from gptq_jax.eval import perplexity
+from gptq_jax.core.calibration import random_windows
+from gptq_jax.io.checkpoint import load_quantized, save_quantized
 from gptq_jax.models import LlamaForCausalLM, ModelConfig
 from gptq_jax.models.llama import make_forward
-from gptq_jax.qlinear import pack_model
+from gptq_jax.models.qlinear import pack_model
+from gptq_jax.tasks.eval import perplexity
 
 VOCAB = 128
 
@@ -101,7 +101,7 @@ def test_gptq_beats_rtn_on_a_trained_model(trained, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_3bit_gptq_beats_rtn(smollm2_dir):
-    from gptq_jax.data import default_calibration_text, default_eval_text, tokenize
+    from gptq_jax.io.text import default_calibration_text, default_eval_text, tokenize
     from gptq_jax.models import load_pretrained, load_tokenizer
 
     tok = load_tokenizer(smollm2_dir)

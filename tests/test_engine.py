@@ -13,9 +13,9 @@ from flax import nnx
 
 import gptq_jax
 from gptq_jax import QuantConfig
+from gptq_jax.core.hessian import accumulate_hessian, init_hessian
 from gptq_jax.engine.packed import load_packed, pack, save_packed
 from gptq_jax.engine.trace import to_matrix
-from gptq_jax.hessian import accumulate_hessian, init_hessian
 
 D, N, H, F, V = 32, 4, 8, 64, 50
 QC = QuantConfig(bits=4, group_size=16)

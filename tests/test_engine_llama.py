@@ -8,7 +8,7 @@ from flax import nnx
 from helpers_models import tiny_config
 
 from gptq_jax import QuantConfig, quantize
-from gptq_jax.calibration import Calibration, from_texts, random_windows
+from gptq_jax.core.calibration import Calibration, from_texts, random_windows
 from gptq_jax.models import LlamaForCausalLM, ModelConfig
 from gptq_jax.models.llama import make_forward, make_positions
 

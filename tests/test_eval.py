@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from helpers_models import torch_model, write_hf_checkpoint
 
-from gptq_jax.data import (
+from gptq_jax.io.text import (
     default_calibration_text,
     default_eval_text,
     default_text,
@@ -18,7 +18,7 @@ from gptq_jax.data import (
     split_text,
     tokenize,
 )
-from gptq_jax.eval import perplexity
+from gptq_jax.tasks.eval import perplexity
 
 # ---------------------------------------------------------------------------------------------------------------------
 # A model whose NLL is computable by hand: logits depend only on the current token (a bigram table).
@@ -205,7 +205,7 @@ def test_tokenize_adds_no_special_tokens(tmp_path):
 
 
 def test_repeated_evaluation_compiles_once():
-    from gptq_jax import eval as ev
+    from gptq_jax.tasks import eval as ev
 
     table = np.random.default_rng(0).standard_normal((13, 13))  # a vocabulary size no other test uses
     tokens = np.arange(40) % 13

@@ -25,10 +25,11 @@ import pytest
 from helpers_models import write_hf_checkpoint
 from safetensors.numpy import load_file, save_file
 
-from gptq_jax import checkpoint, cli
-from gptq_jax.cli_common import CommandError
-from gptq_jax.quantize_cmd import work_dir_for
-from gptq_jax.resume import ResumeStore, atomic_write
+from gptq_jax import cli
+from gptq_jax.cli.common import CommandError
+from gptq_jax.cli.quantize_cmd import work_dir_for
+from gptq_jax.engine.resume import ResumeStore, atomic_write
+from gptq_jax.io import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 Q_ARGS = ["--bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "32"]
@@ -433,7 +434,8 @@ def test_interrupt_says_the_run_resumes(tiny, tmp_path, capsys, monkeypatch, sig
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-from gptq_jax import checkpoint, cli
+from gptq_jax import cli
+from gptq_jax.io import checkpoint
 real = checkpoint._write_shards
 def write_then_die(*a, **k):
     real(*a, **k)
@@ -477,7 +479,7 @@ def test_output_of_a_run_killed_while_overwriting_is_put_back(tiny, tmp_path, ca
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_bit_packing_round_trips(bits):
-    from gptq_jax.resume import pack_bits, unpack_bits
+    from gptq_jax.engine.resume import pack_bits, unpack_bits
 
     codes = np.random.default_rng(bits).integers(0, 2**bits, (7, 13)).astype(np.int32)  # odd sizes: a partial byte
     packed = pack_bits(codes, bits)
@@ -486,8 +488,8 @@ def test_bit_packing_round_trips(bits):
 
 
 def test_work_directory_is_about_the_checkpoint_size(tmp_path):
-    from gptq_jax.config import QuantConfig
-    from gptq_jax.quantizer import rtn_quantize
+    from gptq_jax.core.config import QuantConfig
+    from gptq_jax.core.quantizer import rtn_quantize
 
     w = np.random.default_rng(0).standard_normal((384, 1024)).astype(np.float32)
     qw = rtn_quantize(w, QuantConfig(bits=4, group_size=128))

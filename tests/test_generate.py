@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from helpers_models import write_hf_checkpoint, write_tiny_tokenizer
 
-from gptq_jax.generate import SamplingConfig, eos_ids, generate, generate_tokens, sample_next
 from gptq_jax.models import load_pretrained, load_tokenizer, make_forward
+from gptq_jax.tasks.generate import SamplingConfig, eos_ids, generate, generate_tokens, sample_next
 
 PROMPT = np.array([5, 17, 99, 42, 8], np.int32)
 
@@ -126,7 +126,7 @@ def test_chat_template_is_used(tmp_path, tiny):
     _, model, _ = tiny
     tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
     tok.chat_template = "{% for m in messages %}w7 {{ m['content'] }} w8 {% endfor %}w9"
-    from gptq_jax.generate import encode_prompt
+    from gptq_jax.tasks.generate import encode_prompt
 
     assert encode_prompt(tok, "w1 w2", chat=True).tolist() == tok("w7 w1 w2 w8 w9")["input_ids"]
     result = generate(model, tok, "w1 w2", chat=True, max_new_tokens=3)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers_models import build_torch_model, random_tokens, tiny_config, torch_logits
 
-from gptq_jax.gguf import GGUFError, convert_gguf, hf_tensor_name, permute_rotary, unpermute_rotary
+from gptq_jax.io.gguf import GGUFError, convert_gguf, hf_tensor_name, permute_rotary, unpermute_rotary
 
 _TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -240,7 +240,7 @@ def test_output_directory_rules(tmp_path):
 
 
 def test_failure_leaves_nothing(tmp_path, monkeypatch):
-    import gptq_jax.gguf as mod
+    import gptq_jax.io.gguf as mod
 
     path, *_ = _tiny(tmp_path)
 

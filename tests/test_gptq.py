@@ -84,7 +84,7 @@ def test_block_size_changes_nothing(group_size):
 def test_feedback_factor_is_the_papers_u():
     """The solve's F^T and diag R (one Cholesky of H, no inverse) give back the paper's U = chol(H^-1)^T:
     U = R^-1 with R = F diag(R), and the damping lands on the diagonal only."""
-    from gptq_jax.gptq import _damped_factor
+    from gptq_jax.core.gptq import _damped_factor
 
     _, h, _ = _problem(seed=5, k=96)
     ft, rd, damp, ok = _damped_factor(jnp.asarray(h), 0.01)

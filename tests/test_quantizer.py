@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gptq_jax import QuantConfig, accumulate_hessian, init_hessian, rtn_quantize
-from gptq_jax.quantizer import grid_params
+from gptq_jax.core.quantizer import grid_params
 
 
 def test_symmetric_grid_is_the_checkpoint_formats():

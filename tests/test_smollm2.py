@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from gptq_jax.data import load_text, split_text, tokenize
+from gptq_jax.io.text import load_text, split_text, tokenize
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +69,8 @@ def test_perplexity_is_sensible_and_matches_torch(smollm2_dir, torch_smollm2, he
     """
     from helpers_models import torch_logits
 
-    from gptq_jax.eval import perplexity
     from gptq_jax.models import load_pretrained
+    from gptq_jax.tasks.eval import perplexity
 
     tokens = held_out_tokens[: 2 * 512].reshape(2, 512)
     want = float(np.exp(_nll(torch_logits(torch_smollm2, tokens), tokens)))

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptq_jax.calibration import Calibration
-from gptq_jax.config import QuantConfig
+from gptq_jax.core.calibration import Calibration
+from gptq_jax.core.config import QuantConfig
+from gptq_jax.core.gptq import quantize_weight
+from gptq_jax.core.quantizer import QuantizedWeight, rtn_quantize
 from gptq_jax.engine import subject
 from gptq_jax.engine.plan import (
     Plan,
@@ -39,11 +41,9 @@ from gptq_jax.engine.plan import (
     squared_error,
     stages_in_slice,
 )
+from gptq_jax.engine.resume import ResumeStore, fingerprint
 from gptq_jax.engine.rules import Rules, compile_rules, config_for, describe
 from gptq_jax.engine.trace import from_matrix, to_matrix, trace
-from gptq_jax.gptq import quantize_weight
-from gptq_jax.quantizer import QuantizedWeight, rtn_quantize
-from gptq_jax.resume import ResumeStore, fingerprint
 
 log = logging.getLogger(__name__)
 

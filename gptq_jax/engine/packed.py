@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptq_jax.core.quantizer import QuantizedWeight
 from gptq_jax.engine.subject import Params
 from gptq_jax.engine.trace import _CASTS, activation_rows, run, trace
-from gptq_jax.quantizer import QuantizedWeight
 from pallas_kernels import PackedWeight, gptq_matmul
 
 _ALIGN = 32  # K and N padded to a multiple of this, which every bit width packs into whole int32 words

@@ -22,9 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gptq_jax.config import QuantConfig
+from gptq_jax.core.config import QuantConfig
+from gptq_jax.core.hessian import accumulate_hessian, init_hessian
 from gptq_jax.engine.trace import Traced, Use, activation_rows, find_uses, live_at, matrix_shape, run
-from gptq_jax.hessian import accumulate_hessian, init_hessian
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from gptq_jax.config import QuantConfig
+from gptq_jax.core.config import QuantConfig
 
 Rules = QuantConfig | Sequence[tuple[str, QuantConfig | None]]
 

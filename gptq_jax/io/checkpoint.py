@@ -30,10 +30,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from gptq_jax.config import QuantConfig
+from gptq_jax.core.config import QuantConfig
 from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig
 from gptq_jax.models.params import check_finite, hf_to_nnx, nnx_to_hf
-from gptq_jax.qlinear import QuantLinear, module_at, quantized_linears
+from gptq_jax.models.qlinear import QuantLinear, module_at, quantized_linears
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -107,7 +107,7 @@ def save_quantized(
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
 ) -> str:
-    """Write a model whose decoder linears are ``QuantLinear`` (see ``gptq_jax.qlinear.pack_model``) as a GPTQ
+    """Write a model whose decoder linears are ``QuantLinear`` (see ``gptq_jax.models.qlinear.pack_model``) as a GPTQ
     checkpoint. ``checkpoint_format`` defaults to ``gptq`` for symmetric and ``gptq_v2`` for asymmetric grids
     (v1 cannot hold asymmetric zeros of 0). ``float_dtype`` (default: the model's) is the dtype of embeddings and
     norms. The directory is built under a temporary name and renamed into place at the end, so an interrupted save

@@ -35,7 +35,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.quantizer import QuantizedWeight
+from gptq_jax.core.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
 

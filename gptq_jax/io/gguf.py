@@ -39,7 +39,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-# Bump when the files `convert_gguf` writes change, so cached conversions (gptq_jax.default_model) are redone.
+# Bump when the files `convert_gguf` writes change, so cached conversions (gptq_jax.io.default_model) are redone.
 CONVERSION_VERSION = 1
 
 

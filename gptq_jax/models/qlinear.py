@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptq_jax.core.quantizer import QuantizedWeight
 from gptq_jax.models.llama import Linear, LlamaForCausalLM
-from gptq_jax.quantizer import QuantizedWeight
 from pallas_kernels import PackedWeight, gptq_matmul, packing
 
 

@@ -1,0 +1,1 @@
+"""What is done with a model: perplexity (eval) and text generation (generate)."""
