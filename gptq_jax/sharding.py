@@ -181,8 +181,16 @@ def _local_xtx(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Arr
 @functools.cache
 def _hessian_fold(mesh: Mesh, with_mask: bool):
     def local(h, n, x, mask=None):
-        xtx, t = _local_xtx(x, mask)
-        xtx, t = lax.psum((xtx, t), DATA)  # the one all-reduce of this linear group
+        xtx, t = _local_xtx(x, mask)  # (K, K), ()
+        k = xtx.shape[0]
+        if mask is None:
+            t = t * lax.axis_size(DATA)  # every device holds as many tokens: no count to add up
+            xtx = lax.psum(xtx, DATA)  # the one all-reduce of this linear group
+        else:
+            # The token count rides along in the same all-reduce (as f32: exact up to 2^24 tokens per call).
+            flat = jnp.concatenate([xtx.reshape(-1), t.astype(jnp.float32)[None]])
+            flat = lax.psum(flat, DATA)  # the one all-reduce of this linear group
+            xtx, t = flat[:-1].reshape(k, k), flat[-1].astype(jnp.int32)
         n_new = n + t
         denom = jnp.maximum(n_new, 1).astype(jnp.float32)
         return h * (n.astype(jnp.float32) / denom) + (2.0 / denom) * xtx, n_new

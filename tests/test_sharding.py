@@ -53,6 +53,11 @@ def test_sharded_hessian_matches_one_device(measured, mesh):
     assert r["max_rel_diff"] <= HESSIAN_RTOL, r
 
 
+def test_sharded_hessian_without_mask_and_one_all_reduce(measured):
+    assert measured["hessian"]["4x2/nomask"]["max_rel_diff"] <= HESSIAN_RTOL
+    assert measured["hessian"]["4x2/all_reduces"] == {"mask": 1, "nomask": 1}
+
+
 @pytest.mark.parametrize(
     "case",
     ["1/g32_act", "2x1/g32_act", "1x2/g32_act", "4x2/g32_act", "4x2/g32_sym", "4x2/perchannel_asym",
