@@ -58,8 +58,8 @@ def main(path: str) -> None:
     per_solve_byte = overhead7 / ref["solve_bytes"]
     print(f"measured on {res['device']}: {res['method']}, {res['calibration_tokens']} tokens per Hessian; "
           f"{run['layers']} layers; load {run['uptime_after'].split('load average:')[-1].strip()}\n")
-    print("| shape | layers | model bf16 | block bf16 / f32 | largest H (f32) | peak host RSS per layer | "
-          "time per layer (this CPU) | whole model (this CPU) |")
+    print("| shape | layers | model bf16 | block bf16 / f32 | largest H (f32) | peak host RSS | "
+          "time per layer (this CPU) | whole model |")
     print("|---|---|---|---|---|---|---|---|")
     for name in SHAPES:
         s = stats(name)
