@@ -84,6 +84,11 @@ def solves() -> dict:
         "mask": _count_all_reduces(S._hessian_fold(mesh, True).lower(*zeros, x, mask)),
         "nomask": _count_all_reduces(S._hessian_fold(mesh, False).lower(*zeros, x)),
     }
+    try:  # 6 windows on a data axis of 4
+        S.accumulate_hessian_sharded(*zeros, x[:6], mask[:6], mesh=mesh)
+        out["hessian"]["4x2/batch6_error"] = None
+    except ValueError as e:
+        out["hessian"]["4x2/batch6_error"] = str(e)
     # The same H on one device and on the mesh: only the row split differs.
     q = S.quantize_weight_sharded(w, h1, GRID_CONFIG, mesh=mesh)
     out["solve"]["4x2/g32_act/same_h"] = compare(q, refs["g32_act"])

@@ -58,6 +58,11 @@ def test_sharded_hessian_without_mask_and_one_all_reduce(measured):
     assert measured["hessian"]["4x2/all_reduces"] == {"mask": 1, "nomask": 1}
 
 
+def test_sharded_hessian_refuses_a_batch_the_data_axis_does_not_divide(measured):
+    err = measured["hessian"]["4x2/batch6_error"]
+    assert err is not None and "batch of 6 windows does not split over the mesh's data axis of 4 devices" in err
+
+
 @pytest.mark.parametrize(
     "case",
     ["1/g32_act", "2x1/g32_act", "1x2/g32_act", "4x2/g32_act", "4x2/g32_sym", "4x2/perchannel_asym",
