@@ -34,7 +34,10 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 def main(mode: str, process_id: int, num_processes: int, port: int, out: str) -> None:
     from gptq_jax import multihost
 
-    multihost.initialize(f"localhost:{port}", num_processes, process_id, timeout_s=60, heartbeat_timeout_s=5)
+    # A short heartbeat timeout where a process dies on purpose; a long one otherwise, so that a loaded machine
+    # starving a healthy process for a few seconds does not stop the run.
+    heartbeat = 5 if mode == "die" else 60
+    multihost.initialize(f"localhost:{port}", num_processes, process_id, timeout_s=60, heartbeat_timeout_s=heartbeat)
     import jax
 
     from gptq_jax import QuantConfig
