@@ -236,7 +236,7 @@ def _convert_gguf_run(args: argparse.Namespace) -> int:
 
 
 def _quantize_arguments(p: argparse.ArgumentParser) -> None:
-    from gptq_jax import quantize_cmd  # its own module: it is the largest command
+    from gptq_jax.cli import quantize_cmd  # its own module: it is the largest command
 
     quantize_cmd.add_arguments(p)
 

@@ -39,6 +39,7 @@ from gptq_jax.cli.common import (
     positive_int,
     probability,
 )
+from gptq_jax.engine.multihost import add_distributed_args
 
 logger = logging.getLogger("gptq_jax.cli")
 
@@ -71,13 +72,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("gptq", "gptq_v2"), help="checkpoint format (default: gptq if --sym)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn: round-to-nearest baseline")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="calibration windows per pass (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="calibration windows per pass (default: the mesh's data axis; 1 on one device)")
     p.add_argument(
         "--save-dtype",
         choices=sorted(DTYPES),
         default="f16",
         help="dtype of the unquantized tensors in OUT_DIR (embeddings, norms); default f16, as PyTorch tools expect",
     )
+    add_distributed_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
 
 
@@ -211,6 +214,34 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{e.strerror or e}{where}; OUT_DIR was not written; {then}") from None
 
 
+def _mesh_and_batch(args: argparse.Namespace) -> tuple[object, int]:
+    """Start the other processes' collectives if asked (several hosts), then the mesh: ``--mesh``, or all devices
+    on the data axis when there is more than one; the batch defaults to the data axis."""
+    import jax
+
+    from gptq_jax.engine.multihost import initialize_from_args
+    from gptq_jax.engine.sharding import make_mesh, mesh_shape
+
+    initialize_from_args(args)
+    if args.mesh is None and len(jax.devices()) == 1:
+        return None, args.batch_size or 1
+    try:
+        mesh = make_mesh(args.mesh)
+    except ValueError as e:
+        raise CommandError(f"--mesh: {e}") from None
+    data = mesh_shape(mesh).get("data", 1)
+    batch = args.batch_size or data
+    if batch % data:
+        raise CommandError(f"--batch-size {batch} does not split over the mesh's data axis of {data} devices; "
+                           f"use a multiple of {data}")
+    if args.method == "gptq" and args.nsamples % batch:
+        logger.info("the last calibration batch has %d windows", args.nsamples % batch)
+        if (args.nsamples % batch) % data:
+            raise CommandError(f"--nsamples {args.nsamples} leaves a last batch of {args.nsamples % batch} windows, "
+                               f"which does not split over the data axis of {data}; use a multiple of {batch}")
+    return mesh, batch
+
+
 def _run(args: argparse.Namespace, work: Path | None) -> int:
     import jax.numpy as jnp
     import numpy as np
@@ -232,6 +263,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         damp_percent=args.damp,
         mse=args.mse,
     )
+    mesh, batch_size = _mesh_and_batch(args)
     tok = load_tokenizer(args.model_dir)
     model, config = load_pretrained(args.model_dir, dtype=jnp.dtype(DTYPES[args.dtype]))
     if args.method == "gptq" and args.seqlen > config.max_position_embeddings:
@@ -242,8 +274,8 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         ids = data.tokenize(tok, text)
         calib = random_windows(ids, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         logger.info("calibration: %d windows of %d tokens from %d tokens of text", args.nsamples, args.seqlen, ids.size)
-    else:  # round-to-nearest reads no data: one short window only shows the engine the model's matmuls
-        calib = np.zeros((1, 8), np.int32)
+    else:  # round-to-nearest reads no data: short windows only show the engine the model's matmuls
+        calib = np.zeros((batch_size, 8), np.int32)
     t0 = time.perf_counter()
     with _LayerBar(len(model.layers), f"{args.method} {args.bits}-bit") as bar:
         result = quantize(
@@ -251,7 +283,8 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
             calib,
             quant_config=qc,
             method=args.method,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
+            mesh=mesh,
             work_dir=None if work is None else str(work),
             fingerprint_extra=f"{args.model_dir.resolve()}|{args.dtype}|{_weights_signature(args.model_dir)}",
             progress=bar.linear,

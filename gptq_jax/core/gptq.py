@@ -95,21 +95,26 @@ def quantize_weight(w: jax.Array, h: jax.Array, config: QuantConfig) -> Quantize
     check_weight(w, config)
     check_hessian(w, h)
     out = _gptq(w, h, config)
+    log_damping(out, tuple(w.shape), config)
+    return out
+
+
+def log_damping(out: QuantizedWeight, shape: tuple[int, int], config: QuantConfig) -> None:
+    """Warn when a solve fell back to round-to-nearest or needed more damping than asked for."""
     if bool(out.fallback):
         log.warning(
             "GPTQ: the hessian of a %dx%d weight is not positive definite even with damping 1.0 x mean(diag H); "
             "fell back to round-to-nearest for this weight",
-            *w.shape,
+            *shape,
         )
     elif float(out.damp) > config.damp_percent * (1 + 1e-6):
         log.warning(
             "GPTQ: the hessian of a %dx%d weight needed damping %.4g (asked for %.4g) to be positive definite",
-            w.shape[0],
-            w.shape[1],
+            shape[0],
+            shape[1],
             float(out.damp),
             config.damp_percent,
         )
-    return out
 
 
 def _set_diagonal(a: jax.Array, d: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ from gptq_jax.core.calibration import Calibration
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.gptq import quantize_weight
 from gptq_jax.core.quantizer import QuantizedWeight, rtn_quantize
-from gptq_jax.engine import subject
+from gptq_jax.engine import sharding, subject
 from gptq_jax.engine.plan import (
     Plan,
     empty_hessians,
@@ -124,6 +124,34 @@ def _batches(calib: Any, batch_size: int) -> tuple[list[Any], list[Any], dict[st
     )
 
 
+def _on_mesh(batches: list[Any], masks: list[Any], mesh: Any) -> tuple[list[Any], list[Any]]:
+    """Split each batch's leading (row) axis over the mesh's data axis."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    out_b, out_m = [], []
+    for b, (batch, m) in enumerate(zip(batches, masks, strict=True)):
+        leaves = jax.tree.leaves(batch)
+        rows = int(jnp.shape(leaves[0])[0]) if leaves and jnp.ndim(leaves[0]) else 0
+        try:
+            sharding.check_batch(rows, mesh)
+        except ValueError as e:
+            raise ValueError(f"calibration batch {b}: {e}") from None
+
+        def put(x, rows=rows):
+            spec = PartitionSpec("data") if jnp.ndim(x) and jnp.shape(x)[0] == rows else PartitionSpec()
+            return jax.device_put(x, NamedSharding(mesh, spec))
+
+        out_b.append(jax.tree.map(put, batch))
+        out_m.append(None if m is None else put(m))
+    return out_b, out_m
+
+
+def _replicated(tree: Any, mesh: Any) -> Any:
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 def _default_forward(model: Any, batch: Any) -> Any:
     if isinstance(batch, dict) and "tokens" in batch:
         return model(batch["tokens"], attention_mask=batch["attention_mask"])
@@ -141,6 +169,7 @@ class _Job:
     true_sequential: bool
     report: QuantReport
     say: Callable[[str], None]
+    mesh: Any = None
     weights: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
     axes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     plans: dict[Any, Plan] = dataclasses.field(default_factory=dict)
@@ -188,7 +217,12 @@ class _Job:
                 w = leaves[p]
                 wm = to_matrix(jnp.asarray(w).astype(jnp.float32), plan.w_axes[p])  # (N, K)
                 qc = plan.configs[p]
-                qw = rtn_quantize(wm, qc) if h is None else quantize_weight(wm, h, qc)
+                if h is None:
+                    qw = rtn_quantize(wm, qc)
+                elif self.mesh is not None:
+                    qw = sharding.quantize_weight_sharded(wm, h, qc, mesh=self.mesh)
+                else:
+                    qw = quantize_weight(wm, h, qc)
                 leaves[p] = from_matrix(dequantized(qw), jnp.shape(w), plan.w_axes[p]).astype(jnp.result_type(w))
                 jax.block_until_ready(leaves[p])
                 self.weights[name] = qw
@@ -283,6 +317,7 @@ def quantize(
     work_dir: str | None = None,
     fingerprint_extra: str = "",
     progress: bool | Callable[[str], None] = False,
+    mesh: Any = None,
 ) -> QuantizeResult:
     """Quantize the matmul weights of a Flax model with GPTQ (or round-to-nearest).
 
@@ -308,6 +343,9 @@ def quantize(
       work_dir: each finished block is saved there; a rerun with the same job resumes after the last one.
       fingerprint_extra: text that identifies the job beyond the arguments (e.g. the model's path).
       progress: True for a progress bar on stderr, or a callable receiving a status line per weight.
+      mesh: a ``jax.sharding.Mesh`` with axes ``("data", "model")`` (``engine.sharding.make_mesh("data=2,model=4")``):
+        calibration batches split over ``data`` (the Hessians are summed across it inside the jitted passes) and
+        each solve split by output rows over ``model``. Each batch's rows must be a multiple of the data axis.
 
     Returns:
       ``QuantizeResult(model, weights, report, axes)``. Weights are keyed by parameter path, e.g.
@@ -322,10 +360,12 @@ def quantize(
         raise ValueError("calib is required: at least one batch, to find the model's matmuls (and, for GPTQ, "
                          "their Hessians)")
     batches, masks, desc = _batches(calib, batch_size)
+    if mesh is not None:
+        batches, masks = _on_mesh(batches, masks, mesh)
     report = QuantReport(method=method, quant_config=describe(quant_config), calibration=desc)
     t_start = time.perf_counter()
     bar, say = _progress(progress, method)
-    job = _Job(rules, method, true_sequential, report, say)
+    job = _Job(rules, method, true_sequential, report, say, mesh=mesh)
     if apply_fn is not None:
         model = _one_shot_linen(job, model, apply_fn, forward, batches, masks)
     else:
@@ -334,6 +374,8 @@ def quantize(
                 f"model must be an nnx.Module, or a Linen params pytree with apply_fn=...; got {type(model).__name__}"
             )
         fwd = forward or _default_forward
+        if mesh is not None:
+            nnx.update(model, _replicated(nnx.state(model), mesh))
         pattern = blocks if isinstance(blocks, str) else getattr(model, "gptq_blocks", None)
         found = [] if blocks is False else subject.find_blocks(model, pattern)
         if not found:
