@@ -501,6 +501,15 @@ def gptq_matmul(
 
 @functools.partial(jax.jit, static_argnames=("f32_operands",))
 def _reference(x: jax.Array, w: PackedWeight, f32_operands: bool) -> jax.Array:
+    if x.size:
+        # Tie the dequantization to x. Nothing else orders it: the packed weights are ready when the program starts,
+        # and XLA:CPU's (default) concurrency-optimized scheduler then runs every layer's dequantization up front,
+        # so a whole model's float weights are written and read back per decoded token (SmolLM2-135M: 2.6 tokens/s
+        # packed against 25 float). Data-dependent on x, each runs just before its product, while it is still in
+        # cache. ``nan_to_num(x0 * 0)`` is exactly +-0 for every x0 (inf * 0 and NaN * 0 are NaN, mapped to 0);
+        # XLA cannot fold it away as it could ``x0 * 0`` under fast math or an integer ``& 0``.
+        zero = jnp.nan_to_num(x.reshape(-1)[0].astype(jnp.float32) * 0.0)
+        w = dataclasses.replace(w, scales=w.scales + zero.astype(w.scales.dtype))  # (G, N), values unchanged
     wd = w.dequantize(x.dtype, stored_order=True)  # (K, N): unpack, (q - z) * s in f32, cast to x's dtype
     if w.perm is not None:
         x = jnp.take(x, w.perm, axis=-1)  # (..., K) in stored row order
@@ -508,8 +517,10 @@ def _reference(x: jax.Array, w: PackedWeight, f32_operands: bool) -> jax.Array:
     if f32_operands:  # same products, exact in f32 (see _tile_product): XLA:CPU lacks some bf16 -> f32 dots
         x, wd = x.astype(jnp.float32), wd.astype(jnp.float32)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    y = jnp.dot(x, wd, preferred_element_type=jnp.float32, precision=precision)  # (..., N)
-    return y.astype(out_dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # (M, K)
+    y = jnp.dot(x2, wd, preferred_element_type=jnp.float32, precision=precision)  # (M, N)
+    return y.astype(out_dtype).reshape(*lead, wd.shape[1])
 
 
 def gptq_matmul_reference(x: jax.Array, w: PackedWeight) -> jax.Array:

@@ -109,6 +109,17 @@ def test_reference_is_jittable_and_keeps_leading_dims():
     assert_close(y, np.asarray(x, np.float64) @ w64, jnp.float32)
 
 
+def test_reference_keeps_a_nan_in_its_own_row():
+    """The reference ties the dequantization to x[0, 0] (for XLA:CPU's scheduler); that must not leak across rows."""
+    w, w64 = make_layer(256, 64, 4, 64, sym=False, act_order=True)
+    for bad in (np.nan, np.inf):
+        x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+        x[0, 0] = bad
+        y = np.asarray(jax.jit(gptq_matmul_reference)(jnp.asarray(x), w))
+        assert np.isnan(y[0]).all() or np.isinf(y[0]).any()
+        assert_close(y[1:], x[1:].astype(np.float64) @ w64, jnp.float32)
+
+
 def test_uneven_groups_are_served_by_the_reference():
     rng = np.random.default_rng(0)
     codes, zeros = rng.integers(0, 16, (64, 32)), rng.integers(0, 16, (2, 32))
