@@ -11,12 +11,12 @@ Layout: ``pallas_kernels.packing`` (``PackedWeight``). Implementations, tried in
     evenly (the last one runs fewer steps). Their f32 partial sums are added outside the kernel: deterministic,
     no atomics, and small next to the weights.
   - ``"pallas_prefill"`` (larger M): a tiled matmul over (M tiles, N tiles), looping over K.
+- ``"xla"``: ``gptq_matmul_reference``, plain jnp; the CPU path and the fallback.
 
 Which kernel and which tiles: the tile table ``tiles.json`` (``pallas_kernels.tuning``), keyed by device kind,
 activation dtype and M, unless a ``KernelConfig`` is passed. ``select_plan`` fits the tiles to the shape and
 refuses (``NotImplementedError``) a plan whose shared memory could exceed what an sm_90 block may have; every
 plan it can pick is compiled to sm_90a in CI (benchmarks/compile_sm90.py, tests/test_sm90_compile.py).
-- ``"xla"``: ``gptq_matmul_reference``, plain jnp; the CPU path and the fallback.
 
 Both kernels take 2, 4 and 8 bits (a code never straddles an int32 word), any group size whose groups are
 contiguous (no act-order ``g_idx`` left after ``packing.reorder_for_act_order``), and K, N with a power-of-two
