@@ -58,6 +58,12 @@ def slug(kind: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or "unknown"
 
 
+def save_partial(out_dir: Path, part: str, res: dict) -> None:
+    """What a part has so far, so a part killed at its time cap still reports what it finished."""
+    (out_dir / f"part_{part}.json").write_text(json.dumps({**res, "ok": False, "partial": True}, indent=1,
+                                                          default=str) + "\n")
+
+
 def _bench(name: str):
     sys.path.insert(0, str(HERE))
     return __import__(name)
@@ -106,20 +112,25 @@ def part_kernels(smoke: bool, out_dir: Path) -> dict:
             print(f"  kernels K={k} N={n} M={m} bits={bits} g={group} act={act} {dtype}: "
                   f"{'ok' if row['ok'] else 'FAIL'} {row.get('rel_err', row.get('error'))}", flush=True)
             rows.append(row)
+        save_partial(out_dir, "kernels", dict(failures=failures, cases=len(rows), interpret=smoke, results=rows))
     return dict(ok=failures == 0, failures=failures, cases=len(rows), interpret=smoke, results=rows)
 
 
 def part_matmul(smoke: bool, out_dir: Path) -> dict:
-    """(b) bench_matmul's sweep, the copy bandwidth measured in the same run."""
-    out = out_dir / "bench_matmul.json"
+    """(b) bench_matmul's sweep, the copy bandwidth measured in the same run; one call (and JSON) per shape."""
     if smoke:
-        argv = ["--m", "1,16", "--shapes", "256x256", "--repeats", "1", "--warmup", "0", "--stream-mb", "1",
-                "--check-interpret"]
+        shapes = ["256x256"]
+        argv = ["--m", "1,16", "--repeats", "1", "--warmup", "0", "--stream-mb", "1", "--check-interpret"]
     else:
-        argv = ["--m", "1,2,4,8,16,64,256,2048", "--shapes", "4096x4096,4096x11008,11008x4096,8192x8192",
-                "--repeats", "5", "--warmup", "2", "--stream-mb", "256"]
-    rc = _bench("bench_matmul").main([*argv, "--out", str(out)])
-    return dict(ok=rc == 0, exit_code=rc, json=str(out), argv=argv)
+        shapes = ["4096x4096", "11008x4096", "4096x11008", "8192x8192"]
+        argv = ["--m", "1,2,4,16,64,256,2048", "--repeats", "5", "--warmup", "2", "--stream-mb", "256"]
+    runs = []
+    for shape in shapes:
+        out = out_dir / f"bench_matmul_{shape}.json"
+        rc = _bench("bench_matmul").main([*argv, "--shapes", shape, "--out", str(out)])
+        runs.append(dict(shape=shape, exit_code=rc, json=str(out)))
+        save_partial(out_dir, "matmul", dict(runs=runs, argv=argv))
+    return dict(ok=all(r["exit_code"] == 0 for r in runs), runs=runs, argv=argv)
 
 
 def part_gptq(smoke: bool, out_dir: Path) -> dict:
@@ -228,10 +239,10 @@ def run_part(name: str, smoke: bool, out_dir: Path, timeout: float) -> dict:
     seconds = time.perf_counter() - t0
     (out_dir / f"part_{name}.log").write_text(log)
     try:
-        res = json.loads(result_file.read_text())
+        res = json.loads(result_file.read_text())  # the part's result, or what it saved before it was stopped
     except (OSError, ValueError):
         res = dict(ok=False, error=f"no result (exit code {rc}); log tail:\n{log[-3000:]}")
-    res.update(seconds=round(seconds, 1), exit_code=rc)
+    res.update(seconds=round(seconds, 1), exit_code=rc, timed_out=rc is None)
     print(f"[{name}] {'ok' if res.get('ok') else 'FAILED'} in {seconds:.0f} s", flush=True)
     return res
 
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / name).write_text(text)
     written = [out_dir / name]
     if not args.cpu_smoke and out_dir.resolve() != RESULTS.resolve():  # keep the GPU's figures with the others
-        for f in [*out_dir.glob("bench_*.json"), out_dir / "decode.json"]:
+        for f in [*sorted(out_dir.glob("bench_*.json")), out_dir / "decode.json"]:
             if f.exists():
                 target = RESULTS / f"{f.stem}_{slug(dev.device_kind)}{f.suffix}"
                 target.write_text(f.read_text())

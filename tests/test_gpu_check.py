@@ -24,13 +24,15 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + json.dumps(logs, indent=1)
     summary = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())
     assert summary["ok"] and summary["cpu_smoke"]
+    assert not any(p.get("partial") or p["timed_out"] for p in summary["parts"].values())
     parts = summary["parts"]
     assert list(parts) == ["kernels", "matmul", "gptq", "pipeline", "decode"]
     k = parts["kernels"]
     assert k["interpret"] and k["failures"] == 0 and k["cases"] == 2 * 3 * 3  # shapes x bits x M
     assert {r["dtype"] for r in k["results"]} == {"bfloat16", "float32"}
     assert {r["bits"] for r in k["results"]} == {2, 4, 8} and all(r["rel_err"] <= 2e-2 for r in k["results"])
-    matmul = json.loads(Path(parts["matmul"]["json"]).read_text())
+    assert [r["shape"] for r in parts["matmul"]["runs"]] == ["256x256"]
+    matmul = json.loads(Path(parts["matmul"]["runs"][0]["json"]).read_text())
     assert all("roofline" in r and r["roofline"]["H100_us"] > 0 for r in matmul["results"])
     assert any(r["impl"] == "pallas" and "interpret" in r["status"] for r in matmul["results"])
     assert json.loads(Path(parts["gptq"]["json"]).read_text())["results"][0]["codes_agree"] >= 0.98
