@@ -7,7 +7,10 @@ are read once per token, not served from cache. That also amortizes Python dispa
 
 Reported per (K x N, M): microseconds per matmul (median over repeats), speedup over the bf16 dot, effective GB/s
 of weight traffic (packed qweight + scales + qzeros; the bf16 dot reads K*N*2 bytes) and its fraction of the
-device's copy bandwidth, measured here with a large elementwise copy.
+device's copy bandwidth, measured here with a large elementwise copy. Beside every figure, the roofline
+(benchmarks/roofline.py): the microseconds the call's bytes (weights, activations, split-K partial sums) take at
+H100's 3.35 TB/s and H200's 4.8 TB/s, and at the copy bandwidth measured in this run; on an H100/H200 also the
+measured time's fraction of that device's roofline.
 
 On CPU the Pallas kernel can only run in interpret mode, whose timings mean nothing: it is not timed, and the JSON
 says so; with --check-interpret its result is still checked for the smallest M.
@@ -39,6 +42,9 @@ import numpy as np
 
 from pallas_kernels import PackedWeight, gptq_matmul, gptq_matmul_reference
 from pallas_kernels import matmul as matmul_mod
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402  (benchmarks/roofline.py)
 
 M_ALL = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHAPES_ALL = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192))  # (K, N)
@@ -100,6 +106,37 @@ def device_slug(kind: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or "unknown"
 
 
+def roofline_row(k: int, n: int, m: int, impl: str, plan, args, x_bytes: int, copy_bw: float) -> dict:
+    """Roofline microseconds for this call (benchmarks/roofline.py): H100, H200, this run's copy bandwidth."""
+    dense = impl == "xla_bf16_dot"
+    kw = dict(bits=None if dense else args.bits, group_size=args.group_size, x_bytes=x_bytes)
+    if impl == "pallas" and plan.kernel == "decode":
+        kw.update(split_k=plan.split_k, split_rows=plan.x_rows)
+    out = {f"{d}_us": roofline.roofline_us(k, n, m, d, **kw) for d in roofline.DEVICES}
+    out["copy_bw_us"] = roofline.roofline_us(k, n, m, "H100", bandwidth=copy_bw, **kw) if copy_bw else None
+    out["bytes"] = roofline.matmul_bytes(k, n, m, **{key: v for key, v in kw.items()})["total"]
+    here = roofline.device_of(jax.devices()[0].device_kind)
+    if here:
+        out["this_device_us"] = out[f"{here}_us"]
+    return out
+
+
+def print_rows(rows: list[dict]) -> None:
+    """Every measured figure with its roofline beside it."""
+    print(f"\n{'K x N':>12} {'M':>4} {'impl':>14} {'us':>10} {'x bf16':>7} {'GB/s':>8} {'% copy':>7} "
+          f"{'roof H100':>9} {'roof H200':>9} {'roof copy':>9} {'% roof':>7}  status")
+    for r in rows:
+        us = f"{r['us']:10.1f}" if "us" in r else f"{'-':>10}"
+        sp = f"{r['speedup_vs_bf16']:7.2f}" if "speedup_vs_bf16" in r else f"{'-':>7}"
+        gb = f"{r['GBps']:8.1f}" if "GBps" in r else f"{'-':>8}"
+        fr = f"{100 * r['frac_copy_bw']:6.1f}%" if "frac_copy_bw" in r else f"{'-':>7}"
+        rf = r["roofline"]
+        cp = f"{rf['copy_bw_us']:9.1f}" if rf.get("copy_bw_us") else f"{'-':>9}"
+        pr = f"{100 * r['frac_of_roofline']:6.1f}%" if "frac_of_roofline" in r else f"{'-':>7}"
+        print(f"{r['K']:>5} x {r['N']:<5} {r['M']:>4} {r['impl']:>14} {us} {sp} {gb} {fr} {rf['H100_us']:9.1f} "
+              f"{rf['H200_us']:9.1f} {cp} {pr}  {r['status']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"M in {M_QUICK}, shapes {SHAPES_QUICK} (for CPU)")
@@ -158,13 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         for m in ms:
             x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), dtype)
             ref = gptq_matmul_reference(x, w)
-            kernel = "decode" if m <= matmul_mod.KernelConfig().max_decode_m else "prefill"
+            plan = matmul_mod.select_plan(m, w, device_kind=dev.device_kind, x_dtype=dtype)
+            kernel = plan.kernel
             result = {}
             for name, (fn, ws, nbytes) in impls.items():
                 err = rel_err(fn(x, ws[:1])[0], ref)
                 row = dict(K=k, N=n, M=m, impl=name, rel_err=err, copies_per_call=len(ws), weight_bytes=nbytes)
+                row["roofline"] = roofline_row(k, n, m, name, plan, args, dtype.itemsize, bw)
                 if name == "pallas":
-                    row.update(kernel=kernel, plan=repr(matmul_mod._plan(m, w, kernel, matmul_mod.KernelConfig())))
+                    row.update(kernel=kernel, plan=repr(plan))
                 if err > TOL[args.dtype]:
                     row["status"] = f"MISMATCH: rel_err {err:.3g} > {TOL[args.dtype]}"
                     failures += 1
@@ -177,21 +216,19 @@ def main(argv: list[str] | None = None) -> int:
                 ok = err <= TOL[args.dtype]
                 failures += not ok
                 result["pallas"] = dict(K=k, N=n, M=m, impl="pallas", kernel=kernel, rel_err=err,
+                                        roofline=roofline_row(k, n, m, "pallas", plan, args, dtype.itemsize, bw),
                                         status=("checked in interpret mode; not timed" if ok else
                                                 f"MISMATCH in interpret mode: rel_err {err:.3g}"))
             base = result["xla_bf16_dot"].get("us")
             for row in result.values():
                 if base and row.get("us"):
                     row["speedup_vs_bf16"] = base / row["us"]
+                here = row["roofline"].get("this_device_us")
+                if here and row.get("us"):
+                    row["frac_of_roofline"] = here / row["us"]
                 rows.append(row)
 
-    print(f"\n{'K x N':>12} {'M':>4} {'impl':>14} {'us':>10} {'x bf16':>7} {'GB/s':>8} {'% copy':>7}  status")
-    for r in rows:
-        us = f"{r['us']:10.1f}" if "us" in r else f"{'-':>10}"
-        sp = f"{r['speedup_vs_bf16']:7.2f}" if "speedup_vs_bf16" in r else f"{'-':>7}"
-        gb = f"{r['GBps']:8.1f}" if "GBps" in r else f"{'-':>8}"
-        fr = f"{100 * r['frac_copy_bw']:6.1f}%" if "frac_copy_bw" in r else f"{'-':>7}"
-        print(f"{r['K']:>5} x {r['N']:<5} {r['M']:>4} {r['impl']:>14} {us} {sp} {gb} {fr}  {r['status']}")
+    print_rows(rows)
 
     out = args.out or RESULTS / f"bench_matmul_{device_slug(dev.device_kind)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         settings=dict(bits=args.bits, group_size=args.group_size, act_order=args.act_order, dtype=args.dtype,
                       warmup=args.warmup, repeats=args.repeats, stream_bytes=stream_bytes,
-                      kernel_config=repr(matmul_mod.KernelConfig())),
+                      tile_table=str(matmul_mod.tuning.TABLE.name)),
         copy_bandwidth_GBps=bw / 1e9,
         load_average_at_end=os.getloadavg() if hasattr(os, "getloadavg") else None,  # other work on the machine
         pallas_timing_skipped=pallas_note,

@@ -1,4 +1,8 @@
-"""SmolLM2-135M on this machine: our JAX model against transformers' PyTorch model, side by side in one run.
+"""SmolLM2-135M on this machine: our JAX model, float and packed 4-bit, against transformers' PyTorch model.
+
+Three kinds of runs, side by side in one invocation: ours in float32; ours packed (every decoder linear quantized
+round-to-nearest, 4-bit, group 128, and swapped for a ``QuantLinear``: the packed layout and compute path any GPTQ
+checkpoint gets, without spending a minute on GPTQ itself); transformers in float32.
 
 Measures, float32, batch 1:
   - perplexity-evaluation throughput (tokens/s): summed next-token NLL of `--windows` windows of `seqlen` held-out
@@ -71,6 +75,15 @@ def run_ours(args: argparse.Namespace, tokens: np.ndarray) -> dict:
     from gptq_jax.tasks.generate import generate_tokens
 
     model, _ = load_pretrained(args.model_dir, dtype=jnp.float32)
+    if args.packed:
+        import numpy as np
+
+        from gptq_jax import QuantConfig, quantize
+        from gptq_jax.models.qlinear import pack_model
+
+        qc = QuantConfig(bits=args.packed_bits, group_size=args.packed_group_size)
+        one_window = np.zeros((1, 8), np.int32)  # round-to-nearest: the engine only needs to see the matmuls
+        pack_model(model, quantize(model, one_window, quant_config=qc, method="rtn").weights)
     nll_fn = make_nll_fn(model)  # what gptq_jax.tasks.eval.perplexity runs per batch
     forward = make_forward(model)
     out = {"eval": [], "versions": {"jax": jax.__version__}, "backend": jax.default_backend()}
@@ -198,11 +211,14 @@ def worker(args: argparse.Namespace) -> None:
 # Orchestration
 
 
-def spawn(args: argparse.Namespace, which: str, threads: int = 0) -> dict:
+def spawn(args: argparse.Namespace, which: str, threads: int = 0, packed: bool = False) -> dict:
     argv = [sys.executable, __file__, "--worker", which, "--model-dir", str(args.model_dir), "--threads", str(threads)]
+    if packed:
+        argv += ["--packed", "--packed-bits", str(args.packed_bits), "--packed-group-size", str(args.packed_group_size)]
     argv += ["--seqlens", *map(str, args.seqlens), "--windows", str(args.windows), "--prompt", str(args.prompt)]
     argv += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
-    print(f"running {which}" + (f" ({threads} threads)" if threads else "") + " ...", file=sys.stderr, flush=True)
+    label = which + (" packed" if packed else "") + (f" ({threads} threads)" if threads else "")
+    print(f"running {label} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     if proc.returncode != 0:
         sys.exit(f"the {which} worker failed (exit {proc.returncode})")
@@ -235,11 +251,15 @@ def main() -> None:
     p.add_argument(
         "--torch-threads",
         type=int,
-        nargs="+",
+        nargs="*",
         default=[0, 1],
         help="transformers is run once per value with torch.set_num_threads(value); 0 is torch's default (one per "
-        "core). The comparison uses the fastest. Default: 0 1 (on a loaded machine OpenMP's barriers make 1 faster)",
+        "core). The comparison uses the fastest. Default: 0 1 (on a loaded machine OpenMP's barriers make 1 faster). "
+        "No value: skip transformers (ours float vs packed only)",
     )
+    p.add_argument("--packed-bits", type=int, default=4, help="bits of the packed run (default 4)")
+    p.add_argument("--packed-group-size", type=int, default=128, help="group size of the packed run (default 128)")
+    p.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)  # the worker quantizes and packs
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # the torch worker's thread count
@@ -251,17 +271,28 @@ def main() -> None:
 
     args.model_dir = args.model_dir or fetch_smollm2()
     load_before = os.getloadavg()
-    variants = ["ours"] + [f"transformers-{t or 'default'}-threads" for t in args.torch_threads]
+    torch_variants = [f"transformers-{t or 'default'}-threads" for t in args.torch_threads]
+    packed = f"ours-packed-{args.packed_bits}bit-g{args.packed_group_size}"
+    variants = ["ours", packed, *torch_variants]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     ppl = None
-    for _ in range(args.rounds):
+    for _ in range(args.rounds):  # alternating, so that background load hits every variant alike
         runs["ours"].append(spawn(args, "ours"))
-        for t, v in zip(args.torch_threads, variants[1:], strict=True):
+        runs[packed].append(spawn(args, "ours", packed=True))
+        for t, v in zip(args.torch_threads, torch_variants, strict=True):
             runs[v].append(spawn(args, "torch", t))
             if ppl is None:  # the first transformers run: check agreement before going on
                 ppl = check_agreement(runs["ours"][0], runs[v][0], args)
-        for v in variants[2:]:
+        for v in torch_variants[1:]:
             check_agreement(runs["ours"][0], runs[v][-1], args)
+    n_eval = [args.windows * (s - 1) for s in args.seqlens]
+    packed_ppl = [
+        {"seqlen": a["seqlen"], "float": float(np.exp(a["nll_sum"] / n)), "packed": float(np.exp(b["nll_sum"] / n))}
+        for a, b, n in zip(runs["ours"][0]["eval"], runs[packed][0]["eval"], n_eval, strict=True)
+    ]
+    for row in packed_ppl:  # a broken packed path would decode fast and wrong (RTN 4-bit g128: about 1.5x float here)
+        if not row["packed"] < 3 * row["float"]:
+            sys.exit(f"packed perplexity {row['packed']:.3f} is far from float {row['float']:.3f}: packed path broken?")
 
     def median(v: str, get) -> float:
         return statistics.median(x for run in runs[v] for x in get(run))
@@ -279,11 +310,12 @@ def main() -> None:
             )
         row["prefill_tokens_per_second"] = args.prompt / median(v, lambda r: r["decode"]["prefill_seconds"])
         row["decode_tokens_per_second"] = (args.new_tokens - 1) / median(v, lambda r: r["decode"]["decode_seconds"])
-        if v != "ours":
+        if v in torch_variants:
             row["torch_threads"] = runs[v][0]["threads"]
             row["attention"] = runs[v][0]["attention"]
         summary[v] = row
-    best = {k: max(summary[v][k] for v in variants[1:]) for k in summary["ours"]}  # fastest transformers per metric
+    # Fastest transformers per metric (absent without transformers runs)
+    best = {k: max(summary[v][k] for v in torch_variants) for k in summary["ours"]} if torch_variants else {}
 
     result = {
         "benchmark": "bench_model",
@@ -297,7 +329,8 @@ def main() -> None:
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
         },
-        "versions": {**runs["ours"][0]["versions"], **runs[variants[1]][0]["versions"]},
+        "versions": {**runs["ours"][0]["versions"], **(runs[torch_variants[0]][0]["versions"] if torch_variants
+                                                        else {})},
         "settings": {
             "seqlens": args.seqlens,
             "windows": args.windows,
@@ -307,19 +340,25 @@ def main() -> None:
             "repeats_per_round": args.repeats,
         },
         "perplexity": ppl,
+        "perplexity_float_vs_packed": packed_ppl,
+        "packed": {"bits": args.packed_bits, "group_size": args.packed_group_size, "method": "rtn",
+                   "layers": "every decoder linear (QuantLinear -> pallas_kernels.gptq_matmul, the jnp path on CPU)"},
         "compile_seconds_ours": {
             "eval_warmup": [[e["warmup_seconds"] for e in r["eval"]] for r in runs["ours"]],
             "decode": [r["decode"]["compile_seconds"] for r in runs["ours"]],
         },
         "tokens_per_second": summary,
         "ratio_ours_to_best_transformers": {k: summary["ours"][k] / best[k] for k in best},
+        "ratio_packed_to_float": {k: summary[packed][k] / summary["ours"][k] for k in summary["ours"]},
         "raw": runs,
     }
 
     print(f"\n{args.model_dir.name}, float32, batch 1, {cpu_name()} ({os.cpu_count()} cores), "
           f"load average {load_before[0]:.1f}, median of {args.rounds * args.repeats}; tokens/s")  # fmt: skip
     names = {v: v.replace("transformers-", "torch ").replace("-threads", " thr") for v in variants}
-    print(f"{'':26s}" + "".join(f"{names[v]:>18s}" for v in variants) + f"{'ours/best':>11s}")
+    names[packed] = f"packed {args.packed_bits}b g{args.packed_group_size}"
+    print(f"{'':26s}" + "".join(f"{names[v]:>18s}" for v in variants) + f"{'packed/ours':>12s}"
+          + (f"{'ours/best':>11s}" if best else ""))
     for k in summary["ours"]:
         label = k.replace("_tokens_per_second", "").replace("_seqlen_", ", seqlen ").replace("forward", "logits fwd")
         if k.startswith("prefill"):
@@ -327,7 +366,8 @@ def main() -> None:
         elif k.startswith("decode"):
             label = f"decode, {args.new_tokens} tokens"
         cells = "".join(f"{summary[v][k]:18.1f}" for v in variants)
-        print(f"{label:26s}{cells}{summary['ours'][k] / best[k]:11.2f}")
+        ratio = f"{summary['ours'][k] / best[k]:11.2f}" if best else ""
+        print(f"{label:26s}{cells}{summary[packed][k] / summary['ours'][k]:12.2f}{ratio}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")

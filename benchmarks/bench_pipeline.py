@@ -46,11 +46,12 @@ LLAMA2_7B = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("smollm2", "llama2-7b"), default="smollm2")
+    ap.add_argument("--model", choices=("smollm2", "llama2-7b", "tiny"), default="smollm2",
+                    help="tiny: a 128-wide random Llama, to run this script's paths in seconds (gpu_check --cpu-smoke)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=1, help="windows per forward call (the engine default)")
-    ap.add_argument("--layers", type=int, help="quantize only the first N decoder layers (llama2-7b)")
+    ap.add_argument("--layers", type=int, help="quantize only the first N decoder layers (llama2-7b, tiny)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -72,6 +73,9 @@ def main(argv=None) -> int:
         from gptq_jax.models import LlamaForCausalLM, ModelConfig
 
         cfg = dict(LLAMA2_7B)
+        if args.model == "tiny":
+            cfg.update(vocab_size=256, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=4, head_dim=32, num_hidden_layers=2)
         if args.layers:
             cfg["num_hidden_layers"] = args.layers
         config = ModelConfig.from_hf_dict(cfg)

@@ -6,11 +6,12 @@
 - ``gptq_matmul(x, w)``: ``x [..., K] @ dequant(w) -> [..., N]`` in x's dtype, f32 accumulation; a Pallas kernel
   on GPU (by M: split-K decode or tiled prefill), the jnp reference elsewhere.
 - ``gptq_matmul_reference(x, w)``: the same in plain jnp; the CPU path and the kernels' test oracle.
+- ``select_plan``/``tuning``: which kernel and tiles a call gets (the tile table ``tiles.json``).
 
 This package never imports ``gptq_jax``.
 """
 
-from pallas_kernels import packing
+from pallas_kernels import packing, tuning
 from pallas_kernels.matmul import (
     DecodeTiles,
     KernelConfig,
@@ -18,6 +19,7 @@ from pallas_kernels.matmul import (
     gptq_matmul,
     gptq_matmul_pallas,
     gptq_matmul_reference,
+    select_plan,
 )
 from pallas_kernels.packing import PackedWeight, pack_cols, pack_rows, unpack_cols, unpack_rows
 
@@ -32,6 +34,8 @@ __all__ = [
     "pack_cols",
     "pack_rows",
     "packing",
+    "select_plan",
+    "tuning",
     "unpack_cols",
     "unpack_rows",
 ]

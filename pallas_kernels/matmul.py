@@ -3,14 +3,20 @@
 Layout: ``pallas_kernels.packing`` (``PackedWeight``). Implementations, tried in this order by ``gptq_matmul``:
 
 - ``"pallas"`` (GPU, or anywhere in interpret mode): picks by M = prod(x.shape[:-1]).
-  - ``"pallas_decode"`` (M <= ``KernelConfig.max_decode_m``): split-K over a grid of (N tiles, K splits), so a
-    small-M product still has enough programs to keep every SM streaming. Each program reads its run of K steps
-    of the packed weights once, unpacks codes with shifts and masks in registers and accumulates in f32; a
-    matrix-vector product (M = 1) uses CUDA-core multiply-adds, 2 <= M <= 16 pads M to 16 for ``dot``. The
-    splits need not divide K evenly (the last one runs fewer steps). Their f32 partial sums are added outside the
-    kernel: deterministic, no atomics, and small next to the weights.
+  - ``"pallas_decode"`` (M <= 16): split-K over a grid of (N tiles, K splits), so a small-M product still has
+    enough programs to keep every SM streaming. Each program reads its run of K steps of the packed weights once
+    (Triton pipelines the loop with ``num_stages`` of 16-byte ``cp.async`` copies), unpacks codes with shifts and
+    masks in registers and accumulates one 16-row ``dot`` tile in f32: 2 <= M <= 16 pads M to 16, and a
+    matrix-vector product (M = 1) loads its one row and repeats it in registers. The splits need not divide K
+    evenly (the last one runs fewer steps). Their f32 partial sums are added outside the kernel: deterministic,
+    no atomics, and small next to the weights.
   - ``"pallas_prefill"`` (larger M): a tiled matmul over (M tiles, N tiles), looping over K.
 - ``"xla"``: ``gptq_matmul_reference``, plain jnp; the CPU path and the fallback.
+
+Which kernel and which tiles: the tile table ``tiles.json`` (``pallas_kernels.tuning``), keyed by device kind,
+activation dtype and M, unless a ``KernelConfig`` is passed. ``select_plan`` fits the tiles to the shape and
+refuses (``NotImplementedError``) a plan whose shared memory could exceed what an sm_90 block may have; every
+plan it can pick is compiled to sm_90a in CI (benchmarks/compile_sm90.py, tests/test_sm90_compile.py).
 
 Both kernels take 2, 4 and 8 bits (a code never straddles an int32 word), any group size whose groups are
 contiguous (no act-order ``g_idx`` left after ``packing.reorder_for_act_order``), and K, N with a power-of-two
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import tuning
 from pallas_kernels.packing import PackedWeight
 
 try:  # The Triton lowering's public names; absent only from JAX builds without GPU Pallas support.
@@ -51,6 +58,7 @@ logger = logging.getLogger(__name__)
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 KERNEL_BITS = (2, 4, 8)
 IMPLS = ("pallas", "pallas_decode", "pallas_prefill", "xla")
+SMEM_LIMIT_BYTES = 227 * 1024  # shared memory one block may use on sm_90 (H100/H200)
 INTERPRET_ENV = "PALLAS_KERNELS_INTERPRET"  # "1": run the Pallas kernels in interpret mode (CPU tests)
 
 
@@ -83,27 +91,49 @@ class PrefillTiles:
     num_stages: int = 3
 
 
+DECODE_BLOCK_M = 16  # the decode kernel's one dot tile of rows: M <= 16 (M = 1 repeats its row in registers)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelConfig:
-    """Which kernel runs for which M, and their tiles. Untuned defaults: no GPU measured them yet."""
+    """An explicit choice of kernel by M and tiles, overriding the tile table (``tiles.json``, see ``tuning``)."""
 
-    max_decode_m: int = 16  # M up to this runs the split-K decode kernel
+    max_decode_m: int = DECODE_BLOCK_M  # M up to this runs the split-K decode kernel
     decode: DecodeTiles = DecodeTiles()
     prefill: PrefillTiles = PrefillTiles()
+
+    def __post_init__(self):
+        if not 0 <= self.max_decode_m <= DECODE_BLOCK_M:
+            raise ValueError(f"max_decode_m={self.max_decode_m} must be in [0, {DECODE_BLOCK_M}]: the decode kernel "
+                             f"computes one {DECODE_BLOCK_M}-row dot tile")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Resolved static shape of one kernel launch."""
+    """Resolved static shape of one kernel launch. Everything but split_k/steps_per_split shapes the compiled code."""
 
     kernel: str  # "decode" | "prefill"
-    block_m: int  # rows of x per program (M is padded to a multiple)
+    block_m: int  # rows of the dot tile (M is padded to a multiple; decode at M = 1 repeats the row in registers)
     block_n: int
     block_k: int
     split_k: int  # grid size along K (decode); 1 for prefill
     steps_per_split: int  # K steps of block_k per split; the last split may run fewer
     num_warps: int
     num_stages: int
+    x_rows: int  # rows of x each decode program loads: 1 at M = 1 (repeated in registers), else block_m
+
+    def smem_bound(self, bits: int, x_bytes: int) -> int:
+        """An upper bound on the shared memory (bytes) Triton allots this plan on sm_90, from its pipelined buffers.
+
+        ``num_stages`` copies of each streamed tile (x, packed weights, scales, zeros, as ``cp.async`` buffers),
+        plus one x-dtype staging copy of each dot operand and one f32 tile for layout conversion. The sm_90a compile
+        check (benchmarks/compile_sm90.py) asserts it is >= what Triton reports for every plan the dispatcher picks.
+        """
+        bm, bn, bk = self.block_m, self.block_n, self.block_k
+        rows = self.x_rows
+        stream = rows * bk * x_bytes + bk * bn * bits // 8 + bn * 4 + max(bn * bits // 8, 4)
+        staging = (bm * bk + bk * bn) * x_bytes + bm * bn * 4
+        return self.num_stages * stream + staging
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,19 +157,19 @@ def _unpack_tile_cols(words: jax.Array, bits: int) -> jax.Array:
     return codes.reshape(words.shape[0], words.shape[1] * per_word)
 
 
-def _tile_product(x_ref, qw_ref, s_ref, qz_ref, i, k_global, *, bits: int, group: int, block_k: int, precision,
-                  interpret: bool):
+def _tile_product(x_ref, qw_ref, s_ref, qz_ref, i, k_global, *, bits: int, group: int, block_m: int, block_k: int,
+                  precision, interpret: bool):
     """f32 ``(block_m, block_n)``: step ``i`` of the K loop, input rows ``[k_global, k_global + block_k)``."""
     words = block_k * bits // 32
     gi = lax.div(k_global, group)  # the whole step lies in this group
     q = _unpack_tile_rows(qw_ref[pl.ds(i * words, words), :], bits)  # (bk, bn)
     z = _unpack_tile_cols(qz_ref[pl.ds(gi, 1), :], bits)  # (1, bn)
     s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)  # (1, bn)
-    xk = x_ref[:, pl.ds(i * block_k, block_k)]  # (bm, bk)
+    xk = x_ref[:, pl.ds(i * block_k, block_k)]  # (rows, bk)
+    if xk.shape[0] < block_m:  # matrix-vector (M = 1): the row repeated in registers to dot's 16 rows
+        xk = jnp.broadcast_to(xk, (block_m, block_k))  # (bm, bk)
     d = q - z  # (bk, bn) integers in [-maxq, maxq]: exact in f16/bf16
-    if xk.shape[0] == 1:  # matrix-vector: multiply-adds on CUDA cores, no MMA operand shuffles
-        part = jnp.sum(xk.astype(jnp.float32).reshape(block_k, 1) * d.astype(jnp.float32), axis=0, keepdims=True)
-    elif precision is None and interpret:
+    if precision is None and interpret:
         # XLA:CPU has no bf16 x bf16 -> f32 dot for every operand layout. On f32 copies the result is the same:
         # a product of two bf16 (or f16) values is exact in f32, and accumulation is f32 either way.
         part = pltriton.dot(xk.astype(jnp.float32), d.astype(jnp.float32), precision=lax.Precision.HIGHEST)
@@ -148,20 +178,29 @@ def _tile_product(x_ref, qw_ref, s_ref, qz_ref, i, k_global, *, bits: int, group
     return part * s
 
 
-def gptq_decode_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_k: int,
+def gptq_decode_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group: int, block_m: int, block_k: int,
                        steps_per_split: int, precision, interpret: bool):
     """One (N tile, K split) program of the small-M kernel: K steps ``[s * steps_per_split, ...)`` of split s.
 
-    Refs: ``x_ref`` ``(Mp, K)``; ``qw_ref`` int32 ``(K * bits / 32, bn)``; ``s_ref`` ``(G, bn)``; ``qz_ref`` int32
-    ``(G, bn * bits / 32)``; ``o_ref`` f32 ``(Mp, bn)``, this split's partial sum.
+    Refs: ``x_ref`` ``(rows, K)``; ``qw_ref`` int32 ``(K * bits / 32, bn)``; ``s_ref`` ``(G, bn)``; ``qz_ref`` int32
+    ``(G, bn * bits / 32)``; ``o_ref`` f32 ``(rows, bn)``, this split's partial sum. ``rows`` is 1 (a matrix-vector
+    product, computed as a ``block_m``-row dot of the repeated row) or ``block_m`` (M padded).
+
+    Why a dot even at M = 1: Triton software-pipelines (``cp.async``, ``num_stages`` deep) the loads of a loop
+    that feeds a ``dot``, and streams the packed tile with 16-byte loads. A CUDA-core multiply-add version
+    compiled to plain loads, unpipelined, and spilled registers (see benchmarks/results/kernels_sm90_compile.json).
+    The tensor cores' wasted rows cost nothing here: the kernel is bound by the weight stream.
     """
     steps = x_ref.shape[1] // block_k
     first = pl.program_id(1) * steps_per_split
     count = jnp.minimum(steps_per_split, steps - first)  # the last split may be short; lowers to scf.for all the same
-    tile = functools.partial(_tile_product, x_ref, qw_ref, s_ref, qz_ref, bits=bits, group=group, block_k=block_k,
-                             precision=precision, interpret=interpret)
+    tile = functools.partial(_tile_product, x_ref, qw_ref, s_ref, qz_ref, bits=bits, group=group, block_m=block_m,
+                             block_k=block_k, precision=precision, interpret=interpret)
     acc = lax.fori_loop(first, first + count, lambda i, acc: acc + tile(i, i * block_k),
-                        jnp.zeros(o_ref.shape, jnp.float32))
+                        jnp.zeros((block_m, o_ref.shape[1]), jnp.float32))  # (bm, bn)
+    if o_ref.shape[0] < block_m:  # M = 1: every row of acc is the same product; keep row 0 (adding exact zeros)
+        row = lax.broadcasted_iota(jnp.int32, acc.shape, 0)
+        acc = jnp.sum(jnp.where(row == 0, acc, 0.0), axis=0, keepdims=True)  # (1, bn)
     o_ref[...] = acc
 
 
@@ -172,9 +211,9 @@ def gptq_prefill_kernel(x_ref, qw_ref, s_ref, qz_ref, o_ref, *, bits: int, group
     Refs: ``x_ref`` ``(bm, K)``; ``qw_ref`` int32 ``(K * bits / 32, bn)``; ``s_ref`` ``(G, bn)``; ``qz_ref`` int32
     ``(G, bn * bits / 32)``; ``o_ref`` ``(bm, bn)`` in x's dtype.
     """
-    k = x_ref.shape[1]
-    tile = functools.partial(_tile_product, x_ref, qw_ref, s_ref, qz_ref, bits=bits, group=group, block_k=block_k,
-                             precision=precision, interpret=interpret)
+    block_m, k = x_ref.shape
+    tile = functools.partial(_tile_product, x_ref, qw_ref, s_ref, qz_ref, bits=bits, group=group, block_m=block_m,
+                             block_k=block_k, precision=precision, interpret=interpret)
     acc = lax.fori_loop(0, k // block_k, lambda i, acc: acc + tile(i, i * block_k),
                         jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -192,17 +231,22 @@ def _pallas_matmul(x, qweight, scales, qzeros, *, bits: int, group: int, plan: _
     n = qweight.shape[1]
     groups = scales.shape[0]
     bm, bn, bk, split = plan.block_m, plan.block_n, plan.block_k, plan.split_k
-    m_pad = -(-m // bm) * bm
+    m_pad = plan.x_rows if plan.kernel == "decode" else -(-m // bm) * bm  # decode at M = 1: repeated in the kernel
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))  # (Mp, K): activations are small next to the weights
-    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # f32: IEEE, not TF32
+    precision = None
+    if x.dtype == jnp.float32:
+        # Not IEEE f32 (Triton lowers it to a CUDA-core FMA loop that spills on every tile) nor plain TF32 (10-bit
+        # mantissa): 3xTF32 runs on the tensor cores, and as ``q - z`` is an exact small integer in TF32 only x is
+        # split, so the product is f32 to ~2^-22. Interpret mode (XLA:CPU) takes HIGHEST, the same to that order.
+        precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
     statics = dict(bits=bits, group=group, block_k=bk, precision=precision, interpret=interpret)
     params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
     word_rows, zero_cols = bits * k // 32, bn * bits // 32
     if plan.kernel == "decode":
         # Blocks span all of K: each split finds its own run of K steps, so splits need not divide K.
         partial = pl.pallas_call(
-            functools.partial(gptq_decode_kernel, steps_per_split=plan.steps_per_split, **statics),
+            functools.partial(gptq_decode_kernel, block_m=bm, steps_per_split=plan.steps_per_split, **statics),
             out_shape=jax.ShapeDtypeStruct((split, m_pad, n), jnp.float32),
             grid=(n // bn, split),
             in_specs=[
@@ -244,8 +288,11 @@ def _pow2_tile(extent: int, want: int) -> int:
     return t
 
 
-def _plan(m: int, w: PackedWeight, kernel: str, config: KernelConfig) -> _Plan:
-    """Fit the tiles to this shape, or raise NotImplementedError saying why the kernel cannot take it."""
+def _plan(m: int, w: PackedWeight, kernel: str, config: KernelConfig, x_bytes: int = 2) -> _Plan:
+    """Fit the tiles to this shape, or raise NotImplementedError saying why the kernel cannot take it.
+
+    ``x_bytes``: bytes per activation element (2 for bf16/f16, 4 for f32), for the shared-memory bound.
+    """
     k, n, bits, group = w.in_features, w.out_features, w.bits, w.group_len
     where = f"{kernel} kernel, M={m}, K={k}, N={n}, bits={bits}, group_size={w.group_size}"
     if pltriton is None:
@@ -258,6 +305,9 @@ def _plan(m: int, w: PackedWeight, kernel: str, config: KernelConfig) -> _Plan:
                                   "by g_idx (uneven group sizes); the kernels need g_idx == k // group_size")
     if m == 0:
         raise NotImplementedError(f"{where}: empty input")
+    if kernel == "decode" and m > DECODE_BLOCK_M:
+        raise NotImplementedError(f"{where}: the decode kernel takes M <= {DECODE_BLOCK_M} (one dot tile of rows, "
+                                  "every row of x held by every program); use the prefill kernel")
     tiles = config.decode if kernel == "decode" else config.prefill
     bn = _pow2_tile(n, tiles.block_n)
     # Each K step must lie inside one group: the step divides the group length (or all of K for group_size -1).
@@ -268,7 +318,7 @@ def _plan(m: int, w: PackedWeight, kernel: str, config: KernelConfig) -> _Plan:
             f"gcd(K, group)={math.gcd(k, group)} (got block_k={bk})"
         )
     if kernel == "decode":
-        bm = 1 if m == 1 else 16  # dot needs 16 rows; M = 1 is a matrix-vector product without dot
+        bm = DECODE_BLOCK_M  # dot needs 16 rows: M < 16 is padded (M = 1: repeated in registers, not in memory)
         steps = k // bk
         split = tiles.split_k
         if split is None:
@@ -276,11 +326,49 @@ def _plan(m: int, w: PackedWeight, kernel: str, config: KernelConfig) -> _Plan:
         split = max(1, min(split, steps))
         per_split = -(-steps // split)
         split = -(-steps // per_split)  # no empty splits: e.g. 86 steps in 9 splits run 10 steps each, last 6
+        x_rows = 1 if m == 1 else bm
     else:
         cap = 1 << (max(tiles.block_m, 16).bit_length() - 1)  # block_m rounded down to a power of two
         bm = max(16, min(cap, 1 << (m - 1).bit_length()))  # no bigger than M rounded up to a power of two
-        split, per_split = 1, k // bk
-    return _Plan(kernel, bm, bn, bk, split, per_split, tiles.num_warps, tiles.num_stages)
+        split, per_split, x_rows = 1, k // bk, bm
+    plan = _Plan(kernel, bm, bn, bk, split, per_split, tiles.num_warps, tiles.num_stages, x_rows)
+    smem = plan.smem_bound(bits, x_bytes)
+    if smem > SMEM_LIMIT_BYTES:  # Triton compiles such a kernel; it would fail at launch
+        raise NotImplementedError(f"{where}: tiles {plan} may need {smem} bytes of shared memory, over the "
+                                  f"{SMEM_LIMIT_BYTES} an sm_90 block can have; choose smaller tiles or fewer stages")
+    return plan
+
+
+def _config_for(m: int, device_kind: str, dtype: Any) -> tuple[str, KernelConfig]:
+    """The tile table's kernel and tiles for this device kind, M and dtype (``tiles.json``, first matching rule)."""
+    rule = tuning.lookup(device_kind, m, jnp.dtype(dtype).name)
+    tiles = dict(rule.tiles)
+    if rule.kernel == "decode":
+        return "decode", KernelConfig(decode=DecodeTiles(**tiles))
+    return "prefill", KernelConfig(prefill=PrefillTiles(**tiles))
+
+
+def select_plan(m: int, w: PackedWeight, *, kernel: str | None = None, config: KernelConfig | None = None,
+                device_kind: str = "*", x_dtype: Any = jnp.bfloat16) -> _Plan:
+    """What the dispatcher launches for M rows of x on ``device_kind``: an explicit ``config`` (kernel chosen by
+    ``config.max_decode_m``) or else the tile table. ``NotImplementedError`` when no kernel takes it."""
+    if config is None:
+        table_kernel, config = _config_for(m, device_kind, x_dtype)
+        kernel = kernel or table_kernel
+    elif kernel is None:
+        kernel = "decode" if m <= config.max_decode_m else "prefill"
+    if kernel not in ("decode", "prefill"):
+        raise ValueError(f"kernel={kernel!r} must be 'decode', 'prefill' or None")
+    return _plan(m, w, kernel, config, x_bytes=jnp.dtype(x_dtype).itemsize)
+
+
+def _device_kind(x: Any) -> str:
+    if isinstance(x, jax.Array):
+        try:
+            return next(iter(x.devices())).device_kind
+        except Exception:  # a tracer: it runs on the default device
+            pass
+    return jax.devices()[0].device_kind
 
 
 def gptq_matmul_pallas(
@@ -296,22 +384,19 @@ def gptq_matmul_pallas(
     Args:
       x: float32/bfloat16/float16 ``[..., K]``.
       w: the packed layer; ``w.perm`` is applied to x's last axis.
-      kernel: ``"decode"``, ``"prefill"`` or None (decode when M <= ``config.max_decode_m``).
-      config: tiles; ``KernelConfig()`` when None.
+      kernel: ``"decode"``, ``"prefill"`` or None (as the tile table or ``config.max_decode_m`` says).
+      config: explicit tiles; None looks them up in the tile table (``tiles.json``) by device kind and M.
       interpret: run the kernel body in Pallas interpret mode (any platform, slow; for tests).
 
     Raises:
       NotImplementedError: the kernel does not take this shape/bits/layout (the message says which and why).
     """
     check_inputs(x, w)
-    config = KernelConfig() if config is None else config
+    if kernel not in (None, "decode", "prefill"):
+        raise ValueError(f"kernel={kernel!r} must be 'decode', 'prefill' or None")
     lead, k = x.shape[:-1], x.shape[-1]
     m = math.prod(lead)
-    if kernel is None:
-        kernel = "decode" if m <= config.max_decode_m else "prefill"
-    if kernel not in ("decode", "prefill"):
-        raise ValueError(f"kernel={kernel!r} must be 'decode', 'prefill' or None")
-    plan = _plan(m, w, kernel, config)
+    plan = select_plan(m, w, kernel=kernel, config=config, device_kind=_device_kind(x), x_dtype=x.dtype)
     x2 = x.reshape(m, k)  # (M, K)
     if w.perm is not None:
         x2 = jnp.take(x2, w.perm, axis=1)  # activations in the weight's stored row order
@@ -416,6 +501,15 @@ def gptq_matmul(
 
 @functools.partial(jax.jit, static_argnames=("f32_operands",))
 def _reference(x: jax.Array, w: PackedWeight, f32_operands: bool) -> jax.Array:
+    if x.size:
+        # Tie the dequantization to x. Nothing else orders it: the packed weights are ready when the program starts,
+        # and XLA:CPU's (default) concurrency-optimized scheduler then runs every layer's dequantization up front,
+        # so a whole model's float weights are written and read back per decoded token (SmolLM2-135M: 2.6 tokens/s
+        # packed against 25 float). Data-dependent on x, each runs just before its product, while it is still in
+        # cache. ``nan_to_num(x0 * 0)`` is exactly +-0 for every x0 (inf * 0 and NaN * 0 are NaN, mapped to 0);
+        # XLA cannot fold it away as it could ``x0 * 0`` under fast math or an integer ``& 0``.
+        zero = jnp.nan_to_num(x.reshape(-1)[0].astype(jnp.float32) * 0.0)
+        w = dataclasses.replace(w, scales=w.scales + zero.astype(w.scales.dtype))  # (G, N), values unchanged
     wd = w.dequantize(x.dtype, stored_order=True)  # (K, N): unpack, (q - z) * s in f32, cast to x's dtype
     if w.perm is not None:
         x = jnp.take(x, w.perm, axis=-1)  # (..., K) in stored row order
@@ -423,8 +517,10 @@ def _reference(x: jax.Array, w: PackedWeight, f32_operands: bool) -> jax.Array:
     if f32_operands:  # same products, exact in f32 (see _tile_product): XLA:CPU lacks some bf16 -> f32 dots
         x, wd = x.astype(jnp.float32), wd.astype(jnp.float32)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    y = jnp.dot(x, wd, preferred_element_type=jnp.float32, precision=precision)  # (..., N)
-    return y.astype(out_dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # (M, K)
+    y = jnp.dot(x2, wd, preferred_element_type=jnp.float32, precision=precision)  # (M, N)
+    return y.astype(out_dtype).reshape(*lead, wd.shape[1])
 
 
 def gptq_matmul_reference(x: jax.Array, w: PackedWeight) -> jax.Array:

@@ -109,6 +109,17 @@ def test_reference_is_jittable_and_keeps_leading_dims():
     assert_close(y, np.asarray(x, np.float64) @ w64, jnp.float32)
 
 
+def test_reference_keeps_a_nan_in_its_own_row():
+    """The reference ties the dequantization to x[0, 0] (for XLA:CPU's scheduler); that must not leak across rows."""
+    w, w64 = make_layer(256, 64, 4, 64, sym=False, act_order=True)
+    for bad in (np.nan, np.inf):
+        x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+        x[0, 0] = bad
+        y = np.asarray(jax.jit(gptq_matmul_reference)(jnp.asarray(x), w))
+        assert np.isnan(y[0]).all() or np.isinf(y[0]).any()
+        assert_close(y[1:], x[1:].astype(np.float64) @ w64, jnp.float32)
+
+
 def test_uneven_groups_are_served_by_the_reference():
     rng = np.random.default_rng(0)
     codes, zeros = rng.integers(0, 16, (64, 32)), rng.integers(0, 16, (2, 32))
@@ -126,7 +137,7 @@ def test_uneven_groups_are_served_by_the_reference():
 # Each kernel, in interpret mode, against the reference
 # ---------------------------------------------------------------------------------------------------------------
 
-M_VALUES = (1, 3, 16, 17, 128)
+M_VALUES = {"decode": (1, 2, 3, 16), "prefill": (1, 3, 16, 17, 128)}  # decode takes M <= 16 (one dot tile)
 KERNEL_BITS = (2, 4, 8)
 # (K, N, group_size): odd multiples of the tiles, SmolLM2's partial last group, per-channel.
 KERNEL_SHAPES = [(576, 96, 128), (384, 48, 32), (160, 80, -1), (256, 128, 32), (384, 64, 128)]
@@ -138,7 +149,7 @@ def _kernel_cases():
     cases = []
     for kernel in ("decode", "prefill"):
         others = itertools.cycle(itertools.product(KERNEL_SHAPES, (False, True), DTYPES))
-        for m, bits in itertools.product(M_VALUES, KERNEL_BITS):
+        for m, bits in itertools.product(M_VALUES[kernel], KERNEL_BITS):
             (k, n, g), act_order, dtype = next(others)
             cases.append(pytest.param(kernel, m, k, n, bits, g, act_order, dtype,
                                       id=f"{kernel}-M{m}-K{k}-N{n}-b{bits}-g{g}-{'act' if act_order else 'seq'}-"
@@ -204,10 +215,10 @@ def test_kernel_detects_a_wrong_scale():
 def test_plan_fits_tiles_to_the_shape():
     w, _ = make_layer(576, 96, 4, 128, sym=True, act_order=False)
     p = matmul_mod._plan(1, w, "decode", KernelConfig())
-    assert (p.block_m, p.block_n, p.block_k) == (1, 32, 64)  # bk divides gcd(576, 128) = 64; bn divides 96
+    assert (p.block_m, p.x_rows, p.block_n, p.block_k) == (16, 1, 32, 64)  # bk | gcd(576, 128) = 64; bn | 96
     assert p.split_k * p.steps_per_split >= 9 > (p.split_k - 1) * p.steps_per_split  # 9 K steps, no empty split
     p = matmul_mod._plan(3, w, "decode", KernelConfig())
-    assert p.block_m == 16
+    assert (p.block_m, p.x_rows) == (16, 16)
     p = matmul_mod._plan(100, w, "prefill", KernelConfig())
     assert (p.block_m, p.split_k) == (64, 1)
     p = matmul_mod._plan(17, w, "prefill", KernelConfig())
@@ -393,4 +404,58 @@ def test_kernels_lower_to_valid_triton_ir(bits, m, dtype):
         text = str(module)
     assert "tt.reshape" in text  # in-register unpacking
     assert "scf.for" in text and "scf.while" not in text  # the K loop is a for loop Triton can pipeline
-    assert ("tt.dot" in text) == (m > 1)  # M = 1 is a matrix-vector product without MMA
+    assert "tt.dot" in text  # every M, M = 1 included: Triton software-pipelines the loads that feed a dot
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tile table and the launch guard
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_tile_table_rules_match_in_order():
+    from pallas_kernels import tuning
+
+    table = tuning.parse({"rules": [
+        {"device": "H200", "m_min": 1, "m_max": 1, "kernel": "decode", "tiles": {"block_k": 64}, "tuned": True},
+        {"device": "*", "dtype": "float32", "m_min": 1, "m_max": 16, "kernel": "decode", "tiles": {"block_k": 32}},
+        {"device": "*", "m_min": 1, "m_max": 8, "kernel": "decode", "tiles": {}},
+        {"device": "*", "m_min": 9, "m_max": None, "kernel": "prefill", "tiles": {"block_m": 32}},
+    ]})
+    assert tuning.lookup("NVIDIA H200", 1, "bfloat16", table) is table[0]
+    assert tuning.lookup("NVIDIA H100 80GB HBM3", 1, "bfloat16", table) is table[2]
+    assert tuning.lookup("NVIDIA H200", 2, "float32", table) is table[1]
+    assert tuning.lookup("cpu", 9, "bfloat16", table) is table[3]
+    assert tuning.lookup("cpu", 4096, "float16", table).kernel == "prefill"
+    with pytest.raises(ValueError, match=r"rule 0: kernel='gemv' is not one of"):
+        tuning.parse({"rules": [{"device": "*", "m_min": 1, "kernel": "gemv"}]})
+    with pytest.raises(ValueError, match=r"rule 0 .*malformed"):
+        tuning.parse({"rules": [{"device": "*", "kernel": "decode"}]})
+    with pytest.raises(LookupError, match=r"no tile table rule for device_kind='cpu', M=1"):
+        tuning.lookup("cpu", 1, "bfloat16", table[3:])
+
+
+def test_shipped_tile_table_covers_every_m_and_dtype():
+    from pallas_kernels import tuning
+
+    for m in (1, 2, 16, 17, 64, 2048, 10**6):
+        for dtype in ("bfloat16", "float16", "float32"):
+            rule = tuning.lookup("NVIDIA H100 80GB HBM3", m, dtype)
+            assert rule.kernel == ("decode" if m <= 16 else "prefill")
+            assert not rule.tuned  # no GPU has measured any row yet; a tuned row must come from one
+
+
+def test_dispatcher_uses_the_table_and_refuses_plans_that_cannot_launch():
+    w, _ = make_layer(4096, 256, 4, 128, sym=True, act_order=False)
+    assert matmul_mod.select_plan(1, w, x_dtype=jnp.bfloat16).block_k == 128
+    assert matmul_mod.select_plan(1, w, x_dtype=jnp.float32).block_k == 64  # the float32 row
+    assert matmul_mod.select_plan(256, w, x_dtype=jnp.float32).block_m == 32
+    # What the issue found: the decode kernel forced on M = 256 needed 245 888 B of shared memory.
+    with pytest.raises(NotImplementedError, match=r"decode kernel takes M <= 16"):
+        matmul_mod.select_plan(256, w, kernel="decode")
+    huge = KernelConfig(prefill=pallas_kernels.PrefillTiles(block_m=128, block_n=256, block_k=128, num_stages=4))
+    with pytest.raises(NotImplementedError, match=r"shared memory, over the 232448"):
+        matmul_mod.select_plan(256, w, config=huge)
+    x = activations(256, 4096, jnp.bfloat16)  # gptq_matmul falls back to the reference instead
+    assert_close(gptq_matmul(x, w, config=huge, interpret=True), gptq_matmul_reference(x, w), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"max_decode_m=17 must be in \[0, 16\]"):
+        KernelConfig(max_decode_m=17)
