@@ -19,7 +19,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,dev]'
-	$(PY) -m pip download -q --no-deps google-tunix==0.1.7 -d .cache/wheels
+	$(PY) -m pip download -q --no-deps google-tunix==0.1.7 recurrentgemma==1.0.1 -d .cache/wheels
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,7 @@
-"""Real third-party Flax NNX models through ``gptq_jax.quantize``: google-tunix 0.1.7's Qwen3 and Gemma3, tiny
-random configs. The engine was not written for them: their projections are einsum weights (``[D, N, H]`` q/k/v,
-``[N, H, D]`` o_proj contracting two axes, Gemma's stacked ``[2, K, D, H]`` kv weight), and their forward takes
-positions and a mask.
+"""Real third-party Flax models through ``gptq_jax.quantize``: google-tunix 0.1.7's Qwen3 and Gemma3 (NNX) and
+recurrentgemma 1.0.1's Griffin (Linen), tiny random configs. The engine was not written for them: their
+projections are einsum weights (``[D, N, H]`` q/k/v, ``[N, H, D]`` o_proj contracting two axes, Gemma's stacked
+``[2, K, D, H]`` kv weight), and their forward takes positions and a mask.
 
 tunix's package ``__init__`` imports its trainers (and with them a large dependency set), so the wheel is fetched
 with ``pip download --no-deps`` (``make test`` does it), unpacked, and only ``tunix.models`` is imported, through a
@@ -28,17 +28,16 @@ import gptq_jax
 from gptq_jax import QuantConfig
 from gptq_jax.engine.packed import load_packed, pack, save_packed
 
-TUNIX = "google-tunix==0.1.7"
 WHEELS = Path(__file__).resolve().parent.parent / ".cache" / "wheels"
 
 
-@pytest.fixture(scope="module")
-def tunix():
-    wheel = next(iter(WHEELS.glob("google_tunix-0.1.7-*.whl")), None)
+def _unpacked(requirement: str, glob: str) -> Path:
+    """The wheel of ``requirement`` (``make test`` downloads it with --no-deps), unpacked once."""
+    wheel = next(iter(WHEELS.glob(glob)), None)
     if wheel is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", TUNIX, "-d", str(WHEELS)],
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", str(WHEELS)],
                        check=True)
-        wheel = next(WHEELS.glob("google_tunix-0.1.7-*.whl"))
+        wheel = next(WHEELS.glob(glob))
     root = WHEELS / wheel.stem
     if not (root / "tunix").is_dir():
         tmp = Path(tempfile.mkdtemp(dir=WHEELS))
@@ -48,10 +47,20 @@ def tunix():
             tmp.rename(root)
         except OSError:  # another test worker unpacked it first
             shutil.rmtree(tmp, ignore_errors=True)
-    if "tunix" not in sys.modules:
-        pkg = types.ModuleType("tunix")
-        pkg.__path__ = [str(root / "tunix")]  # its subpackages import; its own __init__ never runs
-        sys.modules["tunix"] = pkg
+    return root
+
+
+def _stub(name: str, path: Path) -> None:
+    """A package whose submodules import from ``path`` while its own ``__init__`` never runs."""
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(path)]
+        sys.modules[name] = pkg
+
+
+@pytest.fixture(scope="module")
+def tunix():
+    _stub("tunix", _unpacked("google-tunix==0.1.7", "google_tunix-0.1.7-*.whl") / "tunix")
     from tunix.models.gemma3 import model as gemma3
     from tunix.models.qwen3 import model as qwen3
 
@@ -116,3 +125,45 @@ def test_tunix_model_quantizes_packs_and_saves(tunix, name, tmp_path):
     again = load_packed(make(), tmp_path / name)
     np.testing.assert_array_equal(np.asarray(again(held, positions, None, mask)[0]), np.asarray(logits))
     jax.clear_caches()
+
+
+def test_recurrentgemma_griffin_linen_one_shot(tmp_path):
+    """A Linen model from PyPI: Griffin's dense projections are quantized; its block-diagonal gates (a matmul with
+    a batch axis), its conv and the tied embedding are reported and kept float."""
+    root = _unpacked("recurrentgemma==1.0.1", "recurrentgemma-1.0.1-*.whl") / "recurrentgemma"
+    _stub("recurrentgemma", root)  # its __init__ pulls in torch and sentencepiece; the model needs neither
+    _stub("recurrentgemma.jax", root / "jax")
+    from recurrentgemma import common
+    from recurrentgemma.jax import griffin
+
+    config = common.GriffinConfig(
+        vocab_size=64, width=32, mlp_expanded_width=64, num_heads=2,
+        block_types=(common.TemporalBlockType.RECURRENT, common.TemporalBlockType.ATTENTION),
+        embeddings_scale_by_sqrt_dim=True, attention_window_size=8, logits_soft_cap=30.0, lru_width=32,
+        scan_type=common.ScanType.LINEAR_NATIVE,
+    )
+    net = griffin.Griffin(config)
+    rng = np.random.default_rng(0)
+    calib = rng.integers(0, 64, (8, 16)).astype(np.int32)
+    held = jnp.asarray(rng.integers(0, 64, (4, 16)).astype(np.int32))
+    positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
+    params = net.init(jax.random.key(0), held, positions)["params"]
+
+    def forward(p, tokens):
+        return net.apply({"params": p}, tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))[0]
+
+    ref = forward(params, held)
+    qc = QuantConfig(bits=3, group_size=16)
+    res = gptq_jax.quantize(params, calib, apply_fn=net.apply, forward=forward, quant_config=qc)
+    rtn = gptq_jax.quantize(params, calib, apply_fn=net.apply, forward=forward, quant_config=qc, method="rtn")
+    assert res.report.mode == "one-shot"
+    assert "blocks.1.attention_block.proj_q.kernel" in res.weights
+    assert "blocks.0.recurrent_block.linear_x.kernel" in res.weights
+    reasons = {r["path"]: r["reason"] for r in res.report.unquantized}
+    assert "batch dimensions" in reasons["blocks.0.recurrent_block.rg_lru.a_gate.w"]
+    assert "gather" in reasons["embedder.input_embedding"]
+    err = lambda p: float(jnp.mean((forward(p, held) - ref) ** 2))  # noqa: E731
+    assert err(res.model) < err(rtn.model)
+    packed = pack(res.model, res, apply_fn=net.apply)
+    np.testing.assert_allclose(np.asarray(packed(held, positions)[0]), np.asarray(forward(res.model, held)),
+                               rtol=1e-4, atol=1e-4)
