@@ -49,6 +49,14 @@ _SUPER_BLOCK = 512
 # Damping grows by this factor per retry, up to 100% of mean(diag H).
 _DAMP_GROWTH = 4.0
 _UNROLL = 1
+# What a group's grid is fitted on, when a block holds several groups (group_size < block_size):
+# "current": the group's weights with the feedback of every column before it, as the column-by-column
+#   algorithm has them;
+# "block_start": the weights as they were at the start of their block, before the block's earlier columns fed
+#   back into them, as the paper's blocked loop does (it fits on W, whose in-block columns only receive the
+#   block's feedback at the block's end; the updates go to the clone W1).
+GROUP_FITS = ("current", "block_start")
+GROUP_FIT = "current"
 
 
 def check_weight(w, config: QuantConfig) -> None:
@@ -219,7 +227,9 @@ def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
     return _solver()(w, h, config)
 
 
-def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
+def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT) -> QuantizedWeight:
+    if group_fit not in GROUP_FITS:
+        raise ValueError(f"group_fit={group_fit!r} is not one of {GROUP_FITS}")
     n, k = w.shape
     plan = _plan(k, config)
     g, kp = plan.group, plan.kp
@@ -272,6 +282,14 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeig
         r_blocks = jnp.swapaxes(ft_blocks, 1, 2) * rdiag.reshape(groups_p, 1, g)
         eye_g = jnp.broadcast_to(jnp.eye(g, dtype=jnp.float32), r_blocks.shape)
         u_groups = jax.scipy.linalg.solve_triangular(r_blocks, eye_g, lower=False)  # (G, g, g)
+        if group_fit == "block_start":
+            # The same recovery for whole blocks: the paper's W of a block at the block's start is
+            # w_B + A U_BB, A the feedback from the columns before the block.
+            nb, bs = kp // plan.block, plan.block
+            ft_bb = ft.reshape(nb, bs, nb, bs)[jnp.arange(nb), :, jnp.arange(nb)]  # (nB, B, B)
+            r_bb = jnp.swapaxes(ft_bb, 1, 2) * rdiag.reshape(nb, 1, bs)
+            eye_b = jnp.broadcast_to(jnp.eye(bs, dtype=jnp.float32), r_bb.shape)
+            u_blocks = jax.scipy.linalg.solve_triangular(r_bb, eye_b, lower=False)  # (nB, B, B)
     grid = (
         jnp.ones((n,), jnp.float32),
         jnp.zeros((n,), jnp.float32),
@@ -311,6 +329,9 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeig
         """One block of B columns starting at global column c0; wt_blk, w0_blk (B, N), ft_blk (B, B)."""
         bsz, sub = plan.block, plan.sub
         d_blk = jnp.zeros_like(wt_blk)
+        if plan.dynamic_groups and group_fit == "block_start":
+            fed_blk = (wt_blk - w0_blk) * r_blk[:, None]  # (B, N)
+            paper_blk = w0_blk + jnp.matmul(u_blocks[c0 // bsz].T, fed_blk, precision=_HIGHEST)  # (B, N)
 
         def body(si, carry):
             wt_blk, q_blk, d_blk, grid, loss = carry
@@ -320,10 +341,13 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeig
                 def refit(grid):
                     cur, zcur, scales, zeros = grid
                     gi = (c0 + l0) // g
-                    w0_g = lax.dynamic_slice_in_dim(w0_blk, l0, g)  # (g, N)
-                    r_g = lax.dynamic_slice_in_dim(r_blk, l0, g)  # (g,)
-                    fed = (lax.dynamic_slice_in_dim(wt_blk, l0, g) - w0_g) * r_g[:, None]  # A^T, (g, N)
-                    w_g = w0_g + jnp.matmul(u_groups[gi].T, fed, precision=_HIGHEST)
+                    if group_fit == "block_start":
+                        w_g = lax.dynamic_slice_in_dim(paper_blk, l0, g)  # (g, N)
+                    else:
+                        w0_g = lax.dynamic_slice_in_dim(w0_blk, l0, g)  # (g, N)
+                        r_g = lax.dynamic_slice_in_dim(r_blk, l0, g)  # (g,)
+                        fed = (lax.dynamic_slice_in_dim(wt_blk, l0, g) - w0_g) * r_g[:, None]  # A^T, (g, N)
+                        w_g = w0_g + jnp.matmul(u_groups[gi].T, fed, precision=_HIGHEST)
                     s, z = grid_params(w_g.T, config)  # (N,)
                     return s, z, scales.at[gi].set(s), zeros.at[gi].set(z)
 
@@ -406,13 +430,13 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeig
     )
 
 
-_gptq_jit = jax.jit(_gptq_impl, static_argnames=("config",))
+_gptq_jit = jax.jit(_gptq_impl, static_argnames=("config", "group_fit"))
 # XLA:CPU's default scheduler favours concurrency and keeps many K x K and K x N temporaries live at once; its
 # memory-optimized scheduler halves the temp buffer of a 4096x4096 solve (422 -> 218 MB). XLA:CPU allocates that
 # buffer afresh for every call and the kernel faults it in page by page (152k -> 70k faults per call), so the
 # smaller buffer is also faster: 1.98 -> 1.81 s and 1.68 -> 1.62 s in two interleaved runs on the 2-core CPU.
 _gptq_cpu = jax.jit(
     _gptq_impl,
-    static_argnames=("config",),
+    static_argnames=("config", "group_fit"),
     compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
 )
