@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# GPTQModel (the PyTorch GPTQ tool) in a venv of its own, for the interop tests and benchmarks/vs_gptqmodel.py: it
+# pins its own torch/transformers. --no-deps: GPTQModel declares torch>=2.14.1 but runs on the pinned 2.13.0 CPU build,
+# and a plain install would pull the CUDA torch (about 6 GB). About 1.6 GB; 1m50s here with a warm pip cache.
+INTEROP_VENV ?= .venv-gptqmodel
+INTEROP_REQS := tests/interop/gptqmodel-cpu-requirements.txt
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
 
-.PHONY: test demo install lint bench clean cuda-venv gpu-check
+.PHONY: test demo install interop-venv lint bench clean cuda-venv gpu-check
 
 # A second venv, only for compiling the Pallas kernels to sm_90a without a GPU (tests/test_sm90_compile.py):
 # JAX's CUDA plugin registers the Triton compile handler, and the nvcc wheel brings ptxas. --no-deps keeps the
@@ -34,18 +40,30 @@ $(CUDA_STAMP):
 
 cuda-venv: $(CUDA_STAMP)
 
-# SM90_COMPILE_VENV makes the sm_90a compile check mandatory: it fails, not skips, if that venv is broken.
-test: $(STAMP) $(CUDA_STAMP)
-	SM90_COMPILE_VENV=$(CUDA_VENV) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --durations=15 tests
+$(INTEROP_STAMP): $(INTEROP_REQS)
+	rm -rf $(INTEROP_VENV)
+	$(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install -q --no-deps -r $(INTEROP_REQS)
+	touch $(INTEROP_STAMP)
+
+interop-venv: $(INTEROP_STAMP)
+
+# SM90_COMPILE_VENV makes the sm_90a compile check mandatory (it fails, not skips, if that venv is broken), and
+# GPTQ_JAX_REQUIRE_INTEROP the GPTQModel interop tests. loadgroup keeps each xdist_group (the GPTQModel interop
+# module) on one worker, so its fixture runs once.
+test: $(STAMP) $(CUDA_STAMP) $(INTEROP_STAMP)
+	SM90_COMPILE_VENV=$(CUDA_VENV) GPTQ_JAX_REQUIRE_INTEROP=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 \
+		--dist loadgroup --durations=15 tests
 
 # Fetches and converts SmolLM2-135M-Instruct, then float vs RTN vs GPTQ at 4-bit group 128 (see examples/demo.py).
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-bench: $(STAMP)
+bench: $(STAMP) $(INTEROP_STAMP)
 	$(PY) benchmarks/bench_gptq.py
 	$(PY) benchmarks/bench_matmul.py
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/vs_gptqmodel.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gptq_jax pallas_kernels tests benchmarks examples
@@ -55,4 +73,4 @@ gpu-check:
 	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) .pytest_cache
+	rm -rf $(VENV) $(CUDA_VENV) $(INTEROP_VENV) .pytest_cache

@@ -33,8 +33,13 @@ def grid(w: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
     return scale, zero
 
 
-def gptq(w, h, *, bits, group_size, sym, act_order=False, static_groups=False, damp_percent=0.01):
-    """Returns (codes [N, K] int, scales [N, G], zeros [N, G], g_idx [K], dequantized W [N, K])."""
+def gptq(w, h, *, bits, group_size, sym, act_order=False, static_groups=False, damp_percent=0.01, fit_block=None):
+    """Returns (codes [N, K] int, scales [N, G], zeros [N, G], g_idx [K], dequantized W [N, K]).
+
+    Group grids are fitted on the weights as they are when the loop reaches the group, with the feedback of every
+    earlier column. ``fit_block=B`` fits them instead on the weights as they were at the start of their block of B
+    columns, as the paper's blocked loop (blocksize B) does when a group starts inside a block.
+    """
     w = np.array(w, np.float64)
     h = np.array(h, np.float64)
     n, k = w.shape
@@ -59,7 +64,10 @@ def gptq(w, h, *, bits, group_size, sym, act_order=False, static_groups=False, d
     scales = np.zeros((n, groups))
     zeros = np.zeros((n, groups))
     g_idx_perm = np.zeros(k, np.int64)
+    snapshot = w
     for j in range(k):
+        if fit_block is not None and j % fit_block == 0:
+            snapshot = w.copy()
         if group_size == -1:
             s, z = fixed[0]
             gi = 0
@@ -69,7 +77,7 @@ def gptq(w, h, *, bits, group_size, sym, act_order=False, static_groups=False, d
         else:
             gi = j // g
             if j % g == 0:
-                s, z = grid(w[:, j : j + g], bits, sym)
+                s, z = grid((w if fit_block is None else snapshot)[:, j : j + g], bits, sym)
         scales[:, gi], zeros[:, gi] = s, z
         g_idx_perm[j] = gi
         q = np.clip(np.round(w[:, j].astype(np.float32) / s) + z, 0, maxq)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gptq_jax import QuantConfig, accumulate_hessian, init_hessian, quantize_weight, rtn_quantize
+from gptq_jax.core.gptq import GROUP_FIT, GROUP_FITS, _solver
 
 N, K = 24, 160  # K is not a multiple of 128: a partial last group
 
@@ -36,7 +37,7 @@ def _output_error(x, w, deq):
 _GRID = [
     (bits, g, sym, act, static)
     for bits, g, sym, act, static in itertools.product(
-        (2, 3, 4, 8), (-1, 32, 128), (True, False), (False, True), (False, True)
+        (2, 3, 4, 8), (-1, 32, 64, 128), (True, False), (False, True), (False, True)
     )
     if not (static and g == -1)  # static groups means nothing for one group per row
 ]
@@ -48,8 +49,9 @@ def test_matches_numpy_reference(bits, group_size, sym, act_order, static_groups
     config = QuantConfig(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups)
     out = quantize_weight(w, h, config)
     codes, scales, zeros, g_idx, deq = gptq_reference.gptq(
-        w, h, bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups
-    )
+        w, h, bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
+        fit_block=128 if GROUP_FIT == "block_start" else None,
+    )  # fmt: skip
     got_codes = np.asarray(out.codes)
     assert got_codes.shape == (N, K) and got_codes.dtype == np.int32
     assert got_codes.min() >= 0 and got_codes.max() <= 2**bits - 1
@@ -66,6 +68,26 @@ def test_matches_numpy_reference(bits, group_size, sym, act_order, static_groups
     assert err == pytest.approx(ref_err, rel=0.01)
     assert bool(out.fallback) is False
     assert (out.perm is not None) == act_order
+
+
+@pytest.mark.parametrize("bits,group_size,sym", [(2, 64, False), (3, 32, True), (4, 64, True)])
+@pytest.mark.parametrize("group_fit", GROUP_FITS)
+def test_group_fit_choices_match_the_reference(bits, group_size, sym, group_fit):
+    """Both choices of what a mid-block group's grid is fitted on, against the float64 loop that fits the same way:
+    "block_start" is the paper's blocked loop (blocksize 128), which fits on W as it was at its block's start."""
+    w, h, x = _problem(seed=bits + group_size, k=300)
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym)
+    out = _solver()(jnp.asarray(w), jnp.asarray(h), config, group_fit)
+    codes, _, _, _, deq = gptq_reference.gptq(
+        w, h, bits=bits, group_size=group_size, sym=sym, fit_block=128 if group_fit == "block_start" else None
+    )
+    assert np.mean(np.asarray(out.codes) != codes) <= 0.01
+    assert _output_error(x, w, out.dequantize()) == pytest.approx(_output_error(x, w, deq), rel=0.01)
+    # The two choices are different algorithms: the other one's codes differ in many places.
+    other = gptq_reference.gptq(
+        w, h, bits=bits, group_size=group_size, sym=sym, fit_block=None if group_fit == "block_start" else 128
+    )[0]
+    assert np.mean(np.asarray(out.codes) != other) > 0.05
 
 
 @pytest.mark.parametrize("group_size", [-1, 48])  # per channel; groups that straddle 128-column blocks

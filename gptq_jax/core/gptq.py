@@ -21,8 +21,8 @@ lazily (the paper's "lazy batch updates", generalised one level further):
 
 All levels compute the same numbers as the column-by-column algorithm, up to float rounding; the block
 size is a speed knob only. Group grids are fitted when the solve reaches a group's first column, on the
-weights as the paper's loop has them then (recovered through the group's diagonal block of ``U``);
-blocks are aligned to groups so that the whole group is up to date then.
+weights as the paper's blocked loop has them then: as they were at the start of their 128-column block (the paper's
+blocksize), recovered through that block's diagonal block of ``U``; see ``GROUP_FITS``.
 """
 
 from __future__ import annotations
@@ -56,6 +56,19 @@ _SUPER_BLOCK = 512
 # Damping grows by this factor per retry, up to 100% of mean(diag H).
 _DAMP_GROWTH = 4.0
 _UNROLL = 1
+# What a group's grid is fitted on, when a block holds several groups (group_size < block_size):
+# "current": the group's weights with the feedback of every column before it, as the column-by-column
+#   algorithm has them;
+# "block_start": the weights as they were at the start of their block of _FIT_BLOCK columns, before that block's
+#   earlier columns fed back into them, as the paper's blocked loop (blocksize 128) does: it fits on W, whose in-block
+#   columns only receive the block's feedback at the block's end (the updates go to the clone W1). Applies to group
+#   sizes that divide _FIT_BLOCK (others never start a group mid-block, or straddle blocks: those fit "current").
+GROUP_FITS = ("current", "block_start")
+# Measured on 11 SmolLM2 layers x 7 linears (benchmarks/group_fit_smollm2.py): "block_start" gives the lower
+# objective tr((W-Q) H (W-Q)^T) at 2-bit group 64 asym and 3-bit group 64 sym, and is even at 3-bit group 32 asym;
+# see the README's accuracy notes. So the paper's choice is the default.
+GROUP_FIT = "block_start"
+_FIT_BLOCK = 128
 
 
 def check_hessian(w, h) -> None:
@@ -180,22 +193,29 @@ class _Plan:
     superblock: int
     group: int  # effective group size (K for per-channel)
     dynamic_groups: bool  # grids fitted during the solve, at each group's first column
+    fit_block: int  # 0, or _FIT_BLOCK when mid-block groups are fitted on the weights at their fit block's start
 
 
-def _plan(k: int, config: QuantConfig) -> _Plan:
+def _plan(k: int, config: QuantConfig, group_fit: str = GROUP_FIT) -> _Plan:
     g = config.effective_group_size(k)
     dynamic = config.group_size != -1 and not config.static_groups
+    fit_block = _FIT_BLOCK if dynamic and group_fit == "block_start" and g < _FIT_BLOCK and _FIT_BLOCK % g == 0 else 0
     if dynamic:
         # Group starts must fall on sub-block starts and a group must lie inside one block, so that
         # every column of the group has had all earlier feedback when the grid is fitted.
         sub = math.gcd(g, _SUB_BLOCK)
         block = (config.block_size // g) * g if g <= config.block_size else g
+        if fit_block:
+            # Fit blocks must lie inside solver blocks, so a fit block's start state is at hand.
+            block = max(fit_block, (config.block_size // fit_block) * fit_block)
     else:
         sub = _SUB_BLOCK
         block = -(-config.block_size // sub) * sub
     kp = -(-k // block) * block
     superblock = min(max(1, _SUPER_BLOCK // block) * block, kp)
-    return _Plan(k=k, kp=kp, sub=sub, block=block, superblock=superblock, group=g, dynamic_groups=dynamic)
+    return _Plan(
+        k=k, kp=kp, sub=sub, block=block, superblock=superblock, group=g, dynamic_groups=dynamic, fit_block=fit_block
+    )
 
 
 def _solver() -> Any:
@@ -207,9 +227,11 @@ def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
     return _solver()(w, h, config)
 
 
-def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
+def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT) -> QuantizedWeight:
+    if group_fit not in GROUP_FITS:
+        raise ValueError(f"group_fit={group_fit!r} is not one of {GROUP_FITS}")
     n, k = w.shape
-    plan = _plan(k, config)
+    plan = _plan(k, config, group_fit)
     g, kp = plan.group, plan.kp
     maxq = float(config.maxq)
     w = w.astype(jnp.float32)
@@ -260,6 +282,15 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeig
         r_blocks = jnp.swapaxes(ft_blocks, 1, 2) * rdiag.reshape(groups_p, 1, g)
         eye_g = jnp.broadcast_to(jnp.eye(g, dtype=jnp.float32), r_blocks.shape)
         u_groups = jax.scipy.linalg.solve_triangular(r_blocks, eye_g, lower=False)  # (G, g, g)
+        if plan.fit_block:
+            # The same recovery for whole fit blocks: the paper's W of a block at the block's start is
+            # w_B + A U_BB, A the feedback from the columns before the block.
+            fb = plan.fit_block
+            nb = kp // fb
+            ft_bb = ft.reshape(nb, fb, nb, fb)[jnp.arange(nb), :, jnp.arange(nb)]  # (nF, F, F)
+            r_bb = jnp.swapaxes(ft_bb, 1, 2) * rdiag.reshape(nb, 1, fb)
+            eye_b = jnp.broadcast_to(jnp.eye(fb, dtype=jnp.float32), r_bb.shape)
+            u_fit = jax.scipy.linalg.solve_triangular(r_bb, eye_b, lower=False)  # (nF, F, F)
     grid = (
         jnp.ones((n,), jnp.float32),
         jnp.zeros((n,), jnp.float32),
@@ -299,19 +330,32 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeig
         """One block of B columns starting at global column c0; wt_blk, w0_blk (B, N), ft_blk (B, B)."""
         bsz, sub = plan.block, plan.sub
         d_blk = jnp.zeros_like(wt_blk)
+        fb = plan.fit_block
+
+        def fit_block_start(l0, wt_blk):
+            """The paper's W of the fit block starting at local column l0, as at that block's start: (F, N)."""
+            w0_f = lax.dynamic_slice_in_dim(w0_blk, l0, fb)
+            r_f = lax.dynamic_slice_in_dim(r_blk, l0, fb)
+            fed = (lax.dynamic_slice_in_dim(wt_blk, l0, fb) - w0_f) * r_f[:, None]  # (F, N)
+            return w0_f + jnp.matmul(u_fit[(c0 + l0) // fb].T, fed, precision=_HIGHEST)
 
         def body(si, carry):
-            wt_blk, q_blk, d_blk, grid, loss = carry
+            wt_blk, q_blk, d_blk, grid, loss, paper_fb = carry
             l0 = si * sub
+            if fb:
+                paper_fb = lax.cond(l0 % fb == 0, lambda: fit_block_start(l0, wt_blk), lambda: paper_fb)
             if plan.dynamic_groups:
 
                 def refit(grid):
                     cur, zcur, scales, zeros = grid
                     gi = (c0 + l0) // g
-                    w0_g = lax.dynamic_slice_in_dim(w0_blk, l0, g)  # (g, N)
-                    r_g = lax.dynamic_slice_in_dim(r_blk, l0, g)  # (g,)
-                    fed = (lax.dynamic_slice_in_dim(wt_blk, l0, g) - w0_g) * r_g[:, None]  # A^T, (g, N)
-                    w_g = w0_g + jnp.matmul(u_groups[gi].T, fed, precision=_HIGHEST)
+                    if fb:
+                        w_g = lax.dynamic_slice_in_dim(paper_fb, l0 % fb, g)  # (g, N)
+                    else:
+                        w0_g = lax.dynamic_slice_in_dim(w0_blk, l0, g)  # (g, N)
+                        r_g = lax.dynamic_slice_in_dim(r_blk, l0, g)  # (g,)
+                        fed = (lax.dynamic_slice_in_dim(wt_blk, l0, g) - w0_g) * r_g[:, None]  # A^T, (g, N)
+                        w_g = w0_g + jnp.matmul(u_groups[gi].T, fed, precision=_HIGHEST)
                     s, z = grid_params(w_g.T, config)  # (N,)
                     return s, z, scales.at[gi].set(s), zeros.at[gi].set(z)
 
@@ -327,9 +371,11 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeig
             wt_blk = wt_blk + jnp.matmul(cols, d_b, precision=_HIGHEST)  # (B, N)
             q_blk = lax.dynamic_update_slice_in_dim(q_blk, q_b, l0, 0)
             d_blk = lax.dynamic_update_slice_in_dim(d_blk, d_b, l0, 0)
-            return wt_blk, q_blk, d_blk, grid, loss
+            return wt_blk, q_blk, d_blk, grid, loss, paper_fb
 
-        _, q_blk, d_blk, grid, loss = lax.fori_loop(0, bsz // sub, body, (wt_blk, q_blk, d_blk, grid, loss))
+        paper_fb = jnp.zeros((fb, n), jnp.float32)
+        init = (wt_blk, q_blk, d_blk, grid, loss, paper_fb)
+        _, q_blk, d_blk, grid, loss, _ = lax.fori_loop(0, bsz // sub, body, init)
         return q_blk, d_blk, grid, loss
 
     loss = jnp.zeros((), jnp.float32)
@@ -394,13 +440,13 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeig
     )
 
 
-_gptq_jit = jax.jit(_gptq_impl, static_argnames=("config",))
+_gptq_jit = jax.jit(_gptq_impl, static_argnames=("config", "group_fit"))
 # XLA:CPU's default scheduler favours concurrency and keeps many K x K and K x N temporaries live at once; its
 # memory-optimized scheduler halves the temp buffer of a 4096x4096 solve (422 -> 218 MB). XLA:CPU allocates that
 # buffer afresh for every call and the kernel faults it in page by page (152k -> 70k faults per call), so the
 # smaller buffer is also faster: 1.98 -> 1.81 s and 1.68 -> 1.62 s in two interleaved runs on the 2-core CPU.
 _gptq_cpu = jax.jit(
     _gptq_impl,
-    static_argnames=("config",),
+    static_argnames=("config", "group_fit"),
     compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
 )
