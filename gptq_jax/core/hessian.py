@@ -32,6 +32,15 @@ def accumulate_hessian(
     Returns:
       ``(h', n')`` with ``h' = (n h + 2 sum x x^T) / n'`` and ``n' = n + tokens``.
     """
+    xtx, t = token_xtx(x, mask)  # (K, K), ()
+    n_new = n + t
+    denom = jnp.maximum(n_new, 1).astype(jnp.float32)
+    h_new = h * (n.astype(jnp.float32) / denom) + (2.0 / denom) * xtx
+    return h_new, n_new
+
+
+def token_xtx(x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``sum x x^T`` over the unmasked tokens of ``x`` ``[..., K]`` (f32, ``[K, K]``) and their count (int32)."""
     k = x.shape[-1]
     x = x.reshape(-1, k).astype(jnp.float32)  # (T, K)
     if mask is None:
@@ -40,8 +49,4 @@ def accumulate_hessian(
         m = mask.reshape(-1) != 0
         x = jnp.where(m[:, None], x, 0.0)
         t = jnp.sum(m, dtype=jnp.int32)
-    n_new = n + t
-    denom = jnp.maximum(n_new, 1).astype(jnp.float32)
-    xtx = jnp.matmul(x.T, x, precision=lax.Precision.HIGHEST)  # (K, K)
-    h_new = h * (n.astype(jnp.float32) / denom) + (2.0 / denom) * xtx
-    return h_new, n_new
+    return jnp.matmul(x.T, x, precision=lax.Precision.HIGHEST), t

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.gptq import _gptq_impl, check_hessian, check_weight, log_damping
+from gptq_jax.core.hessian import token_xtx
 from gptq_jax.core.quantizer import QuantizedWeight
 
 MESH_AXES = ("data", "model")
@@ -166,22 +167,10 @@ def global_batch(local: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _local_xtx(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    k = x.shape[-1]
-    x = x.reshape(-1, k).astype(jnp.float32)  # (T_local, K)
-    if mask is None:
-        t = jnp.asarray(x.shape[0], jnp.int32)
-    else:
-        m = mask.reshape(-1) != 0
-        x = jnp.where(m[:, None], x, 0.0)
-        t = jnp.sum(m, dtype=jnp.int32)
-    return jnp.matmul(x.T, x, precision=lax.Precision.HIGHEST), t  # (K, K), ()
-
-
 @functools.cache
 def _hessian_fold(mesh: Mesh, with_mask: bool):
     def local(h, n, x, mask=None):
-        xtx, t = _local_xtx(x, mask)  # (K, K), ()
+        xtx, t = token_xtx(x, mask)  # (K, K), ()
         k = xtx.shape[0]
         if mask is None:
             t = t * lax.axis_size(DATA)  # every device holds as many tokens: no count to add up
