@@ -30,27 +30,12 @@ import sys
 import time
 from pathlib import Path
 
+import bench_pipeline  # the Llama-2-7B config, shared (benchmarks/ is on sys.path when run as a script)
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-LLAMA2_7B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "head_dim": 128,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "torch_dtype": "bfloat16",
-}
+# The shapes of bench_pipeline.py's Llama-2-7B, stored in bf16 on disk.
+LLAMA2_7B = {**bench_pipeline.LLAMA2_7B, "torch_dtype": "bfloat16"}
 # Linear groups of a decoder layer (one Hessian each) and their members.
 GROUPS = {
     "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

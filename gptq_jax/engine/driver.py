@@ -415,10 +415,8 @@ def _progress(progress: bool | Callable[[str], None], method: str) -> tuple[Any,
 def _call_checked(fn: Callable[[], Any], what: str) -> Any:
     try:
         return fn()
-    except (ValueError, TypeError) as e:
-        if "blocks=" in str(e):
-            raise
-        raise ValueError(f"the model's forward failed on {what}: {type(e).__name__}: {e}") from e
+    except subject.BlockNotReached:
+        raise
     except Exception as e:  # a user's forward can raise anything; name where it happened
         raise ValueError(f"the model's forward failed on {what}: {type(e).__name__}: {e}") from e
 

@@ -73,6 +73,10 @@ class _Caught(Exception):  # noqa: N818 - control flow, not an error
         self.args_, self.kwargs_ = args, kwargs
 
 
+class BlockNotReached(ValueError):
+    """The model's forward returned without calling its first block: ``forward=`` or ``blocks=`` is wrong."""
+
+
 class _Catcher(nnx.Module):
     """Stands in for the first block while the model runs on a batch: records its inputs and stops the run."""
 
@@ -157,7 +161,7 @@ def catch_block_inputs(model: nnx.Module, first: tuple[str, Any, Any, nnx.Module
         return c.args_, c.kwargs_
     finally:
         _set(parent, key, module)
-    raise ValueError(f"the forward never called the first block ({first[0]}); check forward= or blocks=")
+    raise BlockNotReached(f"the forward never called the first block ({first[0]}); check forward= or blocks=")
 
 
 def _set(parent: Any, key: Any, value: Any) -> None:
