@@ -185,17 +185,18 @@ def main(argv=None) -> int:
         "load": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "runs": runs,
     }  # fmt: skip
+    base = "reference_f64" if "reference_f64" in args.compare else "paper_f32"
     for label, run in runs.items():
-        r = np.array([o["ours"] / o["reference_f64"] for o in run["objectives"].values()])
-        run["objective_ratio_ours_over_reference"] = {
+        r = np.array([o["ours"] / o[base] for o in run["objectives"].values()])
+        run[f"objective_ratio_ours_over_{base}"] = {
             "geomean": float(np.exp(np.mean(np.log(r)))),
             "min": float(r.min()),
             "max": float(r.max()),
             "worst": max(
-                run["objectives"], key=lambda n: run["objectives"][n]["ours"] / run["objectives"][n]["reference_f64"]
+                run["objectives"], key=lambda n: run["objectives"][n]["ours"] / run["objectives"][n][base]
             ),
         }
-        print(label, run["objective_ratio_ours_over_reference"])
+        print(label, run[f"objective_ratio_ours_over_{base}"])
     with open(out, "w") as f:
         json.dump(payload, f, indent=1)
     return 0
