@@ -291,6 +291,11 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         )
         bar.done()
     seconds = time.perf_counter() - t0
+    import jax
+
+    if jax.process_index() != 0:  # process 0 writes OUT_DIR; the others keep their work until it is written
+        _after_save_of_process_0(work)
+        return 0
     pack_model(result.model, result.weights)
     report = result.report.to_json()
     report.update(model=str(args.model_dir), seconds_total=seconds)
@@ -304,12 +309,31 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         overwrite=args.overwrite,
         extra_files={"quant_report.json": json.dumps(report, indent=1)},
     )
-    if work is not None:
-        from gptq_jax.engine.resume import remove_store
-
-        remove_store(str(work))
+    _after_save_of_process_0(work)
     _summary(result.report, out, seconds)
     return 0
+
+
+def _after_save_of_process_0(work: Path | None) -> None:
+    """Once OUT_DIR is written (every process waits for process 0 to get there), drop this process's finished
+    blocks. If process 0 fails to save, the others never pass the barrier and keep theirs for a rerun."""
+    import jax
+
+    from gptq_jax.engine.driver import process_work_dir
+    from gptq_jax.engine.resume import remove_store
+
+    if jax.process_count() == 1:
+        if work is not None:
+            remove_store(str(work))
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("gptq-jax: OUT_DIR written")
+    if work is not None and jax.process_index() != 0:
+        remove_store(process_work_dir(str(work)))  # inside process 0's directory when they share a disk
+    multihost_utils.sync_global_devices("gptq-jax: work removed")
+    if work is not None and jax.process_index() == 0:
+        remove_store(str(work))
 
 
 class _LayerBar:

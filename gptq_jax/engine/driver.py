@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -220,7 +221,8 @@ class _Job:
                 if h is None:
                     qw = rtn_quantize(wm, qc)
                 elif self.mesh is not None:
-                    qw = sharding.quantize_weight_sharded(wm, h, qc, mesh=self.mesh)
+                    # Gathered, so that every process can store, digest and pack the whole weight.
+                    qw = sharding.replicate(sharding.quantize_weight_sharded(wm, h, qc, mesh=self.mesh), self.mesh)
                 else:
                     qw = quantize_weight(wm, h, qc)
                 leaves[p] = from_matrix(dequantized(qw), jnp.shape(w), plan.w_axes[p]).astype(jnp.result_type(w))
@@ -360,6 +362,7 @@ def quantize(
         raise ValueError("calib is required: at least one batch, to find the model's matmuls (and, for GPTQ, "
                          "their Hessians)")
     batches, masks, desc = _batches(calib, batch_size)
+    calib_leaves = [np.asarray(x) for b in batches for x in jax.tree.leaves(b)] if work_dir is not None else []
     if mesh is not None:
         batches, masks = _on_mesh(batches, masks, mesh)
     report = QuantReport(method=method, quant_config=describe(quant_config), calibration=desc)
@@ -390,7 +393,7 @@ def quantize(
                     (type(model).__name__, repr(report.quant_config), method, str(true_sequential),
                      fingerprint_extra, repr(jax.tree.map(lambda a: (jnp.shape(a), str(jnp.result_type(a))),
                                                           nnx.state(model, nnx.Param)))),
-                    [np.asarray(x) for b in batches for x in jax.tree.leaves(b)],
+                    calib_leaves,
                 )
             _by_blocks(job, model, fwd, found, batches, masks, work_dir, fp, bar)
     if bar is not None:
@@ -437,7 +440,7 @@ def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches
     if bar is not None:
         bar.total = len(found)
         bar.refresh()
-    store = ResumeStore(work_dir, fp) if work_dir is not None else None
+    store = ResumeStore(process_work_dir(work_dir), fp) if work_dir is not None else None
     hidden_in = 0  # the hidden states are the first leaf of (args, kwargs)
     resuming = True  # finished blocks are reused while each matches the weights it was made from
     hidden = [jax.tree.leaves(x)[hidden_in] for x in inputs]
@@ -465,6 +468,12 @@ def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches
             log.warning("block %s: its weights differ from those of the run that saved it; redoing it and the "
                         "blocks after it", path)
             saved, resuming = None, False
+        if resuming and store is not None and not _all_processes(saved is not None):
+            # Every process must replay or redo the same blocks: the passes are one program over all of them.
+            if saved is not None:
+                log.warning("block %s: another process has no usable copy of it; redoing it and the blocks after it",
+                            path)
+            saved, resuming = None, False
         if saved is not None:
             weights, records = saved
             _restore(job, plan, params, weights)
@@ -487,6 +496,22 @@ def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches
         block.write(params)
         if bar is not None:
             bar.update(1)
+
+
+def process_work_dir(work_dir: str) -> str:
+    """Where this process keeps its finished blocks: ``work_dir`` itself for process 0 (the only one on one host),
+    ``work_dir/process-<i>`` for the others, so that processes sharing a disk never write the same files."""
+    i = jax.process_index()
+    return work_dir if i == 0 else os.path.join(work_dir, f"process-{i}")
+
+
+def _all_processes(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (itself alone on one process)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def _weights_digest(params: subject.Params) -> str:

@@ -149,6 +149,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--process-id", type=int, default=None, help="this process, 0-based (env JAX_PROCESS_ID)")
     g.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help=f"seconds to wait for the coordinator and the other processes (default {DEFAULT_TIMEOUT_S})")
+    g.add_argument("--heartbeat-timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="S",
+                   help="seconds of silence after which a process counts as dead and the others stop "
+                   f"(default {DEFAULT_HEARTBEAT_TIMEOUT_S})")
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
@@ -161,7 +164,8 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
         return False
     if num == 1:
         return False
-    initialize(address, num, args.process_id, timeout_s=args.distributed_timeout)
+    initialize(address, num, args.process_id, timeout_s=args.distributed_timeout,
+               heartbeat_timeout_s=getattr(args, "heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT_S))
     return True
 
 

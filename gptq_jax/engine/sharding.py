@@ -234,6 +234,13 @@ def init_hessian_sharded(in_features: int, mesh: Mesh) -> tuple[jax.Array, jax.A
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def replicate(tree, mesh: Mesh):
+    """``tree`` with every array copied whole to every device of ``mesh`` (an all-gather when it is split): after
+    this, each process can read it (``np.asarray``) even when the mesh spans several processes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(leaves))
+
+
 @functools.cache
 def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig):
     rows = P(axes)
