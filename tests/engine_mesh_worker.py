@@ -41,8 +41,11 @@ def main() -> None:
                  for n, q in ref.weights.items()]
         ratio = [float(res.weights[n].loss) / float(q.loss) for n, q in ref.weights.items()]
         logits = np.asarray(make_forward(res.model)(tok)[0])
+        up = res.model.layers[0].mlp.up_proj.kernel.get_value()  # (64, 128) with a model axis: split over it
+        up_spec = tuple(up.sharding.spec)
         out[spec] = {"min_equal": min(equal), "mean_equal": float(np.mean(equal)), "max_loss_ratio": max(ratio),
-                     "min_loss_ratio": min(ratio), "logit_diff": float(np.abs(logits - ref_logits).max())}
+                     "min_loss_ratio": min(ratio), "logit_diff": float(np.abs(logits - ref_logits).max()),
+                     "up_proj_spec": [str(a) for a in up_spec]}
     try:
         quantize(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), calib, quant_config=qc, batch_size=3,
                  mesh=_mesh("data=2,model=4"))

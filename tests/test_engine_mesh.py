@@ -26,4 +26,6 @@ def test_meshes_match_one_device():
         assert r["mean_equal"] > 0.99 and r["min_equal"] > 0.95, (spec, r)
         assert 0.98 < r["min_loss_ratio"] and r["max_loss_ratio"] < 1.02, (spec, r)
         assert r["logit_diff"] < 5e-2, (spec, r)
+        # Block weights stay split over the model axis, along their largest axis it divides.
+        assert r["up_proj_spec"] == (["None", "model"] if "model=1" not in spec else ["None"] * len(r["up_proj_spec"]))
     assert "calibration batch 0: calibration batch of 3 windows does not split" in out["bad_batch"]

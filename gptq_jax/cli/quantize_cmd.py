@@ -251,7 +251,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
     from gptq_jax.engine.driver import quantize
     from gptq_jax.io import text as data
     from gptq_jax.io.checkpoint import save_quantized
-    from gptq_jax.models import load_pretrained, load_tokenizer
+    from gptq_jax.models import load_pretrained, load_tokenizer, open_pretrained
     from gptq_jax.models.qlinear import pack_model
 
     qc = QuantConfig(
@@ -265,7 +265,12 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
     )
     mesh, batch_size = _mesh_and_batch(args)
     tok = load_tokenizer(args.model_dir)
-    model, config = load_pretrained(args.model_dir, dtype=jnp.dtype(DTYPES[args.dtype]))
+    dtype = jnp.dtype(DTYPES[args.dtype])
+    load = None
+    if work is not None:  # GPTQ streams: one decoder layer in memory at a time, finished ones in the work directory
+        model, config, load = open_pretrained(args.model_dir, dtype=dtype, check_values=True)
+    else:
+        model, config = load_pretrained(args.model_dir, dtype=dtype)
     if args.method == "gptq" and args.seqlen > config.max_position_embeddings:
         raise CommandError(f"--seqlen {args.seqlen} exceeds the model's context of {config.max_position_embeddings}")
 
@@ -288,6 +293,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
             work_dir=None if work is None else str(work),
             fingerprint_extra=f"{args.model_dir.resolve()}|{args.dtype}|{_weights_signature(args.model_dir)}",
             progress=bar.linear,
+            load=load,
         )
         bar.done()
     seconds = time.perf_counter() - t0
@@ -296,7 +302,8 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
     if jax.process_index() != 0:  # process 0 writes OUT_DIR; the others keep their work until it is written
         _after_save_of_process_0(work)
         return 0
-    pack_model(result.model, result.weights)
+    if load is None:
+        pack_model(result.model, result.weights)
     report = result.report.to_json()
     report.update(model=str(args.model_dir), seconds_total=seconds)
     out = save_quantized(
@@ -308,6 +315,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         tokenizer_dir=args.model_dir,
         overwrite=args.overwrite,
         extra_files={"quant_report.json": json.dumps(report, indent=1)},
+        weights=None if load is None else result.weights,
     )
     _after_save_of_process_0(work)
     _summary(result.report, out, seconds)

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +31,7 @@ from gptq_jax.core.calibration import Calibration
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.gptq import quantize_weight
 from gptq_jax.core.quantizer import QuantizedWeight, rtn_quantize
-from gptq_jax.engine import sharding, subject
+from gptq_jax.engine import multihost, sharding, subject
 from gptq_jax.engine.plan import (
     Plan,
     empty_hessians,
@@ -42,7 +42,7 @@ from gptq_jax.engine.plan import (
     squared_error,
     stages_in_slice,
 )
-from gptq_jax.engine.resume import ResumeStore, fingerprint
+from gptq_jax.engine.resume import ResumeStore, StoredWeights, fingerprint
 from gptq_jax.engine.rules import Rules, compile_rules, config_for, describe
 from gptq_jax.engine.trace import from_matrix, to_matrix, trace
 
@@ -148,9 +148,64 @@ def _on_mesh(batches: list[Any], masks: list[Any], mesh: Any) -> tuple[list[Any]
 
 
 def _replicated(tree: Any, mesh: Any) -> Any:
+    """Concrete arrays of ``tree`` copied to every device of ``mesh``; abstract leaves (not loaded yet) as they are."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    where = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, where), tree)
+
+
+def _spread(tree: Any, mesh: Any) -> Any:
+    """A block's parameters on ``mesh``: each matrix split over the ``model`` axis along its largest axis that the
+    axis divides (so a block never has to fit on one device), everything else replicated. The block's jitted
+    passes then run partitioned (XLA inserts the collectives); abstract leaves stay as they are."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    m = sharding.mesh_shape(mesh).get("model", 1)
+
+    def place(x: Any) -> Any:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        spec = [None] * jnp.ndim(x)
+        fits = [a for a in range(jnp.ndim(x)) if jnp.shape(x)[a] % m == 0] if m > 1 and jnp.ndim(x) >= 2 else []
+        if fits:
+            spec[max(fits, key=lambda a: jnp.shape(x)[a])] = "model"
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return jax.tree.map(place, tree)
+
+
+def _load_params(node: nnx.Module, prefix: str, load: Callable, mesh: Any, skip: Sequence[str] = ()) -> None:
+    """Fill the abstract parameters of ``node`` (paths ``prefix.*``, except under ``skip``) with ``load(paths)``."""
+    params = subject.Params.of(nnx.state(node, nnx.Param), prefix)
+    want = [p for p, x in zip(params.paths, params.leaves, strict=True)
+            if isinstance(x, jax.ShapeDtypeStruct) and not any(p.startswith(s + ".") for s in skip)]
+    if not want:
+        return
+    got = load(want)
+    missing = [p for p in want if p not in got]
+    if missing:
+        raise ValueError(f"load() returned no array for {len(missing)} parameter(s): {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+    leaves = []
+    for p, x in zip(params.paths, params.leaves, strict=True):
+        if p in want:
+            a = got[p]
+            if tuple(jnp.shape(a)) != tuple(x.shape):
+                raise ValueError(f"load() returned shape {tuple(jnp.shape(a))} for {p}, the model has {tuple(x.shape)}")
+            x = jnp.asarray(a, x.dtype)
+        leaves.append(x)
+    nnx.update(node, params.unflatten(leaves))
+    if mesh is not None:
+        nnx.update(node, (_replicated if skip else _spread)(nnx.state(node), mesh))
+
+
+def _drop(params: subject.Params, names: Iterable[str]) -> subject.Params:
+    """``params`` with the leaves at ``names`` made abstract again (their memory released)."""
+    names = set(names)
+    leaves = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) if p in names else x
+              for p, x in zip(params.paths, params.leaves, strict=True)]
+    return subject.Params(leaves, params.paths, params.tree)
 
 
 def _default_forward(model: Any, batch: Any) -> Any:
@@ -226,6 +281,8 @@ class _Job:
                 else:
                     qw = quantize_weight(wm, h, qc)
                 leaves[p] = from_matrix(dequantized(qw), jnp.shape(w), plan.w_axes[p]).astype(jnp.result_type(w))
+                if self.mesh is not None:  # split again as the float weight was
+                    leaves[p] = jax.jit(lambda x: x, out_shardings=w.sharding)(leaves[p])
                 jax.block_until_ready(leaves[p])
                 self.weights[name] = qw
                 self.axes[name] = plan.w_axes[p]
@@ -320,6 +377,7 @@ def quantize(
     fingerprint_extra: str = "",
     progress: bool | Callable[[str], None] = False,
     mesh: Any = None,
+    load: Callable[[list[str]], Mapping[str, Any]] | None = None,
 ) -> QuantizeResult:
     """Quantize the matmul weights of a Flax model with GPTQ (or round-to-nearest).
 
@@ -348,6 +406,12 @@ def quantize(
       mesh: a ``jax.sharding.Mesh`` with axes ``("data", "model")`` (``engine.sharding.make_mesh("data=2,model=4")``):
         calibration batches split over ``data`` (the Hessians are summed across it inside the jitted passes) and
         each solve split by output rows over ``model``. Each batch's rows must be a multiple of the data axis.
+      load: stream the weights, for models larger than memory. ``model`` is then abstract (built under
+        ``nnx.eval_shape``: its parameters are shapes only) and ``load(paths)`` returns the arrays of those
+        parameter paths (e.g. read from safetensors). The parameters outside the blocks are loaded first, each
+        block's when it is reached; once a block is finished and saved in ``work_dir`` (required) its quantized
+        weights are dropped again, so memory holds one block. ``result.weights`` then reads them back from
+        ``work_dir`` one block at a time, and ``result.model`` keeps them abstract.
 
     Returns:
       ``QuantizeResult(model, weights, report, axes)``. Weights are keyed by parameter path, e.g.
@@ -358,6 +422,9 @@ def quantize(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     rules = compile_rules(quant_config)
+    if load is not None and (work_dir is None or apply_fn is not None or blocks is False):
+        raise ValueError("load= streams an NNX model block by block and keeps each finished block only in work_dir: "
+                         "pass work_dir=, and no apply_fn= or blocks=False")
     if calib is None:
         raise ValueError("calib is required: at least one batch, to find the model's matmuls (and, for GPTQ, "
                          "their Hessians)")
@@ -377,10 +444,16 @@ def quantize(
                 f"model must be an nnx.Module, or a Linen params pytree with apply_fn=...; got {type(model).__name__}"
             )
         fwd = forward or _default_forward
-        if mesh is not None:
-            nnx.update(model, _replicated(nnx.state(model), mesh))
         pattern = blocks if isinstance(blocks, str) else getattr(model, "gptq_blocks", None)
         found = [] if blocks is False else subject.find_blocks(model, pattern)
+        if load is not None:
+            if not found:
+                raise ValueError("load= needs a model with repeated blocks (found none; name them with blocks=)")
+            _load_params(model, "", load, mesh, skip=[p for p, *_ in found])
+        if mesh is not None:
+            nnx.update(model, _replicated(nnx.state(model), mesh))
+            for _, _, _, module in found:
+                nnx.update(module, _spread(nnx.state(module), mesh))
         if not found:
             if blocks is None:
                 log.info("no repeated blocks found in %s: one-shot mode", type(model).__name__)
@@ -395,7 +468,9 @@ def quantize(
                                                           nnx.state(model, nnx.Param)))),
                     calib_leaves,
                 )
-            _by_blocks(job, model, fwd, found, batches, masks, work_dir, fp, bar)
+            stored = _by_blocks(job, model, fwd, found, batches, masks, work_dir, fp, bar, load)
+            if stored is not None:
+                job.weights = stored
     if bar is not None:
         bar.close()
     report.seconds = time.perf_counter() - t_start
@@ -425,7 +500,9 @@ def _call_checked(fn: Callable[[], Any], what: str) -> Any:
 
 
 def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches: list, masks: list,
-               work_dir: str | None, fp: str | None, bar: Any) -> None:
+               work_dir: str | None, fp: str | None, bar: Any, load: Callable | None) -> StoredWeights | None:
+    """Quantize the blocks in order. With ``load``, each block is loaded first and its quantized weights dropped
+    once saved; returns them as a ``StoredWeights`` then (else None: they are in ``job.weights``)."""
     inputs = []
     for b, batch in enumerate(batches):
         args, kwargs = _call_checked(
@@ -446,8 +523,11 @@ def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches
     hidden = [jax.tree.leaves(x)[hidden_in] for x in inputs]
     _, tree = jax.tree.flatten(inputs[0])
     others = [jax.tree.leaves(x) for x in inputs]
+    stored: dict[str, int] = {}  # name -> block, for a streamed run
     for i, (path, _, _, module) in enumerate(found):
         t0 = time.perf_counter()
+        if load is not None:
+            _load_params(module, path, load, job.mesh)
         block = subject.NNXBlock(path, module)
         graphdef, params, rest = block.split()
         rest_leaves, rest_tree = jax.tree.flatten(rest)
@@ -493,9 +573,16 @@ def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches
                 names = [r["name"] for r in job.report.linears[first:]]
                 store.save(i, {n: job.weights[n] for n in names},
                            {"linears": job.report.linears[first:], "layer": rec, "weights_digest": digest})
+        if load is not None:
+            names = [n for n in params.paths if n in job.weights]
+            stored.update(dict.fromkeys(names, i))
+            for n in names:
+                del job.weights[n]
+            params = _drop(params, names)
         block.write(params)
         if bar is not None:
             bar.update(1)
+    return StoredWeights(store, stored) if load is not None else None
 
 
 def process_work_dir(work_dir: str) -> str:
@@ -518,7 +605,7 @@ def _weights_digest(params: subject.Params) -> str:
     """SHA-256 of a block's float parameters: a resumed block must have been made from these very weights."""
     h = hashlib.sha256()
     for path, x in zip(params.paths, params.leaves, strict=True):
-        a = np.asarray(x)
+        a = multihost.to_host(x) if isinstance(x, jax.Array) else np.asarray(x)  # gathered when split over hosts
         h.update(f"{path}:{a.dtype}:{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
@@ -552,6 +639,8 @@ def _restore(job: _Job, plan: Plan, params: subject.Params, weights: dict[str, Q
         p = index[name]
         w = params.leaves[p]
         params.leaves[p] = from_matrix(dequantized(qw), jnp.shape(w), plan.w_axes[p]).astype(jnp.result_type(w))
+        if job.mesh is not None:
+            params.leaves[p] = jax.jit(lambda x: x, out_shardings=w.sharding)(params.leaves[p])
         job.weights[name] = qw
         job.axes[name] = plan.w_axes[p]
 

@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -287,3 +287,32 @@ class ResumeStore:
         for name in self.finished_files():
             if int(_LAYER_FILE.fullmatch(name).group(1)) >= index:
                 os.remove(os.path.join(self.work_dir, name))
+
+
+class StoredWeights(Mapping):
+    """Parameter path -> ``QuantizedWeight``, read back from a store one block at a time: what a streamed run
+    (``quantize(..., load=...)``) returns as its weights, since it keeps no finished block in memory. Iteration is
+    in block order; the last block read is cached, so reading block by block reads each file once."""
+
+    def __init__(self, store: ResumeStore, blocks: Mapping[str, int]):
+        self._store, self._blocks = store, dict(blocks)  # name -> block index
+        self._cached: tuple[int, dict[str, QuantizedWeight]] | None = None
+
+    def block_of(self, name: str) -> int:
+        return self._blocks[name]
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        i = self._blocks[name]
+        if self._cached is None or self._cached[0] != i:
+            got = self._store.load(i)
+            if got is None:
+                raise ValueError(f"block {i} is no longer in the work directory {self._store.work_dir} "
+                                 f"(removed or damaged since it was written); rerun the quantization")
+            self._cached = (i, got[0])
+        return self._cached[1][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)

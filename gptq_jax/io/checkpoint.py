@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from gptq_jax.core.config import QuantConfig
+from gptq_jax.core.quantizer import QuantizedWeight
 from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig
 from gptq_jax.models.params import check_finite, hf_to_nnx, nnx_to_hf
 from gptq_jax.models.qlinear import QuantLinear, module_at, quantized_linears
@@ -71,9 +72,11 @@ def quantization_config(qc: QuantConfig, *, checkpoint_format: str, true_sequent
 # Saving
 
 
-def _float_tensors(model: LlamaForCausalLM, dtype: Any) -> dict[str, np.ndarray]:
-    """Every unquantized parameter under its HF name (torch orientation), cast to ``dtype``."""
+def _float_tensors(model: LlamaForCausalLM, dtype: Any, streamed: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """Every unquantized parameter under its HF name (torch orientation), cast to ``dtype``; ``streamed``: NNX paths
+    of linears whose quantized tensors are written from the weights instead."""
     quantized = {name.removeprefix("model.") for name in quantized_linears(model)}  # NNX paths of QuantLinears
+    quantized |= set(streamed)
     out = {}
     for key, var in nnx.to_flat_state(nnx.state(model)):
         path = ".".join(str(p) for p in key)
@@ -106,13 +109,18 @@ def save_quantized(
     true_sequential: bool = True,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    weights: Mapping[str, QuantizedWeight] | None = None,
 ) -> str:
     """Write a model whose decoder linears are ``QuantLinear`` (see ``gptq_jax.models.qlinear.pack_model``) as a GPTQ
     checkpoint. ``checkpoint_format`` defaults to ``gptq`` for symmetric and ``gptq_v2`` for asymmetric grids
     (v1 cannot hold asymmetric zeros of 0). ``float_dtype`` (default: the model's) is the dtype of embeddings and
     norms. The directory is built under a temporary name and renamed into place at the end, so an interrupted save
     never leaves a directory that looks complete. ``extra_files``: name -> text to write beside (e.g. a report).
-    Returns the output path.
+
+    ``weights`` (parameter path -> ``QuantizedWeight``, e.g. a streamed ``quantize``'s ``StoredWeights``): write
+    these linears from the weights instead of from ``QuantLinear`` layers; their layers in ``model`` may be float
+    or abstract. Each block's weights are packed, written to a shard of their own and dropped, one block at a time,
+    so the packed model is never whole in memory. Returns the output path.
     """
     fmt = checkpoint_format or ("gptq" if quant_config.sym else "gptq_v2")
     if fmt not in CHECKPOINT_FORMATS:
@@ -123,7 +131,7 @@ def save_quantized(
             "overflows its field); use 'gptq_v2'"
         )
     qlins = quantized_linears(model)
-    if not qlins:
+    if not qlins and not weights:
         raise ValueError("the model has no QuantLinear layers; quantize it and pack it (qlinear.pack_model) first")
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir):
@@ -131,7 +139,8 @@ def save_quantized(
             raise FileExistsError(f"output directory {out_dir} exists and is not empty (pass overwrite=True)")
     float_dtype = np.dtype(jnp.dtype(float_dtype or model.dtype).name)
 
-    tensors: dict[str, np.ndarray] = _float_tensors(model, float_dtype)
+    streamed = [name.removesuffix(".kernel") for name in (weights or {})]
+    tensors: dict[str, np.ndarray] = _float_tensors(model, float_dtype, streamed)
     for name, lin in qlins.items():
         tensors.update(lin.hf_tensors(name, checkpoint_format=fmt))
 
@@ -143,6 +152,7 @@ def save_quantized(
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     need = sum(a.nbytes for a in tensors.values())
+    need += sum(_packed_bytes(module_at(model, n.removesuffix(".kernel")), quant_config) for n in (weights or {}))
     free = shutil.disk_usage(parent).free
     if need > free:
         raise OSError(
@@ -152,7 +162,11 @@ def save_quantized(
     # The pid in the name lets a later run tell a leftover of a killed save from a save still running.
     tmp = tempfile.mkdtemp(prefix=f"{partial_prefix(out_dir)}{os.getpid()}-", dir=parent)
     try:
-        _write_shards(tmp, tensors, max_shard_bytes, final_dir=out_dir)
+        if weights:  # blocks packed as their shard is written, shards planned from the shapes
+            shards = _plan_shards(model, weights, quant_config, tensors, max_shard_bytes)
+            _write_files(tmp, _packed_shards(model, weights, shards, tensors, fmt), len(shards), out_dir)
+        else:
+            _write_shards(tmp, tensors, max_shard_bytes, final_dir=out_dir)
         texts = {"config.json": json.dumps(hf_config, indent=2), "quantize_config.json": json.dumps(qconf, indent=2)}
         for fname, text in {**texts, **(extra_files or {})}.items():
             with _naming(os.path.join(out_dir, fname)), open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
@@ -224,6 +238,64 @@ def _size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
+def _packed_bytes(lin: Any, qc: QuantConfig) -> int:
+    """About the bytes of a linear in a checkpoint (from its shape, before it is packed): codes at ``bits`` each,
+    fp16 scales and packed zeros per group, int32 g_idx."""
+    n, k = int(lin.out_features), int(lin.in_features)
+    groups = qc.groups(k)
+    return int(n * k * qc.bits / 8 + groups * n * (2 + qc.bits / 8) + 4 * k)
+
+
+def _block_groups(weights: Mapping[str, QuantizedWeight]) -> list[list[str]]:
+    """``weights``' names in runs of one block (the ``layers.<i>`` of their path), in ``weights``' order."""
+    groups: list[list[str]] = []
+    last = None
+    for name in weights:
+        m = re.match(r"(.*?layers\.\d+)\.", name)
+        key = m.group(1) if m else name
+        if key != last:
+            groups.append([])
+            last = key
+        groups[-1].append(name)
+    return groups
+
+
+def _plan_shards(model: LlamaForCausalLM, weights: Mapping[str, QuantizedWeight], qc: QuantConfig,
+                 tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[list[list[str]]]:
+    """Whole blocks of ``weights`` per shard, filled up to ``max_shard_bytes`` by the sizes their shapes imply; the
+    float ``tensors`` go into the last shard, or one of their own when it is full."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+    shards: list[list[list[str]]] = [[]]
+    size = 0
+    for names in _block_groups(weights):
+        b = sum(_packed_bytes(module_at(model, n.removesuffix(".kernel")), qc) for n in names)
+        if shards[-1] and size + b > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(names)
+        size += b
+    if shards[-1] and size + sum(a.nbytes for a in tensors.values()) > max_shard_bytes:
+        shards.append([])
+    return shards
+
+
+def _packed_shards(model: LlamaForCausalLM, weights: Mapping[str, QuantizedWeight], shards: list[list[list[str]]],
+                   tensors: dict[str, np.ndarray], fmt: str) -> Iterator[dict[str, np.ndarray]]:
+    """Each shard's tensors, its blocks packed only when it is reached; the float ``tensors`` in the last."""
+    for s, blocks in enumerate(shards):
+        out = {}
+        for names in blocks:
+            for n in names:
+                lin = module_at(model, n.removesuffix(".kernel"))
+                bias = None if getattr(lin, "bias", None) is None else lin.bias[...]
+                q = QuantLinear.from_quantized(weights[n], bias)
+                out.update(q.hf_tensors("model." + n.removesuffix(".kernel"), checkpoint_format=fmt))
+        if s == len(shards) - 1:
+            out.update(tensors)
+        yield out
+
+
 def _write_shards(
     directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int, final_dir: str | None = None
 ) -> None:
@@ -237,15 +309,24 @@ def _write_shards(
             size = 0
         shards[-1][name] = a
         size += a.nbytes
-    n = len(shards)
+    _write_files(directory, shards, len(shards), final_dir)
+
+
+def _write_files(directory: str, shards: Iterable[dict[str, np.ndarray]], n: int, final_dir: str | None) -> None:
+    """``n`` safetensors files, one per shard, each written (and dropped) as ``shards`` yields it; the index."""
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for fname, shard in zip(names, shards, strict=True):
-        _save_file(shard, os.path.join(directory, fname), os.path.join(final_dir or directory, fname))
+    weight_map: dict[str, str] = {}
+    total = i = 0
+    for i, shard in enumerate(shards):  # noqa: B007 - i is checked below
+        if i >= n:
+            raise ValueError(f"more than the {n} shards announced")
+        _save_file(shard, os.path.join(directory, names[i]), os.path.join(final_dir or directory, names[i]))
+        weight_map.update(dict.fromkeys(shard, names[i]))
+        total += sum(a.nbytes for a in shard.values())
+    if i + 1 != n:
+        raise ValueError(f"{i + 1} shards written, {n} announced")
     if n > 1:
-        index = {
-            "metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
-            "weight_map": {k: fname for fname, shard in zip(names, shards, strict=True) for k in shard},
-        }
+        index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
         with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
 

@@ -6,7 +6,8 @@
   capture=)`` / ``model.head`` for layer-by-layer work.
 - ``Linear``: the single projection layer type (what quantization replaces).
 - ``make_forward(model)``: jitted forward. ``init_cache``, ``make_positions``: decoding helpers.
-- ``load_pretrained(path, *, dtype) -> (model, config)``, ``save_pretrained(model, config, out_dir)``,
+- ``load_pretrained(path, *, dtype) -> (model, config)``, ``open_pretrained(path, *, dtype) -> (abstract model,
+  config, load)`` for streaming, ``save_pretrained(model, config, out_dir)``,
   ``load_tokenizer(path)``.
 """
 
@@ -33,6 +34,7 @@ from gptq_jax.models.params import (
     load_pretrained,
     load_tokenizer,
     nnx_to_hf,
+    open_pretrained,
     save_pretrained,
 )
 
@@ -53,6 +55,7 @@ __all__ = [
     "hf_to_nnx",
     "init_cache",
     "load_pretrained",
+    "open_pretrained",
     "load_tokenizer",
     "make_forward",
     "make_positions",

@@ -26,7 +26,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -176,6 +176,27 @@ def load_pretrained(
     on its own, so peak memory stays near one copy of the model in ``dtype``. ``strict=False`` turns unexpected
     tensors into a warning. See the module docstring for the errors raised.
     """
+    model, config, load = open_pretrained(path, dtype=dtype, strict=strict)
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    values = load([_dotted(key) for key, _ in flat])
+    flat = [(key, var.replace(values.pop(_dotted(key)))) for key, var in flat]
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return model, config
+
+
+def open_pretrained(
+    path: str | os.PathLike, *, dtype: Any = jnp.float32, strict: bool = True, check_values: bool = False
+) -> tuple[LlamaForCausalLM, ModelConfig, Callable[[list[str]], dict[str, np.ndarray]]]:
+    """A checkpoint's model without its weights, for streaming: ``(model, config, load)``.
+
+    ``model`` is abstract (every parameter a ``jax.ShapeDtypeStruct``); ``load(paths)`` reads, checks, casts and
+    transposes the tensors of those NNX parameter paths (``layers.3.mlp.up_proj.kernel``), and nothing else. Every
+    name, shape and dtype is checked against config.json from the file headers first, as ``load_pretrained`` does;
+    this is what ``gptq_jax.quantize(..., load=load)`` streams from. ``check_values`` also reads every tensor
+    once, one at a time, so that a NaN or Inf anywhere is reported before any work starts rather than when its
+    block is reached.
+    """
     path = os.fspath(path)
     dtype = _check_dtype(dtype)
     if not os.path.isdir(path):
@@ -235,25 +256,38 @@ def load_pretrained(
             raise ValueError(msg + " (pass strict=False to skip them)")
         warnings.warn(msg + "; skipped", stacklevel=2)
 
-    # Pass 2: read, cast and transpose one tensor at a time.
-    values: dict[str, jax.Array] = {}
-    by_file: dict[str, list[tuple[str, str, bool]]] = {}
-    for target, (file, name, transpose) in plan.items():
-        by_file.setdefault(file, []).append((target, name, transpose))
-    for file, items in by_file.items():
-        with _open(file) as f:
-            for target, name, transpose in items:
-                try:
-                    x = f.get_tensor(name)
-                except Exception as e:
-                    raise ValueError(f"{file}: cannot read tensor {name} (corrupt or truncated file?): {e}") from None
-                check_finite(x, name, file)
-                x = x.astype(dtype)
-                values[target] = x.T if transpose else x
-                del x
-    flat = [(key, var.replace(values.pop(target))) for target, (key, var) in slots.items()]
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    return model, config
+    if check_values:
+        for file in files:
+            with _open(file) as f:
+                for _, name, _ in (v for v in plan.values() if v[0] == file):
+                    check_finite(f.get_tensor(name), name, file)
+
+    def load(paths: list[str]) -> dict[str, np.ndarray]:
+        """Pass 2, for ``paths`` only: read, cast and transpose one tensor at a time."""
+        unknown = [t for t in paths if t not in plan]
+        if unknown:
+            raise KeyError(f"no tensor of {path} maps to the parameter(s) {', '.join(unknown[:8])}")
+        values: dict[str, np.ndarray] = {}
+        by_file: dict[str, list[tuple[str, str, bool]]] = {}
+        for target in paths:
+            file, name, transpose = plan[target]
+            by_file.setdefault(file, []).append((target, name, transpose))
+        for file, items in by_file.items():
+            with _open(file) as f:
+                for target, name, transpose in items:
+                    try:
+                        x = f.get_tensor(name)
+                    except Exception as e:
+                        raise ValueError(
+                            f"{file}: cannot read tensor {name} (corrupt or truncated file?): {e}"
+                        ) from None
+                    check_finite(x, name, file)
+                    x = x.astype(dtype)
+                    values[target] = x.T if transpose else x
+                    del x
+        return values
+
+    return abstract, config, load
 
 
 _TOKENIZER_JSON = ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
