@@ -32,11 +32,15 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "interop" / "gptqmodel_worker.py"
 INTEROP_PYTHON = Path(os.environ.get("GPTQMODEL_PYTHON", REPO / ".venv-gptqmodel" / "bin" / "python"))
 
-# label -> QuantizeConfig / QuantConfig fields (ours: act_order is GPTQModel's desc_act).
+# label -> QuantizeConfig / QuantConfig fields (ours: act_order is GPTQModel's desc_act; act_group_aware has the
+# same name in both). Every row states act_group_aware for both tools: GPTQModel turns it on by default whenever
+# desc_act is off, so a row that left it out would compare its group-aware order with our natural one.
 SETTINGS = {
-    "4bit_g128_sym": {"bits": 4, "group_size": 128, "sym": True, "desc_act": False},
-    "4bit_g128_sym_actorder": {"bits": 4, "group_size": 128, "sym": True, "desc_act": True},
-    "3bit_g128_sym": {"bits": 3, "group_size": 128, "sym": True, "desc_act": False},
+    "4bit_g128_sym": {"bits": 4, "group_size": 128, "sym": True, "desc_act": False, "act_group_aware": False},
+    "4bit_g128_sym_actorder": {"bits": 4, "group_size": 128, "sym": True, "desc_act": True, "act_group_aware": False},
+    "3bit_g128_sym": {"bits": 3, "group_size": 128, "sym": True, "desc_act": False, "act_group_aware": False},
+    "4bit_g128_sym_gar": {"bits": 4, "group_size": 128, "sym": True, "desc_act": False, "act_group_aware": True},
+    "3bit_g128_sym_gar": {"bits": 3, "group_size": 128, "sym": True, "desc_act": False, "act_group_aware": True},
 }
 
 
@@ -72,7 +76,13 @@ def ours_quantize(args) -> int:
     from gptq_jax.models.qlinear import pack_model
 
     s = SETTINGS[args.setting]
-    qc = QuantConfig(bits=s["bits"], group_size=s["group_size"], sym=s["sym"], act_order=s["desc_act"])
+    qc = QuantConfig(
+        bits=s["bits"],
+        group_size=s["group_size"],
+        sym=s["sym"],
+        act_order=s["desc_act"],
+        act_group_aware=s["act_group_aware"],
+    )
     calib = Calibration.from_tokens(np.load(args.calib))
     model, _ = load_pretrained(args.model_dir)
     t0 = time.perf_counter()

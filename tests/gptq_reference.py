@@ -33,12 +33,42 @@ def grid(w: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
     return scale, zero
 
 
-def gptq(w, h, *, bits, group_size, sym, act_order=False, static_groups=False, damp_percent=0.01, fit_block=None):
+def group_aware_order(d: np.ndarray, g: int) -> np.ndarray:
+    """GPTQModel's act_group_aware visiting order, written from its description with plain Python sorts.
+
+    Full groups only: each group's columns by descending d, groups by descending max d (Python's sort is stable,
+    so tied groups keep their order); the partial last group, if any, follows in its natural order.
+    """
+    k = len(d)
+    groups = [list(range(i, i + g)) for i in range(0, k - k % g, g)]
+    order = sorted(range(len(groups)), key=lambda i: -max(d[c] for c in groups[i]))
+    perm = []
+    for i in order:
+        perm += sorted(groups[i], key=lambda c: -d[c])
+    perm += list(range(len(groups) * g, k))
+    return np.array(perm, np.int64)
+
+
+def gptq(
+    w,
+    h,
+    *,
+    bits,
+    group_size,
+    sym,
+    act_order=False,
+    static_groups=False,
+    damp_percent=0.01,
+    fit_block=None,
+    act_group_aware=False,
+):
     """Returns (codes [N, K] int, scales [N, G], zeros [N, G], g_idx [K], dequantized W [N, K]).
 
     Group grids are fitted on the weights as they are when the loop reaches the group, with the feedback of every
     earlier column. ``fit_block=B`` fits them instead on the weights as they were at the start of their block of B
-    columns, as the paper's blocked loop (blocksize B) does when a group starts inside a block.
+    columns, as the paper's blocked loop (blocksize B) does when a group starts inside a block. ``act_group_aware``
+    visits the columns in ``group_aware_order``; each group's grid is fitted at its first visited column and stored
+    under the group's own index.
     """
     w = np.array(w, np.float64)
     h = np.array(h, np.float64)
@@ -54,7 +84,12 @@ def gptq(w, h, *, bits, group_size, sym, act_order=False, static_groups=False, d
     w[:, dead] = 0.0
     if static_groups and group_size != -1:
         fixed = [grid(w[:, i : i + g], bits, sym) for i in range(0, k, g)]
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    if act_order:
+        perm = np.argsort(-np.diag(h), kind="stable")
+    elif act_group_aware:
+        perm = group_aware_order(np.diag(h), g)
+    else:
+        perm = np.arange(k)
     w = w[:, perm]
     h = h[perm][:, perm]
     h[np.arange(k), np.arange(k)] += damp_percent * np.mean(np.diag(h))
@@ -75,7 +110,7 @@ def gptq(w, h, *, bits, group_size, sym, act_order=False, static_groups=False, d
             gi = perm[j] // g
             s, z = fixed[gi]
         else:
-            gi = j // g
+            gi = perm[j] // g if act_group_aware else j // g
             if j % g == 0:
                 s, z = grid((w if fit_block is None else snapshot)[:, j : j + g], bits, sym)
         scales[:, gi], zeros[:, gi] = s, z

@@ -42,6 +42,8 @@ CASES = [
     ("qwen2", QuantConfig(bits=3, group_size=32, sym=False, act_order=True), "gptq"),
     ("llama", QuantConfig(bits=8, group_size=32, sym=False), "rtn"),
     ("llama", QuantConfig(bits=2, group_size=32, sym=True), "rtn"),
+    # Group-aware order; group 24: K = 64 has a partial last group, K = 96 none.
+    ("llama", QuantConfig(bits=4, group_size=24, act_group_aware=True), "gptq"),
 ]
 
 
@@ -50,6 +52,11 @@ def test_save_load_gives_identical_logits(tmp_path, arch, qc, method):
     model, tok, fake = _quantized_model(arch, qc, method=method)
     if qc.act_order and qc.group_size != -1:  # per-channel act-order has one group: g_idx stays monotone
         assert any(lin.packed.perm is not None for lin in quantized_linears(model).values())
+    if qc.act_group_aware:  # whole groups move: no permutation to carry, g_idx k // g
+        for lin in quantized_linears(model).values():
+            assert lin.packed.perm is None
+            g_idx = checkpoint_arrays(lin.packed)[3]
+            np.testing.assert_array_equal(g_idx, np.arange(g_idx.size) // qc.group_size)
     assert len(quantized_linears(model)) == 14
     packed = np.asarray(make_forward(model)(tok)[0])
     # Packed inference computes what calibration saw (dequantized weights with float16 scales).
@@ -58,6 +65,7 @@ def test_save_load_gives_identical_logits(tmp_path, arch, qc, method):
     qconf = read_quantization_config(out)
     assert qconf["checkpoint_format"] == ("gptq" if qc.sym else "gptq_v2")
     assert qconf["desc_act"] == qc.act_order and qconf["bits"] == qc.bits
+    assert qconf["act_group_aware"] == qc.act_group_aware
     tensors = load_file(os.path.join(out, "model.safetensors"))
     assert tensors["model.layers.0.self_attn.q_proj.qweight"].dtype == np.int32
     assert tensors["model.layers.0.self_attn.q_proj.scales"].dtype == np.float16

@@ -55,6 +55,25 @@ def test_quantize_then_eval_and_generate(tiny, capsys):
     assert gen["new_tokens"] >= 1
 
 
+def test_act_group_aware_writes_a_plain_checkpoint(tiny, capsys):
+    """The group-aware order changes the codes, not the file's layout: g_idx stays k // g, desc_act false, and the
+    config records the switch as GPTQModel does."""
+    root, model_dir = tiny
+    calib = ["--calib", str(root / "calib.txt")]
+    out = root / "gar"
+    assert main(["quantize", str(model_dir), str(out), *ARGS, *calib, "--act-group-aware"]) == 0
+    qconf = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconf["act_group_aware"] is True and qconf["desc_act"] is False
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    g_idx = tensors["model.layers.0.mlp.down_proj.g_idx"]
+    np.testing.assert_array_equal(g_idx, np.arange(g_idx.size) // 32)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(root / "calib.txt"), "--seqlen", "32", "--json"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["perplexity"])
+
+
 def test_interrupted_run_resumes(tiny, capsys):
     root, model_dir = tiny
     calib = ["--calib", str(root / "calib.txt")]
@@ -107,6 +126,9 @@ def test_interrupted_run_resumes(tiny, capsys):
         (["--static-groups", "--group-size", "-1"], "--static-groups needs a group size"),
         (["--asym", "--format", "gptq"], "use gptq_v2"),
         (["--method", "rtn", "--act-order"], "need GPTQ's Hessians"),
+        (["--method", "rtn", "--act-group-aware"], "need GPTQ's Hessians"),
+        (["--act-group-aware", "--act-order"], "exclude each other"),
+        (["--act-group-aware", "--group-size", "-1"], "--act-group-aware reorders whole groups"),
         (["--calib", "/nonexistent.txt"], "does not exist"),
         (["--seqlen", "100000"], "exceeds the model's context"),
     ],

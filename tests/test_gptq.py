@@ -90,6 +90,104 @@ def test_group_fit_choices_match_the_reference(bits, group_size, sym, group_fit)
     assert np.mean(np.asarray(out.codes) != other) > 0.05
 
 
+def _varied_problem(seed: int, n: int = 32, k: int = 576, tokens: int = 1200, dead: tuple[int, ...] = ()):
+    """As ``_problem``, with input scales spread over e^N(0, 1) so that diag(H) varies strongly across columns (as it
+    does in real layers), and optionally some inputs that never fire."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, k)).astype(np.float32) @ (
+        rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
+    )
+    x += 0.3 * rng.standard_normal((tokens, k)).astype(np.float32)
+    x *= np.exp(rng.standard_normal(k)).astype(np.float32)
+    x[:, list(dead)] = 0.0
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    h, _ = accumulate_hessian(*init_hessian(k), jnp.asarray(x))
+    return w, np.asarray(h), x
+
+
+def _objective(w, h, deq) -> float:
+    """tr((W - Q) H (W - Q)^T) in float64."""
+    d = np.asarray(w, np.float64) - np.asarray(deq, np.float64)
+    return float(np.einsum("nk,kl,nl->", d, np.asarray(h, np.float64), d))
+
+
+def test_group_aware_order_follows_its_definition():
+    """K = 14, g = 4: three full groups and a tail of two. Group maxima 5, 9, 5: group 1 first, then groups 0 and 2
+    in their own order (a tie); inside each, descending d with ties in column order; the tail stays put."""
+    from gptq_jax.core.gptq import group_aware_perm
+
+    d = np.array([1, 5, 2, 3, 9, 0.5, 0.1, 0.2, 5, 4, 4, 1, 7, 8], np.float32)
+    perm, group_order = group_aware_perm(jnp.asarray(d), 4)
+    expected = [4, 5, 7, 6, 1, 3, 2, 0, 8, 9, 10, 11, 12, 13]
+    np.testing.assert_array_equal(np.asarray(perm), expected)
+    np.testing.assert_array_equal(np.asarray(group_order), [1, 0, 2, 3])
+    np.testing.assert_array_equal(gptq_reference.group_aware_order(d, 4), expected)
+    # K a multiple of g: no tail. And random diagonals with many ties against the reference's plain sorts.
+    rng = np.random.default_rng(0)
+    for k, g in [(12, 4), (576, 128), (300, 32)]:
+        d = rng.integers(0, 6, k).astype(np.float32)
+        perm, group_order = group_aware_perm(jnp.asarray(d), g)
+        np.testing.assert_array_equal(np.asarray(perm), gptq_reference.group_aware_order(d, g))
+        np.testing.assert_array_equal(np.asarray(group_order), np.asarray(perm)[::g] // g)
+
+
+# K = 576 = 4 x 128 + 64 (SmolLM2's hidden size): four full groups and a partial one that must stay last.
+_GAR_GRID = [(bits, 128, sym, False) for bits in (2, 3, 4) for sym in (True, False)] + [
+    (3, 64, False, False),  # groups inside 128-column blocks: fitted at their block's start
+    (4, 128, True, True),  # static groups: grids fixed per original group before the solve
+]
+
+
+@pytest.mark.parametrize("bits,group_size,sym,static_groups", _GAR_GRID)
+def test_group_aware_matches_numpy_reference(bits, group_size, sym, static_groups):
+    w, h, x = _varied_problem(seed=bits * 3 + sym, dead=(7, 300))
+    k = w.shape[1]
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym, static_groups=static_groups, act_group_aware=True)
+    out = quantize_weight(w, h, config)
+    kw = dict(bits=bits, group_size=group_size, sym=sym, static_groups=static_groups,
+              fit_block=128 if GROUP_FIT == "block_start" else None)  # fmt: skip
+    codes, scales, zeros, g_idx, deq = gptq_reference.gptq(w, h, act_group_aware=True, **kw)
+    # The checkpoint's trivial g_idx, no permutation to carry, and each grid under its own group.
+    assert out.perm is None
+    np.testing.assert_array_equal(np.asarray(out.g_idx), np.arange(k) // group_size)
+    np.testing.assert_array_equal(g_idx, np.arange(k) // group_size)
+    assert np.mean(np.asarray(out.codes) != codes) <= 0.01  # measured: 0 or 1e-4 (a tie)
+    close = np.isclose(np.asarray(out.scales), scales, rtol=1e-4, atol=1e-7)
+    assert np.mean(close) >= 0.95
+    np.testing.assert_array_equal(np.asarray(out.zeros)[close], zeros[close].astype(np.int32))
+    assert _objective(w, h, out.dequantize()) == pytest.approx(_objective(w, h, deq), rel=0.01)
+    assert np.all(np.asarray(out.dequantize())[:, [7, 300]] == 0.0)
+    # A different visiting order is a different result: the plain order's codes differ in many places.
+    plain = gptq_reference.gptq(w, h, **kw)[0]
+    assert np.mean(np.asarray(out.codes) != plain) > 0.05
+
+
+def test_group_aware_on_a_diagonal_hessian_is_round_to_nearest():
+    """No coupling means no feedback: whatever the order, every column rounds to its own group's grid. With a
+    strongly varying diagonal the order is far from the identity, so this checks the un-permuting of codes and
+    grids."""
+    w, _, _ = _problem(seed=12)
+    d = np.exp(np.random.default_rng(12).standard_normal(K)).astype(np.float32)
+    config = QuantConfig(bits=3, group_size=32, sym=False, act_group_aware=True)
+    out = quantize_weight(w, np.diag(d), config)
+    rtn = rtn_quantize(w, config)
+    for a in ("codes", "scales", "zeros", "g_idx"):
+        np.testing.assert_array_equal(np.asarray(getattr(out, a)), np.asarray(getattr(rtn, a)))
+
+
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (4, True)])
+def test_group_aware_lowers_the_objective(bits, sym):
+    """On Hessians whose diagonal varies strongly, the group-aware order gives a lower tr((W-Q) H (W-Q)^T) than the
+    natural order, on average over seeds. Measured: 0.75-0.93 per seed, means 0.79, 0.83, 0.83 at 2, 3, 4 bits."""
+    ratios = []
+    for seed in range(4):
+        w, h, _ = _varied_problem(seed=100 + seed)
+        gar = quantize_weight(w, h, QuantConfig(bits=bits, group_size=128, sym=sym, act_group_aware=True))
+        plain = quantize_weight(w, h, QuantConfig(bits=bits, group_size=128, sym=sym))
+        ratios.append(_objective(w, h, gar.dequantize()) / _objective(w, h, plain.dequantize()))
+    assert np.mean(ratios) < 0.95, ratios
+
+
 @pytest.mark.parametrize("group_size", [-1, 48])  # per channel; groups that straddle 128-column blocks
 def test_block_size_changes_nothing(group_size):
     w, h, x = _problem(seed=3, k=300)
@@ -233,6 +331,8 @@ def test_bad_inputs_are_named(w, h, config, match):
         ({"group_size": -2}, "group_size=-2"),
         ({"damp_percent": 0.0}, "damp_percent"),
         ({"block_size": 0}, "block_size"),
+        ({"act_group_aware": True, "act_order": True}, "act_group_aware=True and act_order=True exclude"),
+        ({"act_group_aware": True, "group_size": -1}, "act_group_aware=True needs groups"),
     ],
 )
 def test_bad_configs_are_named(kwargs, match):

@@ -1,7 +1,7 @@
 """``gptq-jax quantize MODEL_DIR OUT_DIR``: GPTQ a Hugging Face checkpoint into a GPTQ checkpoint.
 
     gptq-jax quantize MODEL_DIR OUT_DIR [--bits 4] [--group-size 128] [--sym|--asym] [--act-order]
-        [--static-groups] [--damp 0.01] [--mse] [--nsamples 128] [--seqlen 2048] [--calib FILE]
+        [--act-group-aware] [--static-groups] [--damp 0.01] [--mse] [--nsamples 128] [--seqlen 2048] [--calib FILE]
         [--format gptq|gptq_v2] [--seed 0] [--method gptq|rtn] [--batch-size 1] [--dtype f32]
         [--save-dtype f16] [--overwrite]
 
@@ -63,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (written as gptq_v2)")
     p.add_argument("--act-order", action="store_true", help="visit columns by descending Hessian diagonal")
+    p.add_argument(
+        "--act-group-aware",
+        action="store_true",
+        help="visit whole groups by their largest Hessian diagonal (GPTQModel's default); keeps g_idx trivial",
+    )
     p.add_argument("--static-groups", action="store_true", help="fix group grids before the solve")
     p.add_argument("--damp", type=probability, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--mse", action="store_true", help="search each grid's range for the lowest error")
@@ -88,12 +93,19 @@ def _check_options(args: argparse.Namespace) -> None:
     """Options that contradict each other or the output directory, before anything slow starts."""
     if args.static_groups and args.group_size == -1:
         raise CommandError("--static-groups needs a group size: it fixes each group's grid, and -1 has one group")
+    if args.act_group_aware and args.act_order:
+        raise CommandError("--act-group-aware and --act-order exclude each other: choose one column order")
+    if args.act_group_aware and args.group_size == -1:
+        raise CommandError("--act-group-aware reorders whole groups; it needs a group size, and -1 has one group")
     if args.format == "gptq" and not args.sym:
         raise CommandError(
             "--format gptq with --asym would lose zero points (v1 stores zero - 1, so 0 overflows); use gptq_v2"
         )
-    if args.method == "rtn" and (args.act_order or args.static_groups):
-        raise CommandError("--act-order and --static-groups need GPTQ's Hessians; they mean nothing with --method rtn")
+    if args.method == "rtn" and (args.act_order or args.static_groups or args.act_group_aware):
+        raise CommandError(
+            "--act-order, --act-group-aware and --static-groups need GPTQ's Hessians; they mean nothing with "
+            "--method rtn"
+        )
     if args.calib is not None:
         if args.calib.is_dir():
             raise CommandError(f"--calib {args.calib} is a directory; expected a UTF-8 text file")
@@ -259,6 +271,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         group_size=args.group_size,
         sym=args.sym,
         act_order=args.act_order,
+        act_group_aware=args.act_group_aware,
         static_groups=args.static_groups,
         damp_percent=args.damp,
         mse=args.mse,

@@ -31,6 +31,11 @@ class QuantConfig:
     # Fix every group's grid from the unquantized weight before the solve, so act-order
     # keeps a monotone g_idx (no gather in the kernels).
     static_groups: bool = False
+    # Group-aware reordering (GPTQModel's ``act_group_aware``, its default without desc_act): visit the full groups
+    # in descending order of their largest diag(H), and each group's columns in descending diag(H); a partial last
+    # group stays last, in its own order. Each group keeps its own grid, so ``g_idx`` stays ``k // group_size`` and
+    # checkpoints need nothing new. Needs groups (group_size > 0); excludes act_order.
+    act_group_aware: bool = False
     # Dampening added to diag(H), as a fraction of its mean (GPTQ, Sec. 4 "Cholesky reformulation").
     damp_percent: float = 0.01
     # Columns per lazy batch (GPTQ, Alg. 1). A speed knob only: results do not depend on it.
@@ -49,6 +54,16 @@ class QuantConfig:
             raise ValueError(f"group_size={self.group_size!r} must be an int (-1 for per-channel)")
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(f"group_size={self.group_size} must be -1 (per-channel) or a positive number of columns")
+        if self.act_group_aware and self.act_order:
+            raise ValueError(
+                "act_group_aware=True and act_order=True exclude each other: act_order visits columns across groups "
+                "by diag(H), act_group_aware reorders whole groups; choose one"
+            )
+        if self.act_group_aware and self.group_size == -1:
+            raise ValueError(
+                "act_group_aware=True needs groups, but group_size=-1 (per channel) has one group per row; "
+                "use a positive group_size or act_order=True"
+            )
         if not (0.0 < self.damp_percent <= 1.0):
             raise ValueError(f"damp_percent={self.damp_percent} must be in (0, 1]")
         if self.block_size <= 0:

@@ -23,6 +23,10 @@ All levels compute the same numbers as the column-by-column algorithm, up to flo
 size is a speed knob only. Group grids are fitted when the solve reaches a group's first column, on the
 weights as the paper's blocked loop has them then: as they were at the start of their 128-column block (the paper's
 blocksize), recovered through that block's diagonal block of ``U``; see ``GROUP_FITS``.
+
+Column orders: the natural one; act-order (descending ``diag(H)``, groups formed in that order, so ``g_idx`` is
+permuted); or group-aware (``group_aware_perm``: whole groups reordered, so each group's grid is fitted at its first
+visited column and ``g_idx`` stays ``k // g``). The solve runs on ``W[:, p]`` and ``H[p][:, p]`` and is un-permuted.
 """
 
 from __future__ import annotations
@@ -182,6 +186,27 @@ def _damped_factor(h: jax.Array, damp_percent: float) -> tuple[jax.Array, jax.Ar
     return ft, jnp.where(ok, rd, rd_rtn), frac, ok
 
 
+def group_aware_perm(d: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
+    """The group-aware visiting order (GPTQModel's ``act_group_aware``) for a Hessian diagonal ``d`` ``[K]``.
+
+    Only the ``K // g`` full groups move: inside each, columns in descending ``d``; the groups in descending order
+    of their largest ``d`` (ties keep the groups' own order); a partial last group stays last, in its own order.
+    Each run of ``g`` visited columns is then exactly one original group.
+
+    Returns ``perm`` int32 ``[K]`` (``perm[visit position] = column``) and ``group_order`` int32 ``[ceil(K / g)]``
+    (``group_order[visit position] = group``).
+    """
+    k, g = d.shape[0], group_size
+    full = k // g
+    d_full = d[: full * g].reshape(full, g)  # (G_full, g)
+    within = jnp.argsort(-d_full, axis=1, stable=True)  # (G_full, g), each group's columns by descending d
+    order = jnp.argsort(-jnp.max(d_full, axis=1), stable=True)  # (G_full,)
+    perm = (order[:, None] * g + within[order]).reshape(-1)
+    perm = jnp.concatenate([perm, jnp.arange(full * g, k)]).astype(jnp.int32)
+    group_order = jnp.concatenate([order, jnp.arange(full, -(-k // g))]).astype(jnp.int32)
+    return perm, group_order
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Static block sizes for one solve (see the module docstring)."""
@@ -253,12 +278,16 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str =
     elif config.static_groups:
         s, z = group_grid_params(w_live, config)  # [N, G]
         fixed_scales, fixed_zeros = s.T, z.T  # [G, N]
+    reorder = config.act_order or config.act_group_aware
     if config.act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True).astype(jnp.int32)
-        w_live = w_live[:, perm]
-        h = h[perm][:, perm]
+    elif config.act_group_aware:
+        perm, group_order = group_aware_perm(jnp.diagonal(h), g)
     else:
         perm = idx.astype(jnp.int32)
+    if reorder:
+        w_live = w_live[:, perm]
+        h = h[perm][:, perm]
     if config.static_groups and config.group_size != -1:
         col_group = jnp.pad(perm // g, (0, kp - k))  # grid of each visited column
 
@@ -414,12 +443,19 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str =
     codes_perm = jnp.concatenate(q_parts, axis=0)[:k]  # (K, N), visiting order
     groups = config.groups(k)
     if plan.dynamic_groups:
-        scales, zeros = grid[2][:groups], grid[3][:groups]  # (G, N)
-        g_idx_perm = (jnp.arange(k) // g).astype(jnp.int32)
+        scales, zeros = grid[2][:groups], grid[3][:groups]  # (G, N), in visiting order
+        if config.act_group_aware:
+            # Visited group i is the original group group_order[i]: store each grid under its own group, and
+            # every column keeps its own group, so g_idx is k // g.
+            scales = jnp.zeros_like(scales).at[group_order].set(scales)
+            zeros = jnp.zeros_like(zeros).at[group_order].set(zeros)
+            g_idx_perm = perm // g
+        else:
+            g_idx_perm = (jnp.arange(k) // g).astype(jnp.int32)
     else:
         scales, zeros = fixed_scales, fixed_zeros
         g_idx_perm = col_group[:k]
-    if config.act_order:
+    if reorder:
         inv = jnp.argsort(perm)
         codes = codes_perm[inv]
         g_idx = g_idx_perm[inv]

@@ -134,7 +134,9 @@ class QuantizedWeight:
     ``zeros``    int32 ``[N, G]``: true zero point (not the checkpoint's v1 ``zero - 1``).
     ``g_idx``    int32 ``[K]``: group of each input column; ``k // group_size`` unless act-order
                  formed the groups in another order.
-    ``perm``     int32 ``[K]`` or None: the column order the solver visited (act-order), else None.
+    ``perm``     int32 ``[K]`` or None: the column order the solver visited (act-order), else None. The
+                 group-aware order (``act_group_aware``) needs none: it moves whole groups, so every column
+                 keeps its own group's grid and ``g_idx`` is ``k // group_size``.
     ``loss``     f32 ``[]``: the paper's proxy loss ``sum (w - q)^2 / [H^-1]_jj^2 / 2`` (for a
                  round-to-nearest result, the same sum with H's diagonal: ``sum (w - q)^2 * H_jj / 2``).
     ``damp``     f32 ``[]``: the dampening actually used, as a fraction of mean(diag H); 0 for RTN.

@@ -61,6 +61,8 @@ def quantization_config(qc: QuantConfig, *, checkpoint_format: str, true_sequent
         "desc_act": qc.act_order,
         "sym": qc.sym,
         "static_groups": qc.static_groups,
+        # Informational, as GPTQModel records it: the group-aware order leaves g_idx trivial, so readers need nothing.
+        "act_group_aware": qc.act_group_aware,
         "true_sequential": true_sequential,
         "damp_percent": qc.damp_percent,
         "checkpoint_format": checkpoint_format,

@@ -11,8 +11,10 @@
   backend="gptq_torch"))``; "gptqmodel" with ``GPTQModel.load(D, backend=BACKEND.GPTQ_TORCH, dtype=float16)``
   (that route takes fp16/bf16 only). Both pin the pure-torch kernel: the default one first compiles C++.
 - ``{"op": "quantize", "float_dir": F, "out_dir": Q, "bits", "group_size", "sym", "desc_act", "damp_percent",
-  "calib": C.npy}``: ``GPTQModel.load(F, QuantizeConfig(...), device="cpu").quantize(windows)`` then ``.save(Q)``;
-  the result carries ``seconds`` (quantize only) and ``peak_rss_mb`` (this process's peak RSS so far).
+  "act_group_aware", "calib": C.npy}``: ``GPTQModel.load(F, QuantizeConfig(...), device="cpu").quantize(windows)``
+  then ``.save(Q)``; the result carries ``seconds`` (quantize only) and ``peak_rss_mb`` (this process's peak RSS so
+  far). Without ``act_group_aware`` GPTQModel picks it (7.7: on whenever ``desc_act`` is off); give it to compare
+  like with like.
 - ``{"op": "nll", "dir": D, "bits": B, "tokens": T.npy}``: transformers route as above (or a float model when
   ``bits`` is null); returns ``{"nll_sum", "tokens"}``: summed next-token NLL over the windows of ``T.npy``;
   with ``"logits_out": O.npy`` also saves the logits ``(1, L, V)`` of the first window.
@@ -102,6 +104,7 @@ def quantize(job: dict) -> dict:
         sym=job["sym"],
         desc_act=job["desc_act"],
         damp_percent=job.get("damp_percent", 0.01),
+        **({"act_group_aware": job["act_group_aware"]} if "act_group_aware" in job else {}),
     )
     torch.manual_seed(0)
     model = GPTQModel.load(job["float_dir"], qc, device="cpu")
