@@ -1,17 +1,18 @@
-"""Benchmark: peak host memory of quantizing a model block by block from disk, at 2 and 4 layers.
+"""Benchmark: peak host memory of ``gptq-jax quantize``'s streamed run, at 2 and 4 layers.
 
     python benchmarks/bench_memory.py                          # Llama-2-7B shapes, 2 and 4 layers, GPTQ
     python benchmarks/bench_memory.py --layers 2 4 8 --method rtn
 
 Writes a synthetic Llama-2-7B-shaped checkpoint (random bf16 weights, the first ``max(--layers)`` of its 32
 layers, one safetensors shard per layer; ``--dir``, reused when present), then for each layer count runs a fresh
-child process that streams it with ``gptq_jax.models.lazy_checkpoint.LazyCheckpoint`` and quantizes it block by block:
-per linear group one Hessian from random activations (``accumulate_hessian``), then ``quantize_weight`` per
-linear; each finished block's codes are written to disk and dropped, as the engine's resume store does. The child
-keeps the embedding and the calibration activations for the whole run, as a real run would.
+child process that does what ``gptq-jax quantize`` does: ``open_pretrained`` (headers only), ``quantize(...,
+load=..., work_dir=...)`` (each block read from disk in f32 when it is reached, its quantized weights dropped once
+saved in the work directory), then ``save_quantized(..., weights=...)`` (one shard packed at a time). Calibration:
+``--tokens`` random token ids in windows of 128.
 
-It reports per block the read and solve times and the RSS, and over the run peak RSS (``ru_maxrss``) and the
-device's ``memory_stats()`` where the platform has them (None on CPU). Peak RSS must not grow with the number of
+It reports per block its time and the RSS when it starts, the peak RSS of the quantization and of the whole run
+with the save (``ru_maxrss``; the save holds one shard, ``--max-shard-mb``), and the device's ``memory_stats()``
+where the platform has them (None on CPU). Peak RSS must not grow with the number of
 layers: the script checks that and exits 1 otherwise. Writes JSON to
 ``benchmarks/results/bench_memory_llama2-7b_<device>.json`` with ``uptime`` before and after each child, since
 the machine is shared.
@@ -36,13 +37,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 # The shapes of bench_pipeline.py's Llama-2-7B, stored in bf16 on disk.
 LLAMA2_7B = {**bench_pipeline.LLAMA2_7B, "torch_dtype": "bfloat16"}
-# Linear groups of a decoder layer (one Hessian each) and their members.
-GROUPS = {
-    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o": ("self_attn.o_proj",),
-    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
-    "down": ("mlp.down_proj",),
-}
 RSS_GROWTH_TOLERANCE = 0.10  # 4 layers may use at most 10% more peak RSS than 2
 
 
@@ -127,66 +121,59 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
-def child(path: str, method: str, tokens: int, out_dir: str) -> dict:
-    """Stream and quantize one checkpoint; returns the measurements. Runs in its own process."""
+def child(path: str, method: str, tokens: int, out_dir: str, max_shard_mb: int, whole: bool = False) -> dict:
+    """Quantize one checkpoint as ``gptq-jax quantize`` does (weights streamed with ``open_pretrained`` and
+    ``quantize(load=...)``, finished blocks in a work directory, then the streamed save); returns the measurements.
+    Runs in its own process."""
     import jax
-    import jax.numpy as jnp
 
-    from gptq_jax import QuantConfig, accumulate_hessian, init_hessian, quantize_weight, rtn_quantize
-    from gptq_jax.models.lazy_checkpoint import LazyCheckpoint
+    from gptq_jax import QuantConfig, quantize
+    from gptq_jax.io.checkpoint import save_quantized
+    from gptq_jax.models import open_pretrained
 
     rss_start = _status_mb("VmRSS")
     config = QuantConfig(bits=4, group_size=128)
-    lazy = LazyCheckpoint(path)
-    c = lazy.config
-    embedding = lazy.read("model.embed_tokens.weight", None)  # kept, bf16 (the calibration pass needs it)
-    rng = np.random.default_rng(1)
-    # Calibration activations for the whole run: the hidden states [T, D] (f32), as the engine keeps them.
-    hidden = jnp.asarray(rng.standard_normal((tokens, c.hidden_size), dtype=np.float32))
-    blocks = []
-    for i in range(lazy.num_layers):
-        t0 = time.perf_counter()
-        block = lazy.read_block(i, np.float32)  # one decoder layer in f32: the only weights in memory
-        t_read = time.perf_counter() - t0
-        solve_s = {}
-        hess_s = 0.0
-        result = {}
-        for members in GROUPS.values():
-            k = block[f"model.layers.{i}.{members[0]}.weight"].shape[1]
-            th = time.perf_counter()
-            # Random activations of the group's input width (a real run would take the layer's own inputs).
-            x = hidden if k == c.hidden_size else jnp.asarray(rng.standard_normal((tokens, k), dtype=np.float32))
-            h, _ = accumulate_hessian(*init_hessian(k), x)
-            h.block_until_ready()
-            hess_s += time.perf_counter() - th
-            for m in members:
-                name = f"model.layers.{i}.{m}.weight"
-                ts = time.perf_counter()
-                w = jnp.asarray(block.pop(name))  # (N, K) f32
-                q = quantize_weight(w, h, config) if method == "gptq" else rtn_quantize(w, config)
-                result[m] = np.asarray(q.codes, np.uint8)
-                result[m + ".scales"] = np.asarray(q.scales, np.float16)
-                solve_s[m] = time.perf_counter() - ts
-                del w, q
-            del h, x
-        np.savez(os.path.join(out_dir, f"block-{i}.npz"), **result)  # finished blocks go to disk
-        del block, result
-        blocks.append({
-            "layer": i,
-            "read_s": t_read,
-            "hessian_s": hess_s,
-            "solve_s": solve_s,
-            "total_s": time.perf_counter() - t0,
-            "rss_after_mb": _status_mb("VmRSS"),
-            "peak_rss_so_far_mb": _status_mb("VmHWM"),
-        })
+    if whole:  # the comparison: the whole model in memory, then packed and saved as one
+        from gptq_jax.models import load_pretrained
+        from gptq_jax.models.qlinear import pack_model
+
+        model, c = load_pretrained(path)
+        load = None
+    else:
+        model, c, load = open_pretrained(path)  # f32: each block is cast to f32 as it is loaded
+    seqlen = 128
+    calib = np.random.default_rng(1).integers(0, c.vocab_size, (max(1, tokens // seqlen), seqlen)).astype(np.int32)
+    marks: list[dict] = []
+    t0 = time.perf_counter()
+
+    def progress(name: str) -> None:  # a line per weight: record RSS when a new layer starts
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else -1
+        if not marks or marks[-1]["layer"] != layer:
+            marks.append({"layer": layer, "start_s": time.perf_counter() - t0, "rss_at_start_mb": _status_mb("VmRSS"),
+                          "peak_rss_so_far_mb": _status_mb("VmHWM")})
+
+    work = os.path.join(out_dir, "work")
+    result = quantize(model, calib, quant_config=config, method=method, work_dir=work, load=load, progress=progress)
+    quantize_s = time.perf_counter() - t0
+    peak_quantize = _status_mb("VmHWM")
+    ts = time.perf_counter()
+    if whole:
+        pack_model(result.model, result.weights)
+    save_quantized(result.model, os.path.join(out_dir, "ckpt"), quant_config=config,
+                   weights=None if whole else result.weights, overwrite=True, max_shard_bytes=max_shard_mb * 2**20)
+    save_s = time.perf_counter() - ts
+    blocks = [{"layer": r["layer"], "total_s": r["seconds"], **(marks[k] if k < len(marks) else {})}
+              for k, r in enumerate(result.report.layers)]
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    del embedding
     return {
-        "layers": lazy.num_layers,
+        "layers": c.num_hidden_layers,
+        "calibration": {"windows": int(calib.shape[0]), "seqlen": seqlen},
         "rss_start_mb": rss_start,
+        "peak_rss_quantize_mb": peak_quantize,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "quantize_s": quantize_s,
+        "save_s": save_s,
         "device_memory_stats": stats,
         "blocks": blocks,
     }
@@ -196,21 +183,61 @@ def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def _run_child(path: Path, out_dir: Path, args: argparse.Namespace, whole: bool = False) -> dict:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    before = _uptime()
+    cmd = [sys.executable, __file__, "--child", str(path), "--child-out", str(out_dir), "--method", args.method,
+           "--tokens", str(args.tokens), "--max-shard-mb", str(args.max_shard_mb), *(["--whole"] if whole else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode:
+        sys.exit(f"the child failed:\n{proc.stderr[-4000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res.update(uptime_before=before, uptime_after=_uptime())
+    return res
+
+
+def _checkpoint_runs(args: argparse.Namespace) -> int:
+    """One real checkpoint, streamed and whole (each in a fresh process): peak RSS of each."""
+    import jax
+
+    runs = {}
+    for mode in ("streamed", "whole"):
+        runs[mode] = _run_child(args.checkpoint, args.dir / f"ckpt-{mode}", args, whole=mode == "whole")
+        print(f"{mode}: peak RSS {runs[mode]['peak_rss_mb']:.0f} MB ({runs[mode]['peak_rss_quantize_mb']:.0f} MB "
+              f"quantizing), {runs[mode]['quantize_s']:.0f} s; {runs[mode]['uptime_after']}", flush=True)
+    name = args.checkpoint.resolve().name
+    payload = {"benchmark": "bench_memory", "model": name, "method": args.method, "platform": jax.devices()[0].platform,
+               "jax_version": jax.__version__, "quant_config": {"bits": 4, "group_size": 128, "sym": True},
+               "calibration_tokens": args.tokens, "runs": runs}
+    out = args.out or str(REPO / "benchmarks" / "results" / f"bench_memory_{name}_{args.method}_cpu.json")
+    with open(out, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     ap.add_argument("--tokens", type=int, default=512, help="calibration tokens per Hessian")
+    ap.add_argument("--max-shard-mb", type=int, default=256, help="checkpoint shard size of the save")
     ap.add_argument("--dir", type=Path, default=REPO / ".cache" / "bench_memory")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="measure this HF checkpoint instead (e.g. SmolLM2), streamed and whole, one run each")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:  # the measured process
-        res = child(args.child, args.method, args.tokens, args.child_out)
+        res = child(args.child, args.method, args.tokens, args.child_out, args.max_shard_mb, args.whole)
         print(json.dumps(res))
         return 0
+    if args.checkpoint is not None:
+        return _checkpoint_runs(args)
 
     import jax
 
@@ -224,20 +251,9 @@ def main(argv=None) -> int:
     for n in args.layers:
         view = args.dir / f"llama2-7b-{n}"
         view_with_layers(full, view, n)
-        codes_dir = args.dir / f"codes-{n}"
-        shutil.rmtree(codes_dir, ignore_errors=True)
-        codes_dir.mkdir()
-        before = _uptime()
-        cmd = [sys.executable, __file__, "--child", str(view), "--child-out", str(codes_dir),
-               "--method", args.method, "--tokens", str(args.tokens)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        if proc.returncode:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            return proc.returncode
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        res.update(uptime_before=before, uptime_after=_uptime())
+        res = _run_child(view, args.dir / f"codes-{n}", args)
         runs.append(res)
-        print(f"{n} layers: peak RSS {res['peak_rss_mb']:.0f} MB, "
+        print(f"{n} layers: peak RSS {res['peak_rss_mb']:.0f} MB ({res['peak_rss_quantize_mb']:.0f} MB quantizing), "
               f"{np.mean([b['total_s'] for b in res['blocks'][1:]] or [res['blocks'][0]['total_s']]):.1f} s per "
               f"layer after the first; {res['uptime_after']}", flush=True)
     peaks = [r["peak_rss_mb"] for r in runs]

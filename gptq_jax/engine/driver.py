@@ -182,7 +182,7 @@ def _load_params(node: nnx.Module, prefix: str, load: Callable, mesh: Any, skip:
             if isinstance(x, jax.ShapeDtypeStruct) and not any(p.startswith(s + ".") for s in skip)]
     if not want:
         return
-    got = load(want)
+    got = dict(load(want))
     missing = [p for p in want if p not in got]
     if missing:
         raise ValueError(f"load() returned no array for {len(missing)} parameter(s): {', '.join(missing[:8])}"
@@ -190,7 +190,7 @@ def _load_params(node: nnx.Module, prefix: str, load: Callable, mesh: Any, skip:
     leaves = []
     for p, x in zip(params.paths, params.leaves, strict=True):
         if p in want:
-            a = got[p]
+            a = got.pop(p)  # each host copy is released as soon as it is on the device
             if tuple(jnp.shape(a)) != tuple(x.shape):
                 raise ValueError(f"load() returned shape {tuple(jnp.shape(a))} for {p}, the model has {tuple(x.shape)}")
             x = jnp.asarray(a, x.dtype)
