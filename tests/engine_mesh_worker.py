@@ -25,6 +25,13 @@ def _mesh(spec: str):
     return make_mesh(spec, devices=jax.devices()[:n])
 
 
+def _perplexity(logits: np.ndarray, tok: np.ndarray) -> float:
+    """Next-token perplexity of ``tok`` under ``logits`` (the calibration windows themselves)."""
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(np.float32), axis=-1)
+    nll = -np.take_along_axis(np.asarray(lp), tok[:, 1:, None], axis=-1)
+    return float(np.exp(nll.mean()))
+
+
 def main() -> None:
     assert len(jax.devices()) == 8
     config = ModelConfig.from_hf_dict(tiny_config("llama"))
@@ -33,6 +40,7 @@ def main() -> None:
     qc = QuantConfig(bits=4, group_size=32, act_order=True)
     ref = quantize(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), calib, quant_config=qc, batch_size=4)
     ref_logits = np.asarray(make_forward(ref.model)(tok)[0])
+    ref_ppl = _perplexity(ref_logits, tok)
     out = {}
     for spec in sys.argv[1:]:
         res = quantize(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), calib, quant_config=qc, batch_size=4,
@@ -45,7 +53,8 @@ def main() -> None:
         up_spec = tuple(up.sharding.spec)
         out[spec] = {"min_equal": min(equal), "mean_equal": float(np.mean(equal)), "max_loss_ratio": max(ratio),
                      "min_loss_ratio": min(ratio), "logit_diff": float(np.abs(logits - ref_logits).max()),
-                     "up_proj_spec": [str(a) for a in up_spec]}
+                     "up_proj_spec": [str(a) for a in up_spec],
+                     "ppl_ratio": _perplexity(logits, tok) / ref_ppl}
     try:
         quantize(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), calib, quant_config=qc, batch_size=3,
                  mesh=_mesh("data=2,model=4"))
