@@ -63,10 +63,11 @@ IMPLS = ("pallas", "pallas_decode", "pallas_prefill", "xla")
 SMEM_LIMIT_BYTES = 227 * 1024  # shared memory one block may use on sm_90 (H100/H200)
 INTERPRET_ENV = "PALLAS_KERNELS_INTERPRET"  # "1": run the Pallas kernels in interpret mode (CPU tests)
 # CPU decode (``gptq_matmul_chunked``): M up to this loops over K chunks whose f32 tile is at most
-# CPU_TILE_BYTES (it stays in a core's L2 between being written and read by the dot). Measured in
+# CPU_TILE_BYTES (it stays in a core's L2, 1 MiB here, between being written and read by the dot; fewer, larger
+# chunks measured faster than 128-384 KiB ones: each loop step has a fixed cost). Measured in
 # benchmarks/bench_matmul.py --cpu-decode and benchmarks/bench_model.py (README, "CPU inference of packed models").
 CPU_DECODE_MAX_M = 8
-CPU_TILE_BYTES = 384 * 1024
+CPU_TILE_BYTES = 768 * 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -548,22 +549,23 @@ def gptq_matmul_reference(x: jax.Array, w: PackedWeight) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def cpu_chunk_rows(w: PackedWeight, tile_bytes: int = CPU_TILE_BYTES) -> int | None:
+def cpu_chunk_rows(w: PackedWeight, tile_bytes: int | None = None) -> int | None:
     """Rows R per K chunk of ``gptq_matmul_chunked``, or None when the layout has no valid R.
 
-    R divides the group length (so a chunk never straddles a group and its scales and zeros are one row each) and
-    is a multiple of the codes in one run of packed words (8 at 4 bits, 32 at 3 bits: a chunk is whole words); the
-    largest such R whose f32 tile ``R x N`` fits ``tile_bytes``, or the smallest valid R when none does. None for
-    uneven groups (``g_idx`` set) and for group lengths that are not whole runs of words.
+    R is whole packed words (a multiple of 8 rows at 4 bits, 32 at 3 bits) and either divides the group length
+    (a chunk lies in one group: the scale is applied after the dot) or is a multiple of it (a chunk is whole
+    groups: the scales are applied to the tile). Of those, the largest whose f32 tile ``R x N`` fits
+    ``tile_bytes`` (default ``CPU_TILE_BYTES``), or the smallest when none does; at most K rounded up to a group.
+    None for uneven groups (``g_idx`` set) and for group lengths that are not whole runs of words.
     """
     if w.g_idx is not None:
         return None
     unit, _ = chunk_shape(w.bits)
-    g = w.group_len
+    g, k = w.group_len, w.in_features
     if g % unit:
         return None
-    fit = max(tile_bytes // (4 * w.out_features), unit)
-    rows = [r for r in range(unit, g + 1, unit) if g % r == 0]
+    fit = max((CPU_TILE_BYTES if tile_bytes is None else tile_bytes) // (4 * w.out_features), unit)
+    rows = [r for r in range(unit, g + 1, unit) if g % r == 0] + list(range(2 * g, -(-k // g) * g + 1, g))
     fitting = [r for r in rows if r <= fit]
     return max(fitting) if fitting else min(rows)
 
@@ -580,16 +582,27 @@ def _chunked(x: jax.Array, w: PackedWeight, rows: int) -> jax.Array:
     words = rows * bits // 32  # packed rows per chunk
 
     def step(x_c, q_words, r0):
-        """f32 ``(M, N)``: ``x_c @ dequant(rows [r0, r0 + len))``, all in group ``r0 // g``.
+        """f32 ``(M, N)``: ``x_c @ dequant(rows [r0, r0 + len))``; the f32 tile goes from a fusion to the dot in L2.
 
-        ``q - z`` is an exact small integer in f32, so the scale is applied after the dot (as in the GPU kernels):
-        per weight only unpack, subtract and convert, and the f32 tile goes from the fusion to the dot in L2.
+        In one group (rows <= g): ``q - z`` is an exact small integer in f32, so the scale is applied after the dot
+        (as in the GPU kernels) and each weight costs only unpack, subtract and convert. Whole groups (rows > g):
+        ``(q - z) * s`` per weight, as in the reference.
         """
+        length = x_c.shape[1]
         gi = r0 // g
-        d = unpack_rows_jnp(q_words, bits) - lax.dynamic_slice_in_dim(z, gi, 1)  # (len, N) int32
-        part = jnp.dot(x_c, d.astype(jnp.float32), precision=lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.float32)  # (M, N)
-        return part * lax.dynamic_slice_in_dim(s, gi, 1)
+        q = unpack_rows_jnp(q_words, bits)  # (len, N) int32
+        if rows <= g:
+            d = (q - lax.dynamic_slice_in_dim(z, gi, 1)).astype(jnp.float32)
+        else:
+            ng = -(-length // g)
+
+            def per_row(a):  # (ng, N) -> (len, N): each group's row repeated over its g rows (fused index math)
+                a = lax.dynamic_slice_in_dim(a, gi, ng)
+                return jnp.broadcast_to(a[:, None, :], (ng, g, n)).reshape(ng * g, n)[:length]
+
+            d = (q - per_row(z)).astype(jnp.float32) * per_row(s)
+        part = jnp.dot(x_c, d, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # (M, N)
+        return part * lax.dynamic_slice_in_dim(s, gi, 1) if rows <= g else part
 
     full = k // rows
 
@@ -619,11 +632,12 @@ def gptq_matmul_chunked(x: jax.Array, w: PackedWeight, *, rows: int | None = Non
 
     ``gptq_matmul_reference`` writes the whole ``(K, N)`` f32 weight and reads it back for the dot: about 8.5
     bytes of traffic per weight against the float model's 4, and the dequantization's subtract and multiply on
-    every weight. Here a ``fori_loop`` over chunks of ``rows`` input rows unpacks one chunk's codes, subtracts
-    its group's zeros, converts to f32 (a tile that stays in L2) and accumulates ``x_chunk @ tile`` in f32, then
-    scales it by the group's scales. Chunks lie inside one group, so ``rows`` must divide the group length and be
-    whole packed words (``cpu_chunk_rows`` picks it; None: that choice). Act-order layers (``w.perm``) work as
-    in the reference; uneven groups (``w.g_idx`` set) raise ``NotImplementedError`` (use the reference).
+    every weight. Here a ``fori_loop`` over chunks of ``rows`` input rows unpacks one chunk's codes, subtracts the
+    zeros, converts to f32 (a tile that stays in L2) and accumulates ``x_chunk @ tile`` in f32. A chunk inside one
+    group (``rows`` divides the group length) is scaled after the dot; a chunk of whole groups (``rows`` a multiple
+    of it) carries its scales in the tile. ``rows`` is whole packed words; ``cpu_chunk_rows`` picks it (None: that
+    choice). Rows left after the last whole chunk are one more step. Act-order layers (``w.perm``) work as in the
+    reference; uneven groups (``w.g_idx`` set) raise ``NotImplementedError`` (use the reference).
     """
     check_inputs(x, w)
     if rows is None:
@@ -633,7 +647,8 @@ def gptq_matmul_chunked(x: jax.Array, w: PackedWeight, *, rows: int | None = Non
                 f"gptq_matmul_chunked: {w.bits}-bit group_size={w.group_size} (g_idx "
                 f"{'set' if w.g_idx is not None else 'None'}) has no chunk of whole words inside one group")
     unit, _ = chunk_shape(w.bits)
-    if rows <= 0 or rows % unit or w.group_len % rows or w.g_idx is not None:
-        raise ValueError(f"rows={rows} must be a positive multiple of {unit} dividing the group length "
-                         f"{w.group_len}, and the groups contiguous (g_idx None)")
+    g = w.group_len
+    if rows <= 0 or rows % unit or (g % rows and rows % g) or w.g_idx is not None:
+        raise ValueError(f"rows={rows} must be a positive multiple of {unit} that divides or is a multiple of the "
+                         f"group length {g}, and the groups contiguous (g_idx None)")
     return _chunked(x, w, rows)

@@ -159,6 +159,9 @@ CHUNKED_CASES = [
     (3, 96, 40, 4, 32, False, 8),  # odd N, 12 chunks of one word each
     (1, 160, 48, 2, 32, True, 16),  # a chunk is exactly one word of 2-bit codes
     (1, 96, 64, 3, -1, False, 32),  # 3-bit: chunks of 3 words; 3 chunks, no tail
+    (2, 352, 64, 4, 32, True, 64),  # chunks of two groups (scales in the tile), a one-group tail
+    (1, 352, 64, 3, 32, False, 96),  # chunks of three groups, a two-group tail
+    (T, 1536, 576, 4, 128, True, 384),  # down_proj in chunks of three groups
     (1, 224, 32, 3, -1, False, 32),  # 3-bit group -1 over K = 7 chunks
 ]
 
@@ -179,6 +182,8 @@ def test_chunked_matches_float64_numpy_and_the_reference(m, k, n, bits, group_si
     (-1, 288, 96),  # one group: 3 chunks, no tail
     (128, 576, None),  # SmolLM2's K: a 64-row tail
     (128, 128, 128),  # one chunk, no loop
+    (32, 352, 96),  # chunks of three groups: 3 in the loop, a two-group tail
+    (32, 160, 128),  # one four-group chunk, a one-group tail
 ])
 def test_chunked_counts_every_row_once(bits, group_size, k, rows):
     """x = I: the product is the dequantized weight itself, row for row, so a chunk dropped, counted twice, shifted
@@ -225,18 +230,19 @@ def test_chunked_keeps_a_nan_in_its_own_row():
 
 
 def test_cpu_chunk_rows_fit_the_tile_groups_and_words():
+    tile = matmul_mod.CPU_TILE_BYTES
     for bits, unit in ((2, 16), (3, 32), (4, 8), (8, 4)):
-        for group_size, k, n in ((128, 576, 1536), (128, 576, 192), (32, 1536, 576), (-1, 576, 96)):
+        for group_size, k, n in ((128, 576, 1536), (128, 576, 192), (32, 1536, 576), (-1, 576, 96), (32, 96, 4096)):
             w, _ = make_layer(k, n, bits, group_size, sym=True, act_order=False)
             r = matmul_mod.cpu_chunk_rows(w)
             g = k if group_size == -1 else group_size
-            assert r % unit == 0 and g % r == 0
-            assert r * n * 4 <= matmul_mod.CPU_TILE_BYTES or r == unit
-            bigger = [c for c in range(r + unit, g + 1, unit) if g % c == 0]
-            assert all(c * n * 4 > matmul_mod.CPU_TILE_BYTES for c in bigger)  # the largest that fits
+            valid = [c for c in range(unit, -(-k // g) * g + 1, unit) if g % c == 0 or c % g == 0]
+            assert r in valid
+            assert r * n * 4 <= tile or r == min(valid)
+            assert all(c * n * 4 > tile for c in valid if c > r)  # the largest that fits
     w, _ = make_layer(96, 32, 3, 48, sym=True, act_order=False)  # 48-row groups: not whole runs of 32 3-bit codes
     assert matmul_mod.cpu_chunk_rows(w) is None
-    with pytest.raises(ValueError, match=r"rows=24 must be a positive multiple of 8 dividing the group length 64"):
+    with pytest.raises(ValueError, match=r"rows=24 must be a positive multiple of 8 that divides or is a multiple"):
         gptq_matmul_chunked(activations(1, 128, jnp.float32), make_layer(128, 32, 4, 64, sym=True,
                                                                         act_order=False)[0], rows=24)
 
