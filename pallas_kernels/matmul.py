@@ -66,7 +66,7 @@ INTERPRET_ENV = "PALLAS_KERNELS_INTERPRET"  # "1": run the Pallas kernels in int
 # CPU_TILE_BYTES (it stays in a core's L2, 1 MiB here, between being written and read by the dot; fewer, larger
 # chunks measured faster than 128-384 KiB ones: each loop step has a fixed cost). Measured in
 # benchmarks/bench_matmul.py --cpu-decode and benchmarks/bench_model.py (README, "CPU inference of packed models").
-CPU_DECODE_MAX_M = 8
+CPU_DECODE_MAX_M = 4
 CPU_TILE_BYTES = 768 * 1024
 
 
