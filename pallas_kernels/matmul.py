@@ -617,7 +617,7 @@ def _chunked(x: jax.Array, w: PackedWeight, rows: int) -> jax.Array:
         return q_words + jnp.nan_to_num(dep.reshape(-1)[0] * 0.0).astype(jnp.int32)
 
     acc = jnp.zeros((x2.shape[0], n), jnp.float32)
-    if full == 1:  # one chunk (a whole group of at most the tile): no loop
+    if full == 1:  # one whole chunk (and perhaps a tail): no loop
         acc = step(x2[:, :rows], tied(w.qweight[:words], x2), 0)
     elif full > 1:  # the loop starts once x is ready, and dequantizes each chunk just before its product
         acc = lax.fori_loop(0, full, body, acc)
