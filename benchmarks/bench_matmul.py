@@ -18,8 +18,16 @@ says so; with --check-interpret its result is still checked for the smallest M.
     python benchmarks/bench_matmul.py                      # full sweep (GPU)
     python benchmarks/bench_matmul.py --quick              # a few M and shapes (CPU)
     python benchmarks/bench_matmul.py --m 1,16 --shapes 4096x4096 --bits 4 --group-size 128
+    python benchmarks/bench_matmul.py --cpu-decode         # CPU decode: float dot vs reference vs chunked
 
-Writes JSON to benchmarks/results/bench_matmul_<device kind>.json.
+Writes JSON to benchmarks/results/bench_matmul_<device kind>.json (``--cpu-decode``: bench_matmul_cpu_decode.json).
+
+``--cpu-decode`` (CPU, float32 activations, SmolLM2-135M's shapes by default) times what one decode step of a
+model does with each layer: a chain of distinct layers in one jitted call, each layer's input depending on the
+previous layer's output, enough layers that the float weights stream from memory (64 MiB by default, twice this
+CPU's L3) as a model's do. Compared per (K x N, M): the float32 ``jnp.dot`` on the dequantized weight, the
+materializing reference (``gptq_matmul_reference``) and ``gptq_matmul_chunked`` at several f32 tile sizes
+(``--tile-kib``); min and median over repeats, with the load average (the machine is shared).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import PackedWeight, gptq_matmul, gptq_matmul_reference
+from pallas_kernels import PackedWeight, gptq_matmul, gptq_matmul_chunked, gptq_matmul_reference
 from pallas_kernels import matmul as matmul_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +58,9 @@ M_ALL = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHAPES_ALL = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192))  # (K, N)
 M_QUICK = (1, 8, 64, 256)
 SHAPES_QUICK = ((4096, 4096), (11008, 4096))
+SHAPES_SMOLLM2 = ((576, 576), (576, 192), (576, 1536), (1536, 576))  # q/o, k/v, gate/up, down
+M_CPU_DECODE = (1, 4, 8, 16)
+TILE_KIB_CPU_DECODE = (128, 256, 384, 768)
 TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # max |y - ref| / max |ref|
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -137,6 +148,102 @@ def print_rows(rows: list[dict]) -> None:
               f"{rf['H200_us']:9.1f} {cp} {pr}  {r['status']}")
 
 
+def chained(matmul):
+    """A jitted ``(x, layers) -> outputs`` running ``matmul`` layer after layer; each input depends on the last output.
+
+    ``x + nan_to_num(y[0, 0] * 0)`` is x again, but XLA cannot start a layer before the previous one ends: the
+    order of a model's decode step, where a layer's input is the previous layer's output.
+    """
+
+    def run(x, ws):
+        out = []
+        for w in ws:
+            y = matmul(x, w)
+            out.append(y[:, :1])
+            x = x + jnp.nan_to_num(y[0, 0] * 0.0)
+        return out
+
+    return jax.jit(run)
+
+
+def time_stats(fn, args, *, warmup: int, repeats: int) -> tuple[float, float]:
+    """(min, median) seconds of ``fn(*args)``: on a shared machine the min is the steadier figure."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
+
+
+def cpu_decode(args, argv) -> int:
+    """``--cpu-decode``: float dot vs reference vs chunked at small M on CPU (module docstring)."""
+    dev = jax.devices()[0]
+    ms = tuple(int(v) for v in args.m.split(",")) if args.m else M_CPU_DECODE
+    shapes = SHAPES_SMOLLM2
+    if args.shapes:
+        shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(","))
+    tiles = tuple(int(v) for v in args.tile_kib.split(",")) if args.tile_kib else TILE_KIB_CPU_DECODE
+    stream_bytes = int((args.stream_mb if args.stream_mb is not None else 64) * 2**20)
+    timing = dict(warmup=args.warmup, repeats=args.repeats)
+    load_before = os.getloadavg()
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; load average {load_before}")
+    rows, failures = [], 0
+    for k, n in shapes:
+        w = make_layer(k, n, args.bits, args.group_size, args.act_order, seed=k + n)
+        w_dense = w.dequantize(jnp.float32)
+        layers = max(1, min(args.max_layers, math.ceil(stream_bytes / (k * n * 4))))
+        wqs, wds = copies(w, layers), copies(w_dense, layers)
+        impls = {"float32_dot": (chained(lambda x, a: jnp.dot(x, a, precision="highest")), wds),
+                 "reference": (chained(gptq_matmul_reference), wqs)}
+        for t in tiles:
+            r = matmul_mod.cpu_chunk_rows(w, t * 1024)
+            impls[f"chunked_{t}KiB"] = (chained(lambda x, a, r=r: gptq_matmul_chunked(x, a, rows=r)), wqs)
+        for m in ms:
+            x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.float32)
+            ref = gptq_matmul_reference(x, w)
+            line = f"{k:>5} x {n:<5} M={m:<3} layers={layers:<3}"
+            base = None
+            for name, (fn, ws) in impls.items():
+                row = dict(K=k, N=n, M=m, impl=name, layers_per_call=len(ws))
+                if name.startswith("chunked"):
+                    row["chunk_rows"] = matmul_mod.cpu_chunk_rows(w, int(name.split("_")[1][:-3]) * 1024)
+                    row["rel_err"] = rel_err(gptq_matmul_chunked(x, w, rows=row["chunk_rows"]), ref)
+                    if row["rel_err"] > TOL["float32"]:
+                        failures += 1
+                        row["status"] = f"MISMATCH: rel_err {row['rel_err']:.3g}"
+                lo, med = time_stats(fn, (x, ws), **timing)
+                row.update(us_min=lo / len(ws) * 1e6, us_median=med / len(ws) * 1e6)
+                base = base or row["us_min"]
+                row["min_vs_float"] = row["us_min"] / base
+                line += f" | {name} {row['us_min']:7.1f} ({row['us_median']:7.1f})"
+                rows.append(row)
+            print(line + "   us/layer, min (median)", flush=True)
+    out = args.out or RESULTS / "bench_matmul_cpu_decode.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = dict(
+        benchmark="gptq_matmul CPU decode",
+        device_kind=dev.device_kind,
+        platform=dev.platform,
+        cpu_count=os.cpu_count(),
+        jax_version=jax.__version__,
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        settings=dict(bits=args.bits, group_size=args.group_size, act_order=args.act_order, dtype="float32",
+                      warmup=args.warmup, repeats=args.repeats, stream_bytes=stream_bytes,
+                      dispatcher=dict(cpu_decode_max_m=matmul_mod.CPU_DECODE_MAX_M,
+                                      cpu_tile_bytes=matmul_mod.CPU_TILE_BYTES)),
+        load_average_before=load_before,
+        load_average_after=os.getloadavg(),
+        results=rows,
+    )
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"load average {report['load_average_after']}\nwrote {out}")
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"M in {M_QUICK}, shapes {SHAPES_QUICK} (for CPU)")
@@ -152,8 +259,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight bytes touched per timed call (default 512 on GPU to overflow L2, 32 on CPU)")
     p.add_argument("--check-interpret", action="store_true",
                    help="on CPU, still check the Pallas kernel (interpret mode) at the smallest M")
+    p.add_argument("--cpu-decode", action="store_true",
+                   help=f"CPU decode: float32 dot vs reference vs chunked, shapes {SHAPES_SMOLLM2}, M {M_CPU_DECODE}")
+    p.add_argument("--tile-kib", type=str, default=None,
+                   help=f"--cpu-decode: comma-separated f32 tile sizes (KiB) of the chunked path "
+                        f"(default {TILE_KIB_CPU_DECODE})")
+    p.add_argument("--max-layers", type=int, default=64, help="--cpu-decode: at most this many layers per call")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.cpu_decode:
+        return cpu_decode(args, argv)
 
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"

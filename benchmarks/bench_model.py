@@ -76,8 +76,6 @@ def run_ours(args: argparse.Namespace, tokens: np.ndarray) -> dict:
 
     model, _ = load_pretrained(args.model_dir, dtype=jnp.float32)
     if args.packed:
-        import numpy as np
-
         from gptq_jax import QuantConfig, quantize
         from gptq_jax.models.qlinear import pack_model
 

@@ -6,6 +6,7 @@
 - ``gptq_matmul(x, w)``: ``x [..., K] @ dequant(w) -> [..., N]`` in x's dtype, f32 accumulation; a Pallas kernel
   on GPU (by M: split-K decode or tiled prefill), the jnp reference elsewhere.
 - ``gptq_matmul_reference(x, w)``: the same in plain jnp; the CPU path and the kernels' test oracle.
+- ``gptq_matmul_chunked(x, w)``: the same over K chunks, never materializing the float weight; CPU decode.
 - ``select_plan``/``tuning``: which kernel and tiles a call gets (the tile table ``tiles.json``).
 
 This package never imports ``gptq_jax``.
@@ -17,6 +18,7 @@ from pallas_kernels.matmul import (
     KernelConfig,
     PrefillTiles,
     gptq_matmul,
+    gptq_matmul_chunked,
     gptq_matmul_pallas,
     gptq_matmul_reference,
     select_plan,
@@ -29,6 +31,7 @@ __all__ = [
     "PackedWeight",
     "PrefillTiles",
     "gptq_matmul",
+    "gptq_matmul_chunked",
     "gptq_matmul_pallas",
     "gptq_matmul_reference",
     "pack_cols",

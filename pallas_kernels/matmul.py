@@ -11,7 +11,9 @@ Layout: ``pallas_kernels.packing`` (``PackedWeight``). Implementations, tried in
     evenly (the last one runs fewer steps). Their f32 partial sums are added outside the kernel: deterministic,
     no atomics, and small next to the weights.
   - ``"pallas_prefill"`` (larger M): a tiled matmul over (M tiles, N tiles), looping over K.
-- ``"xla"``: ``gptq_matmul_reference``, plain jnp; the CPU path and the fallback.
+- ``"xla"``: plain jnp; the CPU path and the fallback. On CPU at M <= ``CPU_DECODE_MAX_M`` (decode) it is
+  ``gptq_matmul_chunked``, a loop over K chunks that never materializes the float weight; otherwise
+  ``gptq_matmul_reference``, which dequantizes the whole weight and calls one ``jnp.dot``.
 
 Which kernel and which tiles: the tile table ``tiles.json`` (``pallas_kernels.tuning``), keyed by device kind,
 activation dtype and M, unless a ``KernelConfig`` is passed. ``select_plan`` fits the tiles to the shape and
@@ -46,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import tuning
-from pallas_kernels.packing import PackedWeight
+from pallas_kernels.packing import PackedWeight, chunk_shape, unpack_cols_jnp, unpack_rows_jnp
 
 try:  # The Triton lowering's public names; absent only from JAX builds without GPU Pallas support.
     from jax.experimental.pallas import triton as pltriton
@@ -60,6 +62,12 @@ KERNEL_BITS = (2, 4, 8)
 IMPLS = ("pallas", "pallas_decode", "pallas_prefill", "xla")
 SMEM_LIMIT_BYTES = 227 * 1024  # shared memory one block may use on sm_90 (H100/H200)
 INTERPRET_ENV = "PALLAS_KERNELS_INTERPRET"  # "1": run the Pallas kernels in interpret mode (CPU tests)
+# CPU decode (``gptq_matmul_chunked``): M up to this loops over K chunks whose f32 tile is at most
+# CPU_TILE_BYTES (it stays in a core's L2, 1 MiB here, between being written and read by the dot; fewer, larger
+# chunks measured faster than 128-384 KiB ones: each loop step has a fixed cost). Measured in
+# benchmarks/bench_matmul.py --cpu-decode and benchmarks/bench_model.py (README, "CPU inference of packed models").
+CPU_DECODE_MAX_M = 4
+CPU_TILE_BYTES = 768 * 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,6 +478,9 @@ def gptq_matmul(
 
     def run(name: str) -> jax.Array:
         if name == "xla":
+            m = math.prod(x.shape[:-1])
+            if platform == "cpu" and 0 < m <= CPU_DECODE_MAX_M and cpu_chunk_rows(w) is not None:
+                return gptq_matmul_chunked(x, w)
             return gptq_matmul_reference(x, w)
         if platform != "gpu" and not interpret:
             raise NotImplementedError(
@@ -531,3 +542,113 @@ def gptq_matmul_reference(x: jax.Array, w: PackedWeight) -> jax.Array:
     """
     check_inputs(x, w)
     return _reference(x, w, f32_operands=_platform(x) == "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU decode: K chunks, never the whole float weight
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cpu_chunk_rows(w: PackedWeight, tile_bytes: int | None = None) -> int | None:
+    """Rows R per K chunk of ``gptq_matmul_chunked``, or None when the layout has no valid R.
+
+    R is whole packed words (a multiple of 8 rows at 4 bits, 32 at 3 bits) and either divides the group length
+    (a chunk lies in one group: the scale is applied after the dot) or is a multiple of it (a chunk is whole
+    groups: the scales are applied to the tile). Of those, the largest whose f32 tile ``R x N`` fits
+    ``tile_bytes`` (default ``CPU_TILE_BYTES``), or the smallest when none does; at most K rounded up to a group.
+    None for uneven groups (``g_idx`` set) and for group lengths that are not whole runs of words.
+    """
+    if w.g_idx is not None:
+        return None
+    unit, _ = chunk_shape(w.bits)
+    g, k = w.group_len, w.in_features
+    if g % unit:
+        return None
+    fit = max((CPU_TILE_BYTES if tile_bytes is None else tile_bytes) // (4 * w.out_features), unit)
+    rows = [r for r in range(unit, g + 1, unit) if g % r == 0] + list(range(2 * g, -(-k // g) * g + 1, g))
+    fitting = [r for r in rows if r <= fit]
+    return max(fitting) if fitting else min(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _chunked(x: jax.Array, w: PackedWeight, rows: int) -> jax.Array:
+    k, n, bits, g = w.in_features, w.out_features, w.bits, w.group_len
+    if w.perm is not None:
+        x = jnp.take(x, w.perm, axis=-1)  # (..., K) in stored row order
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), k).astype(jnp.float32)  # (M, K); products are exact in f32 (see _tile_product)
+    z = unpack_cols_jnp(w.qzeros, bits)  # (G, N) int32
+    s = w.scales.astype(jnp.float32)  # (G, N)
+    words = rows * bits // 32  # packed rows per chunk
+
+    def step(x_c, q_words, r0):
+        """f32 ``(M, N)``: ``x_c @ dequant(rows [r0, r0 + len))``; the f32 tile goes from a fusion to the dot in L2.
+
+        In one group (rows <= g): ``q - z`` is an exact small integer in f32, so the scale is applied after the dot
+        (as in the GPU kernels) and each weight costs only unpack, subtract and convert. Whole groups (rows > g):
+        ``(q - z) * s`` per weight, as in the reference.
+        """
+        length = x_c.shape[1]
+        gi = r0 // g
+        q = unpack_rows_jnp(q_words, bits)  # (len, N) int32
+        if rows <= g:
+            d = (q - lax.dynamic_slice_in_dim(z, gi, 1)).astype(jnp.float32)
+        else:
+            ng = -(-length // g)
+
+            def per_row(a):  # (ng, N) -> (len, N): each group's row repeated over its g rows (fused index math)
+                a = lax.dynamic_slice_in_dim(a, gi, ng)
+                return jnp.broadcast_to(a[:, None, :], (ng, g, n)).reshape(ng * g, n)[:length]
+
+            d = (q - per_row(z)).astype(jnp.float32) * per_row(s)
+        part = jnp.dot(x_c, d, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # (M, N)
+        return part * lax.dynamic_slice_in_dim(s, gi, 1) if rows <= g else part
+
+    full = k // rows
+
+    def body(c, acc):
+        r0 = c * rows
+        q_c = lax.dynamic_slice_in_dim(w.qweight, c * words, words)  # (words, N)
+        return acc + step(lax.dynamic_slice_in_dim(x2, r0, rows, axis=1), q_c, r0)
+
+    def tied(q_words, dep):
+        """``q_words`` made data-dependent on ``dep`` (values unchanged): a step outside the loop would otherwise
+        be dequantized as soon as the program starts, not just before its product (see ``_reference``)."""
+        return q_words + jnp.nan_to_num(dep.reshape(-1)[0] * 0.0).astype(jnp.int32)
+
+    acc = jnp.zeros((x2.shape[0], n), jnp.float32)
+    if full == 1:  # one whole chunk (and perhaps a tail): no loop
+        acc = step(x2[:, :rows], tied(w.qweight[:words], x2), 0)
+    elif full > 1:  # the loop starts once x is ready, and dequantizes each chunk just before its product
+        acc = lax.fori_loop(0, full, body, acc)
+    if full * rows < k:  # the last rows (fewer than a chunk; K need only be whole words): one more step
+        r0 = full * rows
+        acc = acc + step(x2[:, r0:], tied(w.qweight[r0 * bits // 32:], acc if full else x2), r0)
+    return acc.astype(x.dtype).reshape(*lead, n)
+
+
+def gptq_matmul_chunked(x: jax.Array, w: PackedWeight, *, rows: int | None = None) -> jax.Array:
+    """``x @ dequant(w)`` for small M on CPU, one K chunk at a time; same contract as ``gptq_matmul``.
+
+    ``gptq_matmul_reference`` writes the whole ``(K, N)`` f32 weight and reads it back for the dot: about 8.5
+    bytes of traffic per weight against the float model's 4, and the dequantization's subtract and multiply on
+    every weight. Here a ``fori_loop`` over chunks of ``rows`` input rows unpacks one chunk's codes, subtracts the
+    zeros, converts to f32 (a tile that stays in L2) and accumulates ``x_chunk @ tile`` in f32. A chunk inside one
+    group (``rows`` divides the group length) is scaled after the dot; a chunk of whole groups (``rows`` a multiple
+    of it) carries its scales in the tile. ``rows`` is whole packed words; ``cpu_chunk_rows`` picks it (None: that
+    choice). Rows left after the last whole chunk are one more step. Act-order layers (``w.perm``) work as in the
+    reference; uneven groups (``w.g_idx`` set) raise ``NotImplementedError`` (use the reference).
+    """
+    check_inputs(x, w)
+    if rows is None:
+        rows = cpu_chunk_rows(w)
+        if rows is None:
+            raise NotImplementedError(
+                f"gptq_matmul_chunked: {w.bits}-bit group_size={w.group_size} (g_idx "
+                f"{'set' if w.g_idx is not None else 'None'}) has no chunk of whole words inside one group")
+    unit, _ = chunk_shape(w.bits)
+    g = w.group_len
+    if rows <= 0 or rows % unit or (g % rows and rows % g) or w.g_idx is not None:
+        raise ValueError(f"rows={rows} must be a positive multiple of {unit} that divides or is a multiple of the "
+                         f"group length {g}, and the groups contiguous (g_idx None)")
+    return _chunked(x, w, rows)

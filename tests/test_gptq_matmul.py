@@ -11,9 +11,17 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from jax import lax
 
 import pallas_kernels
-from pallas_kernels import KernelConfig, PackedWeight, gptq_matmul, gptq_matmul_pallas, gptq_matmul_reference
+from pallas_kernels import (
+    KernelConfig,
+    PackedWeight,
+    gptq_matmul,
+    gptq_matmul_chunked,
+    gptq_matmul_pallas,
+    gptq_matmul_reference,
+)
 from pallas_kernels import matmul as matmul_mod
 
 # Tolerance per activation dtype, used for every comparison in this file: |got - want| <= TOL * (|want| + max|want|).
@@ -131,6 +139,112 @@ def test_uneven_groups_are_served_by_the_reference():
     assert_close(gptq_matmul(x, w, interpret=True), want, jnp.float32)  # Pallas declines, reference runs
     with pytest.raises(NotImplementedError, match=r"g_idx == k // group_size"):
         gptq_matmul(x, w, impl="pallas", interpret=True)
+    assert_close(gptq_matmul(x, w), want, jnp.float32)  # CPU decode: no chunk of one group, the reference runs
+    assert matmul_mod.cpu_chunk_rows(w) is None
+    with pytest.raises(NotImplementedError, match=r"no chunk of whole words inside one group"):
+        gptq_matmul_chunked(x, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU decode: the chunked path
+# ---------------------------------------------------------------------------------------------------------------
+
+T = matmul_mod.CPU_DECODE_MAX_M
+CHUNKED_CASES = [
+    # (M, K, N, bits, group_size, act_order, rows): rows None is cpu_chunk_rows' choice
+    *[(1, 576, 192, b, 128, False, None) for b in (2, 3, 4, 8)],  # SmolLM2 k_proj: 4 chunks and a 64-row tail
+    *[(m, 576, 1536, b, 128, True, None) for b in (3, 4) for m in (1, T - 1, T, T + 1)],  # up_proj, act-order
+    *[(1, 384, 64, b, -1, False, None) for b in (2, 3, 4, 8)],  # group -1: chunks of one group spanning K
+    (2, 1536, 576, 8, 32, True, None),  # down_proj, small groups
+    (3, 96, 40, 4, 32, False, 8),  # odd N, 12 chunks of one word each
+    (1, 160, 48, 2, 32, True, 16),  # a chunk is exactly one word of 2-bit codes
+    (1, 96, 64, 3, -1, False, 32),  # 3-bit: chunks of 3 words; 3 chunks, no tail
+    (2, 352, 64, 4, 32, True, 64),  # chunks of two groups (scales in the tile), a one-group tail
+    (1, 352, 64, 3, 32, False, 96),  # chunks of three groups, a two-group tail
+    (T, 1536, 576, 4, 128, True, 384),  # down_proj in chunks of three groups
+    (1, 224, 32, 3, -1, False, 32),  # 3-bit group -1 over K = 7 chunks
+]
+
+
+@pytest.mark.parametrize("m,k,n,bits,group_size,act_order,rows", CHUNKED_CASES)
+def test_chunked_matches_float64_numpy_and_the_reference(m, k, n, bits, group_size, act_order, rows):
+    w, w64 = make_layer(k, n, bits, group_size, sym=False, act_order=act_order, seed=k + n + bits)
+    x = activations(m, k, jnp.float32)
+    y = gptq_matmul_chunked(x, w, rows=rows)
+    assert y.dtype == jnp.float32 and y.shape == (m, n)
+    assert_close(y, numpy_matmul(x, w64, jnp.float32), jnp.float32)
+    assert_close(y, gptq_matmul_reference(x, w), jnp.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size,k,rows", [
+    (64, 352, 64),  # 5 chunks in the loop and a 32-row tail in the sixth group
+    (-1, 288, 96),  # one group: 3 chunks, no tail
+    (128, 576, None),  # SmolLM2's K: a 64-row tail
+    (128, 128, 128),  # one chunk, no loop
+    (32, 352, 96),  # chunks of three groups: 3 in the loop, a two-group tail
+    (32, 160, 128),  # one four-group chunk, a one-group tail
+])
+def test_chunked_counts_every_row_once(bits, group_size, k, rows):
+    """x = I: the product is the dequantized weight itself, row for row, so a chunk dropped, counted twice, shifted
+    or scaled with another group's scales shows as whole wrong rows (compared exactly: one product per entry)."""
+    w, w64 = make_layer(k, 32, bits, group_size, sym=False, act_order=True, seed=bits)
+    y = np.asarray(gptq_matmul_chunked(jnp.eye(k, dtype=jnp.float32), w, rows=rows), np.float64)
+    np.testing.assert_allclose(y, w64, rtol=1e-6, atol=1e-6 * np.abs(w64).max())
+
+
+def test_chunked_detects_a_dropped_chunk(monkeypatch):
+    """The comparison above fails when the loop runs one chunk short (a test that can fail)."""
+    w, w64 = make_layer(256, 32, 4, 64, sym=False, act_order=False)
+    real = lax.fori_loop
+    monkeypatch.setattr(matmul_mod.lax, "fori_loop", lambda lo, hi, body, init: real(lo, hi - 1, body, init))
+    matmul_mod._chunked.clear_cache()
+    try:
+        y = np.asarray(gptq_matmul_chunked(jnp.eye(256, dtype=jnp.float32), w, rows=32), np.float64)
+    finally:
+        monkeypatch.undo()
+        matmul_mod._chunked.clear_cache()
+    assert np.abs(y[224:]).max() == 0 and np.abs(w64[224:]).max() > 0  # the last of 8 chunks is missing
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(y, w64, rtol=1e-6, atol=1e-6 * np.abs(w64).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_chunked_half_precision_activations_and_leading_dims(dtype):
+    w, w64 = make_layer(576, 192, 4, 128, sym=True, act_order=True)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, 576)), dtype)
+    y = jax.jit(gptq_matmul)(x, w)  # CPU, M = 2: the chunked path
+    assert y.dtype == dtype and y.shape == (1, 2, 192)
+    assert_close(y, np.asarray(x.astype(jnp.float32), np.float64) @ w64, dtype)
+    assert_close(y, gptq_matmul_reference(x, w), dtype)
+
+
+def test_chunked_keeps_a_nan_in_its_own_row():
+    w, w64 = make_layer(576, 64, 4, 128, sym=False, act_order=True)
+    for bad in (np.nan, np.inf):
+        x = np.random.default_rng(0).standard_normal((3, 576)).astype(np.float32)
+        x[0, 0] = bad
+        y = np.asarray(jax.jit(gptq_matmul_chunked)(jnp.asarray(x), w))
+        assert np.isnan(y[0]).all() or np.isinf(y[0]).any()
+        assert_close(y[1:], x[1:].astype(np.float64) @ w64, jnp.float32)
+
+
+def test_cpu_chunk_rows_fit_the_tile_groups_and_words():
+    tile = matmul_mod.CPU_TILE_BYTES
+    for bits, unit in ((2, 16), (3, 32), (4, 8), (8, 4)):
+        for group_size, k, n in ((128, 576, 1536), (128, 576, 192), (32, 1536, 576), (-1, 576, 96), (32, 96, 4096)):
+            w, _ = make_layer(k, n, bits, group_size, sym=True, act_order=False)
+            r = matmul_mod.cpu_chunk_rows(w)
+            g = k if group_size == -1 else group_size
+            valid = [c for c in range(unit, -(-k // g) * g + 1, unit) if g % c == 0 or c % g == 0]
+            assert r in valid
+            assert r * n * 4 <= tile or r == min(valid)
+            assert all(c * n * 4 > tile for c in valid if c > r)  # the largest that fits
+    w, _ = make_layer(96, 32, 3, 48, sym=True, act_order=False)  # 48-row groups: not whole runs of 32 3-bit codes
+    assert matmul_mod.cpu_chunk_rows(w) is None
+    with pytest.raises(ValueError, match=r"rows=24 must be a positive multiple of 8 that divides or is a multiple"):
+        gptq_matmul_chunked(activations(1, 128, jnp.float32), make_layer(128, 32, 4, 64, sym=True,
+                                                                        act_order=False)[0], rows=24)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,6 +377,7 @@ def spy(monkeypatch):
     """Record which implementation ``gptq_matmul`` ran."""
     calls = []
     real_pallas, real_ref = matmul_mod.gptq_matmul_pallas, matmul_mod.gptq_matmul_reference
+    real_chunked = matmul_mod.gptq_matmul_chunked
 
     def pallas(*a, **kw):
         calls.append(("pallas", kw.get("interpret")))
@@ -272,16 +387,23 @@ def spy(monkeypatch):
         calls.append(("xla", None))
         return real_ref(*a, **kw)
 
+    def chunked(*a, **kw):
+        calls.append(("xla_chunked", None))
+        return real_chunked(*a, **kw)
+
     monkeypatch.setattr(matmul_mod, "gptq_matmul_pallas", pallas)
     monkeypatch.setattr(matmul_mod, "gptq_matmul_reference", ref)
+    monkeypatch.setattr(matmul_mod, "gptq_matmul_chunked", chunked)
     return calls
 
 
-def test_cpu_default_is_the_reference(spy, monkeypatch):
+def test_cpu_default_is_chunked_up_to_the_decode_threshold_then_the_reference(spy, monkeypatch):
     monkeypatch.delenv(matmul_mod.INTERPRET_ENV, raising=False)
     w, _ = make_layer(128, 32, 4, 32, sym=True, act_order=False)
-    gptq_matmul(activations(2, 128, jnp.float32), w)
-    assert spy == [("xla", None)]
+    t = matmul_mod.CPU_DECODE_MAX_M
+    for m in (1, t, t + 1):
+        gptq_matmul(activations(m, 128, jnp.float32), w)
+    assert spy == [("xla_chunked", None), ("xla_chunked", None), ("xla", None)]
 
 
 def test_interpret_env_var_runs_the_kernel_on_cpu(spy, monkeypatch):
