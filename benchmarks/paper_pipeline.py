@@ -43,10 +43,9 @@ import sys
 import time
 
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-import lowbit_solver_swap  # noqa: E402  (paper_solver, objective)
+import lowbit_solver_swap  # noqa: E402  (paper_solver)
 
 import gptq_jax.engine.driver as driver  # noqa: E402
 from gptq_jax import QuantConfig, quantize  # noqa: E402
@@ -62,6 +61,12 @@ RUN_ORDER = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
              "mlp.up_proj", "mlp.down_proj"]  # the order transformers' LlamaDecoderLayer calls them
 # One linear per distinct Hessian (the others of its stage read the same input).
 STAGE_KEY = {n: s[0] for s in STAGES for n in s}
+
+
+def objective(w, qw, h) -> float:
+    """``tr((W - Q) H (W - Q)^T)`` in float64 (lowbit_solver_swap.objective's value, through BLAS)."""
+    d = np.asarray(w, np.float64) - np.asarray(qw.dequantize(), np.float64)
+    return float(np.sum((d @ np.asarray(h, np.float64)) * d))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -196,7 +201,7 @@ def paper_pipeline(model, windows: np.ndarray, qc: QuantConfig, *, true_sequenti
                 if scale_dtype != "float32":  # as our engine writes them back
                     qw = dataclasses.replace(qw, scales=qw.scales.astype(scale_dtype).astype("float32"))
                 Q = np.array(qw.dequantize(), np.float32)
-                rec["objective"] = lowbit_solver_swap.objective(W.numpy(), qw, H.numpy())
+                rec["objective"] = objective(W.numpy(), qw, H.numpy())
                 mods[n].weight.data = torch.from_numpy(Q).to(mods[n].weight.dtype)
         hidden = run_layer(layer, hidden, kwargs)
         num = sum(float(((a - b) ** 2).sum()) for a, b in zip(hidden, float_out, strict=True))
@@ -258,7 +263,7 @@ def ours_pipeline(jmodel, calib, qc: QuantConfig, *, true_sequential: bool = Tru
     finally:
         driver.quantize_weight = solve
     for r, (w, qw, h) in zip(res.report.linears, order, strict=True):
-        linears[r["name"]] = {"objective": lowbit_solver_swap.objective(w, qw, h)}
+        linears[r["name"]] = {"objective": objective(w, qw, h)}
         short = r["name"].removesuffix(".kernel").split(".", 2)[2]
         if STAGE_KEY.get(short) == short:
             hessians[r["name"]] = h
@@ -282,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-true-sequential", action="store_true", help="all of a layer's Hessians in one float pass")
     ap.add_argument("--scale-dtype", default="float32", choices=["float32", "float16"],
                     help="paper pipeline: scales of the weights written back (ours writes float16-rounded ones)")
+    ap.add_argument("--ours-scale-dtype", default="float16", choices=["float32", "float16"],
+                    help="our pipeline: scales of the weights written back (the engine's default rounds to float16)")
     ap.add_argument("--pipelines", nargs="+", default=["ours", "paper", "mechanics"],
                     choices=["ours", "paper", "mechanics"],
                     help="mechanics: the paper pipeline writing our pipeline's weights instead of solving (needs ours)")
@@ -296,7 +303,11 @@ def main(argv=None) -> int:
     tag = f"{args.bits}bit_g{args.group_size}_{'asym' if args.asym else 'sym'}{'_actorder' if args.act_order else ''}"
     tag += "" if args.seed == 0 else f"_seed{args.seed}"
     tag += "_nts" if args.no_true_sequential else ""
+    tag += "" if args.ours_scale_dtype == "float16" else f"_ours-{args.ours_scale_dtype}"
+    tag += "" if args.scale_dtype == "float32" else f"_paper-{args.scale_dtype}"
     tag += "" if args.layers is None else f"_{args.layers}layers"
+    if args.layers is not None and "ours" in args.pipelines:
+        ap.error("--layers is for the paper pipeline alone")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"paper_pipeline_smollm2_{tag}_cpu.json")
     ts = not args.no_true_sequential
 
@@ -343,13 +354,15 @@ def main(argv=None) -> int:
     if "ours" in args.pipelines:
         jmodel, _ = load_pretrained(model_dir)
         t0 = time.perf_counter()
-        if args.layers is not None:  # a model with only the first layers
-            jmodel.layers = nnx.List(list(jmodel.layers)[: args.layers])
-        lin, lay, ours_h, ours_w = ours_pipeline(jmodel, calib, qc, true_sequential=ts)
+        written = driver.dequantized
+        if args.ours_scale_dtype != "float16":
+            driver.dequantized = lambda qw, scale_dtype=args.ours_scale_dtype: written(qw, scale_dtype)
+        try:
+            lin, lay, ours_h, ours_w = ours_pipeline(jmodel, calib, qc, true_sequential=ts)
+        finally:
+            driver.dequantized = written
         secs = time.perf_counter() - t0
-        run = {"seconds": secs, "linears": lin, "layers": lay}
-        if args.layers is None:
-            run["perplexity"] = jax_ppl(jmodel)
+        run = {"seconds": secs, "linears": lin, "layers": lay, "perplexity": jax_ppl(jmodel)}
         payload["runs"]["ours"] = run
         print(f"ours: perplexity {run.get('perplexity')} ({secs:.0f} s)", flush=True)
         del jmodel
