@@ -60,7 +60,7 @@ M_QUICK = (1, 8, 64, 256)
 SHAPES_QUICK = ((4096, 4096), (11008, 4096))
 SHAPES_SMOLLM2 = ((576, 576), (576, 192), (576, 1536), (1536, 576))  # q/o, k/v, gate/up, down
 M_CPU_DECODE = (1, 4, 8, 16)
-TILE_KIB_CPU_DECODE = (128, 256, 384, 768)
+TILE_KIB_CPU_DECODE = (384, 768, 3072, 6144)
 TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # max |y - ref| / max |ref|
 RESULTS = Path(__file__).resolve().parent / "results"
 

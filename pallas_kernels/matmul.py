@@ -63,11 +63,11 @@ IMPLS = ("pallas", "pallas_decode", "pallas_prefill", "xla")
 SMEM_LIMIT_BYTES = 227 * 1024  # shared memory one block may use on sm_90 (H100/H200)
 INTERPRET_ENV = "PALLAS_KERNELS_INTERPRET"  # "1": run the Pallas kernels in interpret mode (CPU tests)
 # CPU decode (``gptq_matmul_chunked``): M up to this loops over K chunks whose f32 tile is at most
-# CPU_TILE_BYTES (it stays in a core's L2, 1 MiB here, between being written and read by the dot; fewer, larger
-# chunks measured faster than 128-384 KiB ones: each loop step has a fixed cost). Measured in
-# benchmarks/bench_matmul.py --cpu-decode and benchmarks/bench_model.py (README, "CPU inference of packed models").
+# CPU_TILE_BYTES. Each loop step has a fixed cost, and fewer, larger chunks measured faster: SmolLM2's packed decode
+# went from 32-34 to 37-39 tokens/s when the tile grew from 768 KiB (a core's L2 here) to 3 MiB (the L3 is 32 MiB);
+# 6 and 12 MiB were no faster. Measured in benchmarks/bench_model.py (README, "CPU inference of packed models").
 CPU_DECODE_MAX_M = 4
-CPU_TILE_BYTES = 768 * 1024
+CPU_TILE_BYTES = 3 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -577,31 +577,30 @@ def _chunked(x: jax.Array, w: PackedWeight, rows: int) -> jax.Array:
         x = jnp.take(x, w.perm, axis=-1)  # (..., K) in stored row order
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), k).astype(jnp.float32)  # (M, K); products are exact in f32 (see _tile_product)
-    z = unpack_cols_jnp(w.qzeros, bits)  # (G, N) int32
     s = w.scales.astype(jnp.float32)  # (G, N)
+    n_groups = s.shape[0]
+    # The zero points leave the per-weight work: x @ ((q - z) s) = sum_g ((x_g @ q_g) s_g - (sum x_g) (z_g s_g)).
+    # The second term is one small (M, G) @ (G, N) product, subtracted up front.
+    zs = unpack_cols_jnp(w.qzeros, bits).astype(jnp.float32) * s  # (G, N)
+    x_sums = jnp.pad(x2, ((0, 0), (0, n_groups * g - k))).reshape(-1, n_groups, g).sum(-1)  # (M, G)
     words = rows * bits // 32  # packed rows per chunk
 
     def step(x_c, q_words, r0):
-        """f32 ``(M, N)``: ``x_c @ dequant(rows [r0, r0 + len))``; the f32 tile goes from a fusion to the dot in L2.
+        """f32 ``(M, N)``: ``x_c @ (codes * scales)`` of rows ``[r0, r0 + len)``; the f32 tile goes from a fusion
+        to the dot through the cache.
 
-        In one group (rows <= g): ``q - z`` is an exact small integer in f32, so the scale is applied after the dot
-        (as in the GPU kernels) and each weight costs only unpack, subtract and convert. Whole groups (rows > g):
-        ``(q - z) * s`` per weight, as in the reference.
+        In one group (rows <= g): the codes are small integers, exact in f32, and the scale is applied after the
+        dot (as in the GPU kernels), so each weight costs only its unpack and convert. Whole groups (rows > g):
+        ``q * s`` per weight.
         """
         length = x_c.shape[1]
         gi = r0 // g
-        q = unpack_rows_jnp(q_words, bits)  # (len, N) int32
-        if rows <= g:
-            d = (q - lax.dynamic_slice_in_dim(z, gi, 1)).astype(jnp.float32)
-        else:
+        q = unpack_rows_jnp(q_words, bits).astype(jnp.float32)  # (len, N)
+        if rows > g:
             ng = -(-length // g)
-
-            def per_row(a):  # (ng, N) -> (len, N): each group's row repeated over its g rows (fused index math)
-                a = lax.dynamic_slice_in_dim(a, gi, ng)
-                return jnp.broadcast_to(a[:, None, :], (ng, g, n)).reshape(ng * g, n)[:length]
-
-            d = (q - per_row(z)).astype(jnp.float32) * per_row(s)
-        part = jnp.dot(x_c, d, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # (M, N)
+            a = lax.dynamic_slice_in_dim(s, gi, ng)  # (ng, N): each group's row repeated over its g rows
+            q = q * jnp.broadcast_to(a[:, None, :], (ng, g, n)).reshape(ng * g, n)[:length]
+        part = jnp.dot(x_c, q, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # (M, N)
         return part * lax.dynamic_slice_in_dim(s, gi, 1) if rows <= g else part
 
     full = k // rows
@@ -616,14 +615,14 @@ def _chunked(x: jax.Array, w: PackedWeight, rows: int) -> jax.Array:
         be dequantized as soon as the program starts, not just before its product (see ``_reference``)."""
         return q_words + jnp.nan_to_num(dep.reshape(-1)[0] * 0.0).astype(jnp.int32)
 
-    acc = jnp.zeros((x2.shape[0], n), jnp.float32)
+    acc = -jnp.dot(x_sums, zs, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # (M, N)
     if full == 1:  # one whole chunk (and perhaps a tail): no loop
-        acc = step(x2[:, :rows], tied(w.qweight[:words], x2), 0)
+        acc = acc + step(x2[:, :rows], tied(w.qweight[:words], x2), 0)
     elif full > 1:  # the loop starts once x is ready, and dequantizes each chunk just before its product
         acc = lax.fori_loop(0, full, body, acc)
     if full * rows < k:  # the last rows (fewer than a chunk; K need only be whole words): one more step
         r0 = full * rows
-        acc = acc + step(x2[:, r0:], tied(w.qweight[r0 * bits // 32:], acc if full else x2), r0)
+        acc = acc + step(x2[:, r0:], tied(w.qweight[r0 * bits // 32:], acc), r0)
     return acc.astype(x.dtype).reshape(*lead, n)
 
 
@@ -632,12 +631,13 @@ def gptq_matmul_chunked(x: jax.Array, w: PackedWeight, *, rows: int | None = Non
 
     ``gptq_matmul_reference`` writes the whole ``(K, N)`` f32 weight and reads it back for the dot: about 8.5
     bytes of traffic per weight against the float model's 4, and the dequantization's subtract and multiply on
-    every weight. Here a ``fori_loop`` over chunks of ``rows`` input rows unpacks one chunk's codes, subtracts the
-    zeros, converts to f32 (a tile that stays in L2) and accumulates ``x_chunk @ tile`` in f32. A chunk inside one
-    group (``rows`` divides the group length) is scaled after the dot; a chunk of whole groups (``rows`` a multiple
-    of it) carries its scales in the tile. ``rows`` is whole packed words; ``cpu_chunk_rows`` picks it (None: that
-    choice). Rows left after the last whole chunk are one more step. Act-order layers (``w.perm``) work as in the
-    reference; uneven groups (``w.g_idx`` set) raise ``NotImplementedError`` (use the reference).
+    every weight. Here a ``fori_loop`` over chunks of ``rows`` input rows unpacks one chunk's codes, converts
+    them to f32 (a tile that stays in cache) and accumulates ``x_chunk @ tile`` in f32; the zero points never touch
+    a weight: ``sum_g (x_g @ q_g) s_g - (sum x_g) z_g s_g``, the second sum one small product up front. A chunk
+    inside one group (``rows`` divides the group length) is scaled after the dot; a chunk of whole groups (``rows``
+    a multiple of it) carries its scales in the tile. ``rows`` is whole packed words; ``cpu_chunk_rows`` picks it
+    (None: that choice). Rows left after the last whole chunk are one more step. Act-order layers (``w.perm``) work
+    as in the reference; uneven groups (``w.g_idx`` set) raise ``NotImplementedError`` (use the reference).
     """
     check_inputs(x, w)
     if rows is None:

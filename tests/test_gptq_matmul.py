@@ -204,7 +204,9 @@ def test_chunked_detects_a_dropped_chunk(monkeypatch):
     finally:
         monkeypatch.undo()
         matmul_mod._chunked.clear_cache()
-    assert np.abs(y[224:]).max() == 0 and np.abs(w64[224:]).max() > 0  # the last of 8 chunks is missing
+    # The last of 8 chunks is missing: its rows keep only the zero-point term, the others are right.
+    np.testing.assert_allclose(y[:224], w64[:224], rtol=1e-6, atol=1e-6 * np.abs(w64).max())
+    assert np.abs(y[224:] - w64[224:]).max() > 0.1 * np.abs(w64).max()
     with pytest.raises(AssertionError):
         np.testing.assert_allclose(y, w64, rtol=1e-6, atol=1e-6 * np.abs(w64).max())
 
