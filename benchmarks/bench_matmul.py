@@ -91,14 +91,7 @@ def copies(tree, count: int):
 
 def time_call(fn, args, *, warmup: int, repeats: int) -> float:
     """Median seconds of ``fn(*args)`` after ``warmup`` calls, each call waited for with ``block_until_ready``."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_stats(fn, args, warmup=warmup, repeats=repeats)[1]
 
 
 def copy_bandwidth(nbytes: int, *, warmup: int, repeats: int) -> float:

@@ -128,8 +128,8 @@ def objective(w, qw: QuantizedWeight, h) -> float:
     return float(np.einsum("nk,kl,nl->", d, np.asarray(h, np.float64), d))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The quantization and calibration flags this script shares with paper_pipeline.py."""
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--asym", action="store_true")
@@ -138,6 +138,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-windows", type=int, default=16)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(ap)
     ap.add_argument("--solvers", nargs="+", default=["ours", "paper_f32"], help="one run per solver")
     ap.add_argument("--compare", nargs="+", default=["ours", "paper_f32"], help="solvers scored on every (W, H)")
     ap.add_argument("--out")

@@ -275,14 +275,7 @@ def ours_pipeline(jmodel, calib, qc: QuantConfig, *, true_sequential: bool = Tru
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bits", type=int, default=3)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--asym", action="store_true")
-    ap.add_argument("--act-order", action="store_true")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-windows", type=int, default=16)
+    lowbit_solver_swap.add_run_args(ap)
     ap.add_argument("--layers", type=int, default=None, help="quantize only the first N layers (quick checks)")
     ap.add_argument("--no-true-sequential", action="store_true", help="all of a layer's Hessians in one float pass")
     ap.add_argument("--scale-dtype", default="float32", choices=["float32", "float16"],

@@ -117,13 +117,15 @@ def test_reference_is_jittable_and_keeps_leading_dims():
     assert_close(y, np.asarray(x, np.float64) @ w64, jnp.float32)
 
 
-def test_reference_keeps_a_nan_in_its_own_row():
-    """The reference ties the dequantization to x[0, 0] (for XLA:CPU's scheduler); that must not leak across rows."""
-    w, w64 = make_layer(256, 64, 4, 64, sym=False, act_order=True)
+@pytest.mark.parametrize("fn,k,group_size", [(gptq_matmul_reference, 256, 64), (gptq_matmul_chunked, 576, 128)])
+def test_a_nan_stays_in_its_own_row(fn, k, group_size):
+    """Both CPU paths tie the dequantization to x (for XLA:CPU's scheduler), and the chunked one folds per-group sums
+    of x into every row's zero-point term; neither may leak a NaN or inf across rows."""
+    w, w64 = make_layer(k, 64, 4, group_size, sym=False, act_order=True)
     for bad in (np.nan, np.inf):
-        x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)
         x[0, 0] = bad
-        y = np.asarray(jax.jit(gptq_matmul_reference)(jnp.asarray(x), w))
+        y = np.asarray(jax.jit(fn)(jnp.asarray(x), w))
         assert np.isnan(y[0]).all() or np.isinf(y[0]).any()
         assert_close(y[1:], x[1:].astype(np.float64) @ w64, jnp.float32)
 
@@ -219,16 +221,6 @@ def test_chunked_half_precision_activations_and_leading_dims(dtype):
     assert y.dtype == dtype and y.shape == (1, 2, 192)
     assert_close(y, np.asarray(x.astype(jnp.float32), np.float64) @ w64, dtype)
     assert_close(y, gptq_matmul_reference(x, w), dtype)
-
-
-def test_chunked_keeps_a_nan_in_its_own_row():
-    w, w64 = make_layer(576, 64, 4, 128, sym=False, act_order=True)
-    for bad in (np.nan, np.inf):
-        x = np.random.default_rng(0).standard_normal((3, 576)).astype(np.float32)
-        x[0, 0] = bad
-        y = np.asarray(jax.jit(gptq_matmul_chunked)(jnp.asarray(x), w))
-        assert np.isnan(y[0]).all() or np.isinf(y[0]).any()
-        assert_close(y[1:], x[1:].astype(np.float64) @ w64, jnp.float32)
 
 
 def test_cpu_chunk_rows_fit_the_tile_groups_and_words():
