@@ -222,3 +222,27 @@ def test_resume_redoes_blocks_whose_weights_changed(tmp_path):
     name = "layers.1.self_attn.q_proj.kernel"
     np.testing.assert_array_equal(np.asarray(again.weights[name].codes), np.asarray(want.weights[name].codes))
     assert not np.array_equal(np.asarray(again.weights[name].scales), np.asarray(fresh.weights[name].scales))
+
+
+def test_output_error_sample_changes_the_report_only(monkeypatch):
+    """The float reference for a block's output error runs on the first ERROR_SAMPLE_TOKENS tokens only: what is
+    quantized does not depend on it, and the error it reports is the one over exactly those batches."""
+    from gptq_jax.engine import driver
+
+    calib = _calib(n=12, t=24)
+    runs = {}
+    for sample in (24 * 5, 10**9):  # the first batch of 5 rows, and every batch
+        monkeypatch.setattr(driver, "ERROR_SAMPLE_TOKENS", sample)
+        runs[sample] = quantize(_model(), calib, quant_config=QC, batch_size=5)
+    small, whole = runs[24 * 5], runs[10**9]
+    for name, qw in whole.weights.items():
+        np.testing.assert_array_equal(np.asarray(small.weights[name].codes), np.asarray(qw.codes))
+    e_small = [r["relative_output_error"] for r in small.report.layers]
+    e_whole = [r["relative_output_error"] for r in whole.report.layers]
+    assert all(e > 0 for e in e_small) and e_small != pytest.approx(e_whole, rel=1e-6)
+    # Batches counted by the tokens of their hidden states ([batch, seq, hidden]), at least one.
+    monkeypatch.setattr(driver, "ERROR_SAMPLE_TOKENS", 24 * 5)
+    assert driver._error_sample([[np.zeros((5, 24, 8))]] * 3) == 1
+    monkeypatch.setattr(driver, "ERROR_SAMPLE_TOKENS", 24 * 6)
+    assert driver._error_sample([[np.zeros((5, 24, 8))]] * 3) == 2
+    assert driver._error_sample([[np.zeros((5, 24, 8))]] * 1) == 1

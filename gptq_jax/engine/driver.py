@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 
 METHODS = ("gptq", "rtn")
 DEFAULT_QUANT_CONFIG = QuantConfig()  # 4-bit, group 128, symmetric: the common published setting
+# A block's relative output error (a diagnostic in the report) is measured on the first calibration batches up to
+# this many tokens: the float reference pass it needs would otherwise cost a third of every block's compute.
+ERROR_SAMPLE_TOKENS = 2048
 
 
 @dataclasses.dataclass
@@ -309,7 +313,8 @@ def _quantize_block(job: _Job, plans: list[Plan], params: subject.Params, extra:
     """Quantize one block (or replay a finished one, whose ``params`` already hold its dequantized weights).
 
     ``plans[b]`` is the block's plan for batch b's shapes (one per distinct shape; their stages are the same).
-    Returns (the block's new hidden states per batch, squared error vs float, squared norm of float)."""
+    Returns (the block's new hidden states per batch, and over the first batches (``ERROR_SAMPLE_TOKENS``) the
+    squared error vs float and the squared norm of float)."""
     plan = plans[0]
     leaves = [*params.leaves, *extra]
     n_p = len(params.leaves)
@@ -319,7 +324,8 @@ def _quantize_block(job: _Job, plans: list[Plan], params: subject.Params, extra:
             params.leaves[:] = leaves[:n_p]
         return [h for h, *_ in inputs], 0.0, 0.0
     batches = list(zip(plans, inputs, masks, strict=True))
-    float_out = None if replay else [float_outputs_fn(pl)(leaves, x)[hidden_out] for pl, x, _ in batches]
+    float_out = None if replay else [float_outputs_fn(pl)(leaves, x)[hidden_out]
+                                     for pl, x, _ in batches[: _error_sample(inputs)]]
     if not plan.stages:
         new = [float_outputs_fn(pl)(leaves, x)[hidden_out] for pl, x, _ in batches]
     elif job.true_sequential:
@@ -356,6 +362,18 @@ def _quantize_block(job: _Job, plans: list[Plan], params: subject.Params, extra:
         e, s = squared_error(a, b, m)
         num, den = num + float(e), den + float(s)
     return new, num, den
+
+
+def _error_sample(inputs: list[list[Any]]) -> int:
+    """How many leading batches make up the output-error sample: ``ERROR_SAMPLE_TOKENS`` tokens (at least one
+    batch), counting a batch's tokens as its hidden states' size over their last axis."""
+    tokens = 0
+    for b, leaves in enumerate(inputs):
+        h = leaves[0]
+        tokens += math.prod(jnp.shape(h)[:-1])
+        if tokens >= ERROR_SAMPLE_TOKENS:
+            return b + 1
+    return len(inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ equation of its first matmul. True-sequential quantization runs slice j of the p
 meets (including the one feeding equation ``cut_j``), then quantizes stage j, and continues. A weight that several
 matmuls read on different activations gets a look-ahead run past its cut, with its float value, for the later
 activations, before it is quantized. Per block, the
-calibration data goes through the block once in float (the reference for the block's output error) and once,
-slice by slice, as it gets quantized.
+calibration data goes through the block slice by slice as it gets quantized, and its first batches (the engine's
+error sample) once more in float, the reference for the block's output error.
 """
 
 from __future__ import annotations
