@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def grid(w: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
+def grid(w: np.ndarray, bits: int, sym: bool, fp16_scales: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero of each row of w [N, C] (the FORMAT.md grid), in float32 like the code under test.
 
     The grid is computed in float32 because the symmetric grid puts each group's largest weight exactly on
     a rounding tie (w / scale = maxq / 2 + 1/2); in float64 the tie breaks differently than in float32.
+    ``fp16_scales`` rounds the scale to float16 (kept in its positive finite range) before the zero is taken.
     """
     w = w.astype(np.float32)
     maxq = np.float32(2**bits - 1)
@@ -29,6 +30,9 @@ def grid(w: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
         xmin = np.where(empty, -1.0, xmin)
         xmax = np.where(empty, 1.0, xmax)
     scale = (xmax - xmin) / maxq
+    if fp16_scales:
+        f16 = np.finfo(np.float16)
+        scale = np.clip(scale, float(f16.smallest_subnormal), float(f16.max)).astype(np.float16).astype(np.float32)
     zero = np.full_like(scale, (maxq + 1) / 2) if sym else np.round(-xmin / scale)
     return scale, zero
 
@@ -61,6 +65,7 @@ def gptq(
     damp_percent=0.01,
     fit_block=None,
     act_group_aware=False,
+    fp16_scales=False,
 ):
     """Returns (codes [N, K] int, scales [N, G], zeros [N, G], g_idx [K], dequantized W [N, K]).
 
@@ -78,12 +83,12 @@ def gptq(
     groups = -(-k // g)
 
     if group_size == -1:
-        fixed = [grid(w, bits, sym)]
+        fixed = [grid(w, bits, sym, fp16_scales)]
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     if static_groups and group_size != -1:
-        fixed = [grid(w[:, i : i + g], bits, sym) for i in range(0, k, g)]
+        fixed = [grid(w[:, i : i + g], bits, sym, fp16_scales) for i in range(0, k, g)]
     if act_order:
         perm = np.argsort(-np.diag(h), kind="stable")
     elif act_group_aware:
@@ -112,7 +117,7 @@ def gptq(
         else:
             gi = perm[j] // g if act_group_aware else j // g
             if j % g == 0:
-                s, z = grid((w if fit_block is None else snapshot)[:, j : j + g], bits, sym)
+                s, z = grid((w if fit_block is None else snapshot)[:, j : j + g], bits, sym, fp16_scales)
         scales[:, gi], zeros[:, gi] = s, z
         g_idx_perm[j] = gi
         q = np.clip(np.round(w[:, j].astype(np.float32) / s) + z, 0, maxq)

@@ -45,12 +45,34 @@ _GRID = [
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order,static_groups", _GRID)
 def test_matches_numpy_reference(bits, group_size, sym, act_order, static_groups):
+    _check_against_reference(bits, group_size, sym, act_order, static_groups, fp16_scales=True)
+
+
+@pytest.mark.parametrize("bits,group_size,sym,act_order", itertools.product((2, 3, 4, 8), (-1, 128), (True, False),
+                                                                            (False, True)))
+def test_float32_scales_match_the_papers_loop(bits, group_size, sym, act_order):
+    """``fp16_scales=False`` keeps the paper's float32 grids: the reference loop without rounding."""
+    _check_against_reference(bits, group_size, sym, act_order, False, fp16_scales=False)
+
+
+def test_fp16_scales_are_float16_values_and_change_codes():
+    w, h, _ = _problem(seed=5)
+    r16 = quantize_weight(w, h, QuantConfig(bits=3, group_size=32, sym=False))
+    r32 = quantize_weight(w, h, QuantConfig(bits=3, group_size=32, sym=False, fp16_scales=False))
+    s16, s32 = np.asarray(r16.scales), np.asarray(r32.scales)
+    np.testing.assert_array_equal(s16, s16.astype(np.float16).astype(np.float32))
+    assert not np.array_equal(s32, s32.astype(np.float16).astype(np.float32))
+    assert np.any(np.asarray(r16.codes) != np.asarray(r32.codes))
+
+
+def _check_against_reference(bits, group_size, sym, act_order, static_groups, fp16_scales):
     w, h, x = _problem(seed=bits * 7 + (group_size % 13))
-    config = QuantConfig(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups)
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
+                         fp16_scales=fp16_scales)  # fmt: skip
     out = quantize_weight(w, h, config)
     codes, scales, zeros, g_idx, deq = gptq_reference.gptq(
         w, h, bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
-        fit_block=128 if GROUP_FIT == "block_start" else None,
+        fit_block=128 if GROUP_FIT == "block_start" else None, fp16_scales=fp16_scales,
     )  # fmt: skip
     got_codes = np.asarray(out.codes)
     assert got_codes.shape == (N, K) and got_codes.dtype == np.int32
@@ -79,7 +101,8 @@ def test_group_fit_choices_match_the_reference(bits, group_size, sym, group_fit)
     config = QuantConfig(bits=bits, group_size=group_size, sym=sym)
     out = _solver()(jnp.asarray(w), jnp.asarray(h), config, group_fit)
     codes, _, _, _, deq = gptq_reference.gptq(
-        w, h, bits=bits, group_size=group_size, sym=sym, fit_block=128 if group_fit == "block_start" else None
+        w, h, bits=bits, group_size=group_size, sym=sym, fit_block=128 if group_fit == "block_start" else None,
+        fp16_scales=True,
     )
     assert np.mean(np.asarray(out.codes) != codes) <= 0.01
     assert _output_error(x, w, out.dequantize()) == pytest.approx(_output_error(x, w, deq), rel=0.01)
@@ -145,7 +168,7 @@ def test_group_aware_matches_numpy_reference(bits, group_size, sym, static_group
     config = QuantConfig(bits=bits, group_size=group_size, sym=sym, static_groups=static_groups, act_group_aware=True)
     out = quantize_weight(w, h, config)
     kw = dict(bits=bits, group_size=group_size, sym=sym, static_groups=static_groups,
-              fit_block=128 if GROUP_FIT == "block_start" else None)  # fmt: skip
+              fit_block=128 if GROUP_FIT == "block_start" else None, fp16_scales=True)  # fmt: skip
     codes, scales, zeros, g_idx, deq = gptq_reference.gptq(w, h, act_group_aware=True, **kw)
     # The checkpoint's trivial g_idx, no permutation to carry, and each grid under its own group.
     assert out.perm is None

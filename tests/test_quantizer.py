@@ -12,7 +12,7 @@ from gptq_jax.core.quantizer import grid_params
 
 def test_symmetric_grid_is_the_checkpoint_formats():
     w = np.array([[-0.3, 0.1, 0.75], [0.2, -0.5, 0.0]], np.float32)
-    scale, zero = grid_params(jnp.asarray(w), QuantConfig(bits=4, sym=True))
+    scale, zero = grid_params(jnp.asarray(w), QuantConfig(bits=4, sym=True, fp16_scales=False))
     np.testing.assert_allclose(np.asarray(scale), [2 * 0.75 / 15, 2 * 0.5 / 15], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(zero), [8.0, 8.0])
 
@@ -25,7 +25,7 @@ def test_symmetric_zero_is_half_range(bits, zero):
 
 def test_asymmetric_grid_includes_zero():
     w = np.array([[0.2, 0.6, 1.0], [-1.0, -0.2, -0.4]], np.float32)
-    scale, zero = grid_params(jnp.asarray(w), QuantConfig(bits=4, sym=False))
+    scale, zero = grid_params(jnp.asarray(w), QuantConfig(bits=4, sym=False, fp16_scales=False))
     # Rows are all positive / all negative: the range is widened to contain 0.
     np.testing.assert_allclose(np.asarray(scale), [1.0 / 15, 1.0 / 15], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(zero), [0.0, 15.0])
@@ -33,7 +33,7 @@ def test_asymmetric_grid_includes_zero():
 
 def test_all_zero_group_gets_a_usable_grid():
     for sym in (True, False):
-        scale, zero = grid_params(jnp.zeros((1, 8)), QuantConfig(bits=4, sym=sym))
+        scale, zero = grid_params(jnp.zeros((1, 8)), QuantConfig(bits=4, sym=sym, fp16_scales=False))
         assert float(scale[0]) == pytest.approx(2.0 / 15)
         out = rtn_quantize(np.zeros((2, 8), np.float32), QuantConfig(bits=4, group_size=-1, sym=sym))
         np.testing.assert_array_equal(np.asarray(out.dequantize()), 0.0)
@@ -43,10 +43,27 @@ def test_symmetric_extreme_rounds_like_ieee_division():
     # max|w| / scale is exactly the tie -(maxq+1)/2 in real arithmetic; the code depends on the float32
     # quotient, which must be computed as a true division (this value differs by one ulp otherwise).
     w = np.array([[-2.966042, 2.5151048, 0.1]], np.float32)
-    out = rtn_quantize(w, QuantConfig(bits=4, group_size=-1, sym=True))
+    out = rtn_quantize(w, QuantConfig(bits=4, group_size=-1, sym=True, fp16_scales=False))
     scale = np.float32(np.float32(2.966042) + np.float32(2.966042)) / np.float32(15)
     expected = np.clip(np.round(w / scale) + 8, 0, 15).astype(np.int32)
     np.testing.assert_array_equal(np.asarray(out.codes), expected)
+
+
+def test_fp16_scales_round_before_the_zero_and_stay_finite():
+    """By default each scale is a float16 value (what the checkpoint stores), and the asymmetric zero is taken
+    with that scale; scales below float16's range are raised to its smallest value rather than stored as 0."""
+    w = np.array([[0.2, 0.6, 1.0, -0.3], [-1.0, -0.2, -0.4, 0.05], [1e-9, -1e-9, 0.0, 5e-10]], np.float32)
+    for sym in (True, False):
+        s32, _ = grid_params(jnp.asarray(w), QuantConfig(bits=4, sym=sym, fp16_scales=False))
+        scale, zero = grid_params(jnp.asarray(w), QuantConfig(bits=4, sym=sym))
+        scale, s32 = np.asarray(scale), np.asarray(s32)
+        np.testing.assert_array_equal(scale[:2], s32[:2].astype(np.float16).astype(np.float32))
+        assert scale[2] == np.finfo(np.float16).smallest_subnormal and s32[2] < scale[2]
+        if not sym:
+            np.testing.assert_array_equal(np.asarray(zero), np.round(-np.minimum(w.min(1), 0) / scale))
+        out = rtn_quantize(w, QuantConfig(bits=4, group_size=-1, sym=sym))
+        assert np.all(np.isfinite(np.asarray(out.dequantize())))
+        np.testing.assert_allclose(np.asarray(out.dequantize())[2], 0.0, atol=1e-7)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

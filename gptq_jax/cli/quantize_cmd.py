@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-groups", action="store_true", help="fix group grids before the solve")
     p.add_argument("--damp", type=probability, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--mse", action="store_true", help="search each grid's range for the lowest error")
+    p.add_argument("--fp32-scales", action="store_true",
+                   help="fit float32 scales that only the file rounds to float16 (the paper's code); by default each "
+                        "scale is rounded to float16 when fitted")
     p.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--calib", type=Path, help="UTF-8 calibration text (default: Python's docs, minus the eval tail)")
@@ -275,6 +278,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         static_groups=args.static_groups,
         damp_percent=args.damp,
         mse=args.mse,
+        fp16_scales=not args.fp32_scales,
     )
     mesh, batch_size = _mesh_and_batch(args)
     tok = load_tokenizer(args.model_dir)

@@ -7,7 +7,8 @@ PyTorch tools code for code:
 - asymmetric: ``scale = (xmax - xmin) / maxq`` with ``xmin <= 0 <= xmax``, ``zero = round(-xmin / scale)``
 - codes:      ``q = clamp(round(w / scale) + zero, 0, maxq)``; ``w ~ scale * (q - zero)``
 
-A group that is all zeros gets the range [-1, 1] so its scale is never 0.
+A group that is all zeros gets the range [-1, 1] so its scale is never 0. With ``QuantConfig.fp16_scales`` (the
+default) each scale is rounded to float16, as the checkpoint stores it, before the zero and the codes are taken.
 
 Orientation: weights here are in the paper's orientation ``[out_features N, in_features K]``;
 a group is a run of input columns.
@@ -59,8 +60,16 @@ def _true_div(a: jax.Array, b: jax.Array) -> jax.Array:
     return a / b
 
 
+# With ``fp16_scales``, scales are kept within float16's positive finite range: the smallest subnormal up to the
+# largest finite value, so no stored scale is 0 or inf.
+_F16_TINY = float(jnp.finfo(jnp.float16).smallest_subnormal)
+_F16_MAX = float(jnp.finfo(jnp.float16).max)
+
+
 def _scale_zero(xmin: jax.Array, xmax: jax.Array, config: QuantConfig) -> tuple[jax.Array, jax.Array]:
     scale = _true_div(xmax - xmin, jnp.float32(config.maxq))
+    if config.fp16_scales:
+        scale = jnp.clip(scale, _F16_TINY, _F16_MAX).astype(jnp.float16).astype(jnp.float32)
     if config.sym:
         zero = jnp.full_like(scale, (config.maxq + 1) / 2)
     else:
