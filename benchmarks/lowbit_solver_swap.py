@@ -128,16 +128,25 @@ def objective(w, qw: QuantizedWeight, h) -> float:
     return float(np.einsum("nk,kl,nl->", d, np.asarray(h, np.float64), d))
 
 
-def add_run_args(ap: argparse.ArgumentParser) -> None:
-    """The quantization and calibration flags this script shares with paper_pipeline.py."""
+def add_run_args(ap: argparse.ArgumentParser, seeds: bool = False) -> None:
+    """The quantization and calibration flags this script shares with paper_pipeline.py and
+    scale_rounding_seeds.py (``seeds=True``: ``--seeds``, several calibration draws, instead of ``--seed``)."""
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    if seeds:
+        ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    else:
+        ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-windows", type=int, default=16)
+
+
+def run_tag(args: argparse.Namespace) -> str:
+    """``<bits>bit_g<group>_<sym|asym>[_actorder]``, the part of a result file's name these flags decide."""
+    return f"{args.bits}bit_g{args.group_size}_{'asym' if args.asym else 'sym'}{'_actorder' if args.act_order else ''}"
 
 
 def main(argv=None) -> int:
@@ -148,7 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     qc = QuantConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order)
-    tag = f"{args.bits}bit_g{args.group_size}_{'asym' if args.asym else 'sym'}{'_actorder' if args.act_order else ''}"
+    tag = run_tag(args)
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"lowbit_solver_swap_{tag}_cpu.json")
 
     model_dir = fetch_smollm2()

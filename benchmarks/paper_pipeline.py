@@ -293,7 +293,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(2)
     qc = QuantConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order)
-    tag = f"{args.bits}bit_g{args.group_size}_{'asym' if args.asym else 'sym'}{'_actorder' if args.act_order else ''}"
+    tag = lowbit_solver_swap.run_tag(args)
     tag += "" if args.seed == 0 else f"_seed{args.seed}"
     tag += "_nts" if args.no_true_sequential else ""
     tag += "" if args.ours_scale_dtype == "float16" else f"_ours-{args.ours_scale_dtype}"

@@ -32,6 +32,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(__file__))
+import lowbit_solver_swap  # noqa: E402  (the shared run flags)
+
 VARIANTS = ("writeback_f16", "writeback_f32", "solver_f16")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,14 +79,7 @@ def run_variant(args) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bits", type=int, default=3)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--asym", action="store_true")
-    ap.add_argument("--act-order", action="store_true")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    lowbit_solver_swap.add_run_args(ap, seeds=True)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: the child process
     ap.add_argument("--out")
@@ -91,7 +87,7 @@ def main(argv=None) -> int:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return 0
-    tag = f"{args.bits}bit_g{args.group_size}_{'asym' if args.asym else 'sym'}{'_actorder' if args.act_order else ''}"
+    tag = lowbit_solver_swap.run_tag(args)
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"scale_rounding_seeds_{tag}_cpu.json")
     payload = {
         "benchmark": "scale_rounding_seeds", "config": tag,
@@ -104,10 +100,7 @@ def main(argv=None) -> int:
         "rows": [],
     }  # fmt: skip
     for variant in args.variants:
-        cmd = [sys.executable, __file__, "--variant", variant, "--bits", str(args.bits), "--group-size",
-               str(args.group_size), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--eval-windows", str(args.eval_windows), "--seeds", *map(str, args.seeds)]
-        cmd += (["--asym"] if args.asym else []) + (["--act-order"] if args.act_order else [])
+        cmd = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--variant", variant]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
