@@ -128,8 +128,8 @@ def main(argv=None) -> int:
         for sub, group in LINEARS:
             w = jnp.asarray(weights[sub], jnp.float32)  # (N, K)
             for cname, qc in CONFIGS.items():
-                errs = {fit: objective(np.asarray(w), np.asarray(solve(w, hs[group], qc, fit).dequantize()), hs[group])
-                        for fit in GROUP_FITS}  # fmt: skip
+                deq = {fit: np.asarray(solve(w, hs[group], qc, fit)[0].dequantize()) for fit in GROUP_FITS}
+                errs = {fit: objective(np.asarray(w), d, hs[group]) for fit, d in deq.items()}
                 rows.append({"layer": li, "linear": sub, "config": cname, **errs})
         print(f"layer {li} done ({time.perf_counter() - t0:.0f} s)", flush=True)
         write(args, rows, keep)

@@ -5,6 +5,7 @@ Core (one layer at a time, pure and jitted):
 - ``QuantConfig``: bits, group size, symmetry, act-order, static groups, damping.
 - ``accumulate_hessian(h, n, x, mask=None)``: fold calibration activations into ``H = 2/n sum x x^T``.
 - ``quantize_weight(w, h, config) -> QuantizedWeight``: GPTQ on ``w`` ``[out, in]``.
+- ``quantize_weights(ws, h, config)``: several weights that read the same inputs, solved as one.
 - ``rtn_quantize(w, config)``: the round-to-nearest baseline.
 
 Whole models:
@@ -15,7 +16,7 @@ Whole models:
 """
 
 from gptq_jax.core.config import SUPPORTED_BITS, QuantConfig
-from gptq_jax.core.gptq import quantize_weight
+from gptq_jax.core.gptq import quantize_weight, quantize_weights
 from gptq_jax.core.hessian import accumulate_hessian, init_hessian
 from gptq_jax.core.quantizer import QuantizedWeight, rtn_quantize
 from gptq_jax.engine.driver import QuantizeResult, QuantReport, quantize
@@ -32,5 +33,6 @@ __all__ = [
     "pack",
     "quantize",
     "quantize_weight",
+    "quantize_weights",
     "rtn_quantize",
 ]

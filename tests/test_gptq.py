@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gptq_jax import QuantConfig, accumulate_hessian, init_hessian, quantize_weight, rtn_quantize
-from gptq_jax.core.gptq import GROUP_FIT, GROUP_FITS, _solver
+from gptq_jax.core.gptq import GROUP_FIT, GROUP_FITS, _solver, fused_parts, quantize_weights
 
 N, K = 24, 160  # K is not a multiple of 128: a partial last group
 
@@ -99,7 +99,7 @@ def test_group_fit_choices_match_the_reference(bits, group_size, sym, group_fit)
     "block_start" is the paper's blocked loop (blocksize 128), which fits on W as it was at its block's start."""
     w, h, x = _problem(seed=bits + group_size, k=300)
     config = QuantConfig(bits=bits, group_size=group_size, sym=sym)
-    out = _solver()(jnp.asarray(w), jnp.asarray(h), config, group_fit)
+    out, _ = _solver()(jnp.asarray(w), jnp.asarray(h), config, group_fit)
     codes, _, _, _, deq = gptq_reference.gptq(
         w, h, bits=bits, group_size=group_size, sym=sym, fit_block=128 if group_fit == "block_start" else None,
         fp16_scales=True,
@@ -361,3 +361,44 @@ def test_bad_inputs_are_named(w, h, config, match):
 def test_bad_configs_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("config", [
+    QuantConfig(bits=4, group_size=128),
+    QuantConfig(bits=3, group_size=32, sym=False, act_order=True),
+    QuantConfig(bits=2, group_size=-1, static_groups=False),
+    QuantConfig(bits=4, group_size=64, act_group_aware=True),
+], ids=["4bit-g128", "3bit-g32-asym-act", "2bit-per-channel", "4bit-g64-group-aware"])
+def test_weights_sharing_a_hessian_solve_as_one(config):
+    """q/k/v (or gate/up) read the same inputs: stacked and solved once, each gets the codes, grids and loss it gets
+    alone, since GPTQ treats every output row on its own given H."""
+    w, h, _ = _problem(seed=11, n=40)
+    ws = [w[:24], w[24:32], w[32:]]
+    together = quantize_weights(ws, h, config)
+    assert len(together) == 3
+    for wi, t in zip(ws, together, strict=True):
+        alone = quantize_weight(wi, h, config)
+        assert t.shape == alone.shape == wi.shape
+        assert np.mean(np.asarray(t.codes) != np.asarray(alone.codes)) <= 1e-3
+        np.testing.assert_allclose(np.asarray(t.scales), np.asarray(alone.scales), rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(t.g_idx), np.asarray(alone.g_idx))
+        assert float(t.loss) == pytest.approx(float(alone.loss), rel=1e-4)
+        assert (t.perm is None) == (alone.perm is None)
+        if t.perm is not None:
+            np.testing.assert_array_equal(np.asarray(t.perm), np.asarray(alone.perm))
+    # The row losses add up to the loss of the whole stack.
+    whole = quantize_weight(w, h, config)
+    assert sum(float(t.loss) for t in together) == pytest.approx(float(whole.loss), rel=1e-4)
+
+
+def test_fused_parts_stay_under_the_size_cap():
+    assert fused_parts([576, 192, 192], 576) == [[0, 1, 2]]
+    assert fused_parts([4, 4, 4], 10, max_values=80) == [[0, 1], [2]]
+    assert fused_parts([9, 1], 10, max_values=80) == [[0], [1]]  # a weight over the cap is solved alone
+
+
+def test_weights_solved_together_must_share_the_hessian_width():
+    w, h, _ = _problem(seed=3)
+    with pytest.raises(ValueError, match="hessian shape"):
+        quantize_weights([w, w[:, :128]], h, QuantConfig(bits=4, group_size=32))
+    assert quantize_weights([], h, QuantConfig()) == []

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -113,6 +114,73 @@ def quantize_weight(w: jax.Array, h: jax.Array, config: QuantConfig) -> Quantize
     check_hessian(w, h)
     out = _gptq(w, h, config)
     log_damping(out, tuple(w.shape), config)
+    return out
+
+
+# Weights that share a Hessian are solved as one when their stacked rows hold at most this many values (512 MB in
+# f32 per copy of the solve's [K, N] state): one factorization and one column sweep instead of one per weight.
+FUSE_MAX_VALUES = 1 << 27
+
+
+def quantize_weights(ws: Sequence[jax.Array], h: jax.Array, config: QuantConfig) -> list[QuantizedWeight]:
+    """GPTQ of several weights that read the same inputs (one Hessian, such as q/k/v or gate/up), solved together.
+
+    Given ``H``, GPTQ treats each output row on its own (the column order, the factor of ``H`` and the feedback
+    weights depend on ``H`` alone), so the weights' rows are stacked, as long as they stay under
+    ``FUSE_MAX_VALUES``, and solved in one sweep: each result is the one ``quantize_weight`` gives for that weight
+    alone, up to float rounding in the feedback matmuls, with its own ``loss``.
+
+    Args:
+      ws: float ``[N_i, K]`` weights with the same ``K``.
+      h: float ``[K, K]``, their common Hessian.
+      config: the grid and the solver's options, the same for every weight.
+    """
+    ws = [jnp.asarray(w) for w in ws]
+    if not ws:
+        return []
+    h = jnp.asarray(h)
+    for w in ws:
+        check_weight(w, config)
+        check_hessian(w, h)
+    out: list[QuantizedWeight] = []
+    solve = _stacked_cpu if jax.default_backend() == "cpu" else _stacked_jit
+    for part in fused_parts([int(w.shape[0]) for w in ws], int(h.shape[0])):
+        qws = solve(tuple(ws[i] for i in part), h, config)  # one program: stack, solve, cut apart
+        log_damping(qws[0], (sum(int(ws[i].shape[0]) for i in part), int(h.shape[0])), config)
+        out.extend(qws)
+    return out
+
+
+def _stacked(ws: tuple[jax.Array, ...], h: jax.Array, config: QuantConfig) -> list[QuantizedWeight]:
+    w = ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=0)
+    return split_rows(*_gptq_impl(w, h, config), [int(x.shape[0]) for x in ws])
+
+
+def fused_parts(rows: Sequence[int], k: int, max_values: int = FUSE_MAX_VALUES) -> list[list[int]]:
+    """Consecutive runs of weights (by index) whose stacked ``rows x k`` stays within ``max_values``."""
+    parts: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(rows):
+        if parts and (total + n) * k <= max_values:
+            parts[-1].append(i)
+            total += n
+        else:
+            parts.append([i])
+            total = n
+    return parts
+
+
+def split_rows(qw: QuantizedWeight, row_loss: jax.Array, sizes: Sequence[int]) -> list[QuantizedWeight]:
+    """The weights of a stacked solve, cut back apart by output rows; each gets the loss of its own rows."""
+    if len(sizes) == 1:
+        return [qw]
+    out, a = [], 0
+    for n in sizes:
+        out.append(dataclasses.replace(
+            qw, codes=qw.codes[a : a + n], scales=qw.scales[a : a + n], zeros=qw.zeros[a : a + n],
+            loss=jnp.sum(row_loss[a : a + n]),
+        ))
+        a += n
     return out
 
 
@@ -244,15 +312,19 @@ def _plan(k: int, config: QuantConfig, group_fit: str = GROUP_FIT) -> _Plan:
 
 
 def _solver() -> Any:
-    """The jitted solve for the default backend (``_solver().lower(w, h, config)`` compiles it ahead of time)."""
+    """The jitted solve for the default backend, returning ``(QuantizedWeight, loss per row)``
+    (``_solver().lower(w, h, config)`` compiles it ahead of time)."""
     return _gptq_cpu if jax.default_backend() == "cpu" else _gptq_jit
 
 
 def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
-    return _solver()(w, h, config)
+    return _solver()(w, h, config)[0]
 
 
-def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT) -> QuantizedWeight:
+def _gptq_impl(
+    w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT
+) -> tuple[QuantizedWeight, jax.Array]:
+    """The solve: the ``QuantizedWeight`` and the proxy loss of each output row ``[N]`` (its ``loss`` is their sum)."""
     if group_fit not in GROUP_FITS:
         raise ValueError(f"group_fit={group_fit!r} is not one of {GROUP_FITS}")
     n, k = w.shape
@@ -346,7 +418,7 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str =
             q = jnp.clip(jnp.round(_true_div(w_j, s)) + z, 0.0, maxq)
             deq = s * (q - z)
             err = w_j - deq
-            loss = loss + 0.5 * jnp.sum(err * err) * (r_b[j] * r_b[j])
+            loss = loss + 0.5 * (err * err) * (r_b[j] * r_b[j])  # (N,): a loss per output row
             d = w0_b[j] - deq
             wt_b = wt_b + ft_b[:, j][:, None] * d[None, :]  # rank-1 feedback; F^T is lower, earlier rows keep
             return wt_b, q_b.at[j].set(q.astype(jnp.int32)), d_b.at[j].set(d), loss
@@ -407,7 +479,7 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str =
         _, q_blk, d_blk, grid, loss, _ = lax.fori_loop(0, bsz // sub, body, init)
         return q_blk, d_blk, grid, loss
 
-    loss = jnp.zeros((), jnp.float32)
+    loss = jnp.zeros((n,), jnp.float32)
     q_parts = []
     for s1 in range(0, kp, plan.superblock):
         s2 = min(s1 + plan.superblock, kp)
@@ -461,28 +533,28 @@ def _gptq_impl(w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str =
         g_idx = g_idx_perm[inv]
     else:
         codes, g_idx = codes_perm, g_idx_perm
-    return QuantizedWeight(
+    qw = QuantizedWeight(
         codes=codes.T,
         scales=scales.T,
         zeros=zeros.T.astype(jnp.int32),
         g_idx=g_idx,
         perm=perm if config.act_order else None,
-        loss=loss,
+        loss=jnp.sum(loss),
         damp=damp,
         fallback=~ok,
         bits=config.bits,
         group_size=g,
         sym=config.sym,
     )
+    return qw, loss
 
 
-_gptq_jit = jax.jit(_gptq_impl, static_argnames=("config", "group_fit"))
 # XLA:CPU's default scheduler favours concurrency and keeps many K x K and K x N temporaries live at once; its
 # memory-optimized scheduler halves the temp buffer of a 4096x4096 solve (422 -> 218 MB). XLA:CPU allocates that
 # buffer afresh for every call and the kernel faults it in page by page (152k -> 70k faults per call), so the
 # smaller buffer is also faster: 1.98 -> 1.81 s and 1.68 -> 1.62 s in two interleaved runs on the 2-core CPU.
-_gptq_cpu = jax.jit(
-    _gptq_impl,
-    static_argnames=("config", "group_fit"),
-    compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
-)
+CPU_SOLVE_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+_gptq_jit = jax.jit(_gptq_impl, static_argnames=("config", "group_fit"))
+_gptq_cpu = jax.jit(_gptq_impl, static_argnames=("config", "group_fit"), compiler_options=CPU_SOLVE_OPTIONS)
+_stacked_jit = jax.jit(_stacked, static_argnames=("config",))
+_stacked_cpu = jax.jit(_stacked, static_argnames=("config",), compiler_options=CPU_SOLVE_OPTIONS)

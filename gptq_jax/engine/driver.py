@@ -15,6 +15,7 @@ block, ``resume.ResumeStore`` keeps finished blocks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -30,7 +31,7 @@ from flax import nnx
 
 from gptq_jax.core.calibration import Calibration
 from gptq_jax.core.config import QuantConfig
-from gptq_jax.core.gptq import quantize_weight
+from gptq_jax.core.gptq import quantize_weights
 from gptq_jax.core.quantizer import QuantizedWeight, rtn_quantize
 from gptq_jax.engine import multihost, sharding, subject
 from gptq_jax.engine.plan import (
@@ -264,37 +265,47 @@ class _Job:
 
     def quantize_stage(self, plan: Plan, params: subject.Params, leaves: list[Any], stage: int | None,
                        hess: dict[int, Any] | None) -> None:
-        """Quantize the parameters of ``stage`` (or, with ``None``, of every stage) in ``leaves`` in place."""
+        """Quantize the parameters of ``stage`` (or, with ``None``, of every stage) in ``leaves`` in place.
+
+        A stage's weights with the same config share its Hessian and are solved together (``quantize_weights``:
+        their rows stacked); each report line then gives that solve's time shared out by rows."""
         ids = range(len(plan.stages)) if stage is None else [stage]
         for s in ids:
             h = None if hess is None else hess[s][0]
             if h is not None:
                 jax.block_until_ready(h)  # charge the calibration pass to the block, not to the first solve
+            by_config: dict[QuantConfig, list[int]] = {}
             for p in plan.stages[s].params:
-                name = params.paths[p]
-                self.say(name)
+                by_config.setdefault(plan.configs[p], []).append(p)
+            for qc, ps in by_config.items():
+                names = [params.paths[p] for p in ps]
+                self.say(", ".join(names))
                 t0 = time.perf_counter()
-                w = leaves[p]
-                wm = to_matrix(jnp.asarray(w).astype(jnp.float32), plan.w_axes[p])  # (N, K)
-                qc = plan.configs[p]
+                wms = [_as_matrix(jnp.asarray(leaves[p]), plan.w_axes[p]) for p in ps]  # (N, K)
                 if h is None:
-                    qw = rtn_quantize(wm, qc)
+                    qws = [rtn_quantize(wm, qc) for wm in wms]
                 elif self.mesh is not None:
                     # Gathered, so that every process can store, digest and pack the whole weight.
-                    qw = sharding.replicate(sharding.quantize_weight_sharded(wm, h, qc, mesh=self.mesh), self.mesh)
+                    qws = [sharding.replicate(qw, self.mesh)
+                           for qw in sharding.quantize_weights_sharded(wms, h, qc, mesh=self.mesh)]
                 else:
-                    qw = quantize_weight(wm, h, qc)
-                leaves[p] = from_matrix(dequantized(qw), jnp.shape(w), plan.w_axes[p]).astype(jnp.result_type(w))
-                if self.mesh is not None:  # split again as the float weight was
-                    leaves[p] = jax.jit(lambda x: x, out_shardings=w.sharding)(leaves[p])
-                jax.block_until_ready(leaves[p])
-                self.weights[name] = qw
-                self.axes[name] = plan.w_axes[p]
-                self.report.linears.append({
-                    "name": name, "shape": [int(d) for d in wm.shape], "bits": qc.bits,
-                    "group_size": qc.group_size, "loss": float(qw.loss), "damp": float(qw.damp),
-                    "fallback": bool(qw.fallback), "seconds": time.perf_counter() - t0,
-                })
+                    qws = quantize_weights(wms, h, qc)
+                for p, qw in zip(ps, qws, strict=True):
+                    w = leaves[p]
+                    leaves[p] = written_back(qw, tuple(jnp.shape(w)), plan.w_axes[p], jnp.result_type(w))
+                    if self.mesh is not None:  # split again as the float weight was
+                        leaves[p] = jax.jit(lambda x: x, out_shardings=w.sharding)(leaves[p])
+                jax.block_until_ready([leaves[p] for p in ps])
+                seconds = time.perf_counter() - t0
+                rows = sum(int(wm.shape[0]) for wm in wms)
+                for p, name, wm, qw in zip(ps, names, wms, qws, strict=True):
+                    self.weights[name] = qw
+                    self.axes[name] = plan.w_axes[p]
+                    self.report.linears.append({
+                        "name": name, "shape": [int(d) for d in wm.shape], "bits": qc.bits,
+                        "group_size": qc.group_size, "loss": float(qw.loss), "damp": float(qw.damp),
+                        "fallback": bool(qw.fallback), "seconds": seconds * int(wm.shape[0]) / rows,
+                    })
 
 
 def dequantized(qw: QuantizedWeight, scale_dtype: Any = jnp.float16) -> jax.Array:
@@ -302,6 +313,18 @@ def dequantized(qw: QuantizedWeight, scale_dtype: Any = jnp.float16) -> jax.Arra
     store them (so calibration sees exactly what inference computes)."""
     qw = dataclasses.replace(qw, scales=qw.scales.astype(scale_dtype).astype(jnp.float32))
     return qw.dequantize()
+
+
+@functools.partial(jax.jit, static_argnames=("w_axes",))
+def _as_matrix(w: jax.Array, w_axes: tuple[int, ...]) -> jax.Array:
+    """A parameter as the solver's f32 ``[N, K]`` (one compiled program per shape, not one per eager op)."""
+    return to_matrix(w.astype(jnp.float32), w_axes)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "w_axes", "dtype"))
+def written_back(qw: QuantizedWeight, shape: tuple[int, ...], w_axes: tuple[int, ...], dtype: Any) -> jax.Array:
+    """The parameter of ``shape`` and ``dtype`` that the quantized weight stands for (see ``dequantized``)."""
+    return from_matrix(dequantized(qw), shape, w_axes).astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -656,7 +679,7 @@ def _restore(job: _Job, plan: Plan, params: subject.Params, weights: dict[str, Q
     for name, qw in weights.items():
         p = index[name]
         w = params.leaves[p]
-        params.leaves[p] = from_matrix(dequantized(qw), jnp.shape(w), plan.w_axes[p]).astype(jnp.result_type(w))
+        params.leaves[p] = written_back(qw, tuple(jnp.shape(w)), plan.w_axes[p], jnp.result_type(w))
         if job.mesh is not None:
             params.leaves[p] = jax.jit(lambda x: x, out_shardings=w.sharding)(params.leaves[p])
         job.weights[name] = qw

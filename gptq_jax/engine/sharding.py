@@ -32,7 +32,15 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gptq_jax.core.config import QuantConfig
-from gptq_jax.core.gptq import _gptq_impl, check_hessian, check_weight, log_damping
+from gptq_jax.core.gptq import (
+    CPU_SOLVE_OPTIONS,
+    _gptq_impl,
+    check_hessian,
+    check_weight,
+    fused_parts,
+    log_damping,
+    split_rows,
+)
 from gptq_jax.core.hessian import token_xtx
 from gptq_jax.core.quantizer import QuantizedWeight
 
@@ -246,19 +254,16 @@ def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig):
     rows = P(axes)
 
     def local(w, h):  # w (N_local, K), h (K, K) the same on every device
-        q = _gptq_impl(w, h, config)
+        q, row_loss = _gptq_impl(w, h, config)
         loss = lax.psum(q.loss, axes)  # the proxy loss is a sum over rows
-        return q.codes, q.scales, q.zeros, q.g_idx, q.perm, loss, q.damp, q.fallback
+        return q.codes, q.scales, q.zeros, q.g_idx, q.perm, loss, q.damp, q.fallback, row_loss
 
     perm_spec = P() if config.act_order else None
-    out_specs = (rows, rows, rows, P(), perm_spec, P(), P(), P())
+    out_specs = (rows, rows, rows, P(), perm_spec, P(), P(), P(), rows)
     # check_vma=False: g_idx, perm, damp and fallback depend on h alone, which every device holds whole, so they
     # are the same on every device; the type system cannot see that through the solver's loops.
     fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, P()), out_specs=out_specs, check_vma=False)
-    opts = (
-        {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if mesh.devices.flat[0].platform == "cpu"
-        else None
-    )  # as gptq._gptq_cpu: halves the solve's temp buffer on XLA:CPU
+    opts = CPU_SOLVE_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None  # halves the temp buffer
     return jax.jit(fn, compiler_options=opts)
 
 
@@ -281,16 +286,40 @@ def quantize_weight_sharded(
       ``axes`` the rows are padded with zeros (which change no other row and add no loss) and cut off again.
       Same codes as ``quantize_weight`` on one device up to float rounding in the feedback matmuls.
     """
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
     check_weight(w, config)
     check_hessian(w, h)
+    return _solve_sharded(w, h, config, mesh, axes)[0]
+
+
+def quantize_weights_sharded(
+    ws: Sequence[jax.Array], h: jax.Array, config: QuantConfig, *, mesh: Mesh, axes: str | Sequence[str] = (MODEL,)
+) -> list[QuantizedWeight]:
+    """``gptq_jax.core.gptq.quantize_weights`` (weights sharing a Hessian, solved stacked) with the stacked rows
+    split over the mesh axes ``axes``, as ``quantize_weight_sharded`` does for one weight."""
+    if not ws:
+        return []
+    for w in ws:
+        check_weight(w, config)
+        check_hessian(w, h)
+    out: list[QuantizedWeight] = []
+    for part in fused_parts([int(w.shape[0]) for w in ws], int(h.shape[0])):
+        w = ws[part[0]] if len(part) == 1 else jnp.concatenate([jnp.asarray(ws[i]) for i in part], axis=0)
+        out.extend(split_rows(*_solve_sharded(w, h, config, mesh, axes), [int(ws[i].shape[0]) for i in part]))
+    return out
+
+
+def _solve_sharded(
+    w: jax.Array, h: jax.Array, config: QuantConfig, mesh: Mesh, axes: str | Sequence[str]
+) -> tuple[QuantizedWeight, jax.Array]:
+    """The checked solve of ``quantize_weight_sharded``: the weight and the loss of each of its rows."""
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
     n = w.shape[0]
     n_pad = padded_rows(n, mesh, axes)
     if n_pad != n:
         w = jnp.pad(jnp.asarray(w), ((0, n_pad - n), (0, 0)))
-    codes, scales, zeros, g_idx, perm, loss, damp, fallback = _sharded_solver(mesh, axes, config)(w, h)
+    codes, scales, zeros, g_idx, perm, loss, damp, fallback, row_loss = _sharded_solver(mesh, axes, config)(w, h)
     if n_pad != n:
-        codes, scales, zeros = codes[:n], scales[:n], zeros[:n]
+        codes, scales, zeros, row_loss = codes[:n], scales[:n], zeros[:n], row_loss[:n]
     out = QuantizedWeight(
         codes=codes,
         scales=scales,
@@ -305,4 +334,4 @@ def quantize_weight_sharded(
         sym=config.sym,
     )
     log_damping(out, (n, w.shape[1]), config)
-    return out
+    return out, row_loss
