@@ -11,7 +11,7 @@ saved in the work directory), then ``save_quantized(..., weights=...)`` (one sha
 ``--tokens`` random token ids in windows of 128.
 
 It reports per block its time and the RSS when it starts, the peak RSS of the quantization and of the whole run
-with the save (``ru_maxrss``; the save holds one shard, ``--max-shard-mb``), and the device's ``memory_stats()``
+with the save (``VmHWM``; the save holds one shard, ``--max-shard-mb``), and the device's ``memory_stats()``
 where the platform has them (None on CPU). Peak RSS must not grow with the number of
 layers: the script checks that and exits 1 otherwise. Writes JSON to
 ``benchmarks/results/bench_memory_llama2-7b_<device>.json`` with ``uptime`` before and after each child, since
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -171,7 +170,7 @@ def child(path: str, method: str, tokens: int, out_dir: str, max_shard_mb: int, 
         "calibration": {"windows": int(calib.shape[0]), "seqlen": seqlen},
         "rss_start_mb": rss_start,
         "peak_rss_quantize_mb": peak_quantize,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _status_mb("VmHWM"),  # not ru_maxrss: a child inherits its parent's peak there
         "quantize_s": quantize_s,
         "save_s": save_s,
         "device_memory_stats": stats,

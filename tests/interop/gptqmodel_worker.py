@@ -38,6 +38,14 @@ import torch  # noqa: E402
 
 
 def _peak_rss_mb() -> float:
+    """Peak RSS of this process (``VmHWM``): ``ru_maxrss`` would carry the peak of the process that started it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
