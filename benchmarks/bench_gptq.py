@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             wt = torch.tensor(np.asarray(w), device=torch_device)
             ht = torch.tensor(np.asarray(h), device=torch_device)
             q_torch = torch_gptq_eager(wt, ht)
-            q_jax = np.asarray(compiled(w, h).codes)
+            q_jax = np.asarray(compiled(w, h)[0].codes)  # (QuantizedWeight, loss per row)
             agree = float(np.mean(q_torch.cpu().numpy().astype(np.int32) == q_jax))
             if agree < 0.98:
                 print(f"codes of JAX and PyTorch agree on only {agree:.4f} of entries", file=sys.stderr)
