@@ -248,20 +248,20 @@ def write_into_jax(jmodel, tmodel) -> None:
 def ours_pipeline(jmodel, calib, qc: QuantConfig, *, true_sequential: bool = True) -> tuple[dict, dict, dict, dict]:
     """(per-linear records, per-layer records, Hessians of one linear per stage, the dequantized ``[N, K]`` weights
     as our engine writes them back) of ``gptq_jax.quantize``."""
-    solve = driver.quantize_weight
+    solve = driver.quantize_weights
     linears, hessians = {}, {}
     order = []
 
-    def traced(w, h, config):
-        qw = solve(w, h, config)
-        order.append((np.asarray(w, np.float32), qw, np.asarray(h, np.float32)))
-        return qw
+    def traced(ws, h, config):  # the weights of a stage that share its Hessian, solved together
+        qws = solve(ws, h, config)
+        order.extend((np.asarray(w, np.float32), qw, np.asarray(h, np.float32)) for w, qw in zip(ws, qws, strict=True))
+        return qws
 
-    driver.quantize_weight = traced
+    driver.quantize_weights = traced
     try:
         res = quantize(jmodel, calib, quant_config=qc, true_sequential=true_sequential)
     finally:
-        driver.quantize_weight = solve
+        driver.quantize_weights = solve
     for r, (w, qw, h) in zip(res.report.linears, order, strict=True):
         linears[r["name"]] = {"objective": objective(w, qw, h)}
         short = r["name"].removesuffix(".kernel").split(".", 2)[2]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -246,3 +248,32 @@ def test_output_error_sample_changes_the_report_only(monkeypatch):
     monkeypatch.setattr(driver, "ERROR_SAMPLE_TOKENS", 24 * 6)
     assert driver._error_sample([[np.zeros((5, 24, 8))]] * 3) == 2
     assert driver._error_sample([[np.zeros((5, 24, 8))]] * 1) == 1
+
+
+def test_the_solver_hook_benchmarks_swap_is_the_engines_only_call(monkeypatch):
+    """``benchmarks/lowbit_solver_swap.py`` and ``paper_pipeline.py`` replace ``driver.quantize_weights`` to trace or
+    swap the solver: every GPTQ weight goes through it, with the stage's Hessian, and what it returns is what the
+    engine stores and writes back."""
+    from gptq_jax.engine import driver
+
+    seen = []
+    solve = driver.quantize_weights
+
+    def traced(ws, h, config):
+        seen.append(([tuple(w.shape) for w in ws], tuple(h.shape), config))
+        qws = solve(ws, h, config)
+        # Hand on a marked result: flip the codes of the first row to show it is this one the engine keeps.
+        return [dataclasses.replace(qw, codes=qw.codes.at[0].set(0)) for qw in qws]
+
+    monkeypatch.setattr(driver, "quantize_weights", traced)
+    model = _model()
+    res = quantize(model, _calib(), quant_config=QC, batch_size=5)
+    assert sum(len(shapes) for shapes, _, _ in seen) == len(res.weights) == 14
+    assert [len(shapes) for shapes, _, _ in seen[:4]] == [3, 1, 2, 1]  # q/k/v, o, gate/up, down
+    assert all(k == hk == hk2 for shapes, (hk, hk2), _ in seen for _, k in shapes)
+    assert all(config == QC for _, _, config in seen)
+    for qw in res.weights.values():
+        assert not np.asarray(qw.codes[0]).any()
+    q = model.layers[0].self_attn.q_proj.kernel[...]  # [K, N]: the first output row is column 0
+    w0 = res.weights["layers.0.self_attn.q_proj.kernel"]
+    np.testing.assert_allclose(np.asarray(q[:, 0]), np.asarray(w0.dequantize()[0]), rtol=2e-3, atol=1e-4)
