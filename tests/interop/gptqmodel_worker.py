@@ -14,7 +14,9 @@
   "act_group_aware", "calib": C.npy}``: ``GPTQModel.load(F, QuantizeConfig(...), device="cpu").quantize(windows)``
   then ``.save(Q)``; the result carries ``seconds`` (quantize only) and ``peak_rss_mb`` (this process's peak RSS so
   far). Without ``act_group_aware`` GPTQModel picks it (7.7: on whenever ``desc_act`` is off); give it to compare
-  like with like.
+  like with like. ``"record": R.npz`` also saves, for each module ``M`` (full name), the Hessian GPTQModel solved
+  with (``H::M``, float32, before damping), the dequantized weight its solve returned (``Q::M``, float32 scales) and
+  those scales (``S::M``, ``[N, groups]``), and the model's dtype during quantization (``model_dtype``).
 - ``{"op": "nll", "dir": D, "bits": B, "tokens": T.npy}``: transformers route as above (or a float model when
   ``bits`` is null); returns ``{"nll_sum", "tokens"}``: summed next-token NLL over the windows of ``T.npy``;
   with ``"logits_out": O.npy`` also saves the logits ``(1, L, V)`` of the first window.
@@ -116,11 +118,44 @@ def quantize(job: dict) -> dict:
     )
     torch.manual_seed(0)
     model = GPTQModel.load(job["float_dir"], qc, device="cpu")
+    record = _record_solves() if job.get("record") else None
     t0 = time.perf_counter()
     model.quantize(windows, batch_size=1, calibration_sort=None)
     seconds = time.perf_counter() - t0
     model.save(job["out_dir"])
+    if record is not None:
+        record["model_dtype"] = np.array(str(next(model.model.parameters()).dtype))
+        tmp = job["record"] + ".tmp.npz"
+        np.savez(tmp, **record)
+        os.replace(tmp, job["record"])
     return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _record_solves() -> dict:
+    """Wrap GPTQModel's per-module GPTQ (7.7: ``GPTQ.finalize_hessian`` then ``GPTQ.quantize``, which returns
+    ``(Q, scale, ...)``) to keep each module's Hessian and result; modules may be solved on worker threads."""
+    import threading
+
+    from gptqmodel.quantization import gptq
+
+    lock, record = threading.Lock(), {}
+    finalize, solve = gptq.GPTQ.finalize_hessian, gptq.GPTQ.quantize
+
+    def traced_finalize(self, *args, **kwargs):
+        out = finalize(self, *args, **kwargs)
+        with lock:
+            record[f"H::{self._named_module.full_name}"] = self.H.detach().float().numpy().copy()
+        return out
+
+    def traced_solve(self, *args, **kwargs):
+        out = solve(self, *args, **kwargs)
+        with lock:
+            record[f"Q::{self._named_module.full_name}"] = out[0].detach().float().numpy().copy()
+            record[f"S::{self._named_module.full_name}"] = torch.as_tensor(out[1]).detach().float().numpy().copy()
+        return out
+
+    gptq.GPTQ.finalize_hessian, gptq.GPTQ.quantize = traced_finalize, traced_solve
+    return record
 
 
 OPS = {"logits": logits, "nll": nll, "quantize": quantize}
