@@ -277,3 +277,16 @@ def test_the_solver_hook_benchmarks_swap_is_the_engines_only_call(monkeypatch):
     q = model.layers[0].self_attn.q_proj.kernel[...]  # [K, N]: the first output row is column 0
     w0 = res.weights["layers.0.self_attn.q_proj.kernel"]
     np.testing.assert_allclose(np.asarray(q[:, 0]), np.asarray(w0.dequantize()[0]), rtol=2e-3, atol=1e-4)
+
+
+def test_freed_memory_goes_back_to_the_os_after_each_block(monkeypatch):
+    from gptq_jax.engine import driver
+
+    calls = []
+    monkeypatch.setattr(driver, "release_freed_memory", lambda: calls.append(1))
+    quantize(_model(), _calib(), quant_config=QC)
+    assert len(calls) == 2  # one per decoder layer
+    monkeypatch.undo()
+    assert driver.release_freed_memory() is True  # glibc, as on every machine the suite runs on
+    monkeypatch.setattr(driver, "_malloc_trim", lambda: None)
+    assert driver.release_freed_memory() is False

@@ -14,6 +14,8 @@ block, ``resume.ResumeStore`` keeps finished blocks.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import hashlib
@@ -623,9 +625,32 @@ def _by_blocks(job: _Job, model: nnx.Module, fwd: Callable, found: list, batches
                 del job.weights[n]
             params = _drop(params, names)
         block.write(params)
+        release_freed_memory()
         if bar is not None:
             bar.update(1)
     return StoredWeights(store, stored) if load is not None else None
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Return the memory this process has freed to the OS (glibc's ``malloc_trim``), once per block.
+
+    A block frees its calibration activations, Hessians and float weights, but glibc keeps freed chunks in its heaps
+    for reuse, and reuse is partial: the next block's buffers rarely fit the holes. On SmolLM2 (32 x 512 windows)
+    the quantizing process grew by about 40 MB a block and peaked at 2.4 GB with 0.9 GB of live arrays; trimmed
+    after each block it peaks at 1.8 GB, for about 40 ms a block. False where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def process_work_dir(work_dir: str) -> str:
