@@ -32,7 +32,7 @@ import gptq_jax.engine.driver as pipeline  # noqa: E402  (the driver: its only c
 from gptq_jax import QuantConfig, quantize  # noqa: E402
 from gptq_jax.core.calibration import random_windows  # noqa: E402
 from gptq_jax.core.gptq import quantize_weight, quantize_weights  # noqa: E402
-from gptq_jax.core.quantizer import QuantizedWeight  # noqa: E402
+from gptq_jax.core.quantizer import CODE_DTYPE, QuantizedWeight  # noqa: E402
 from gptq_jax.io.default_model import fetch_smollm2  # noqa: E402
 from gptq_jax.io.text import default_calibration_text, default_eval_text, tokenize  # noqa: E402
 from gptq_jax.models import load_pretrained, load_tokenizer  # noqa: E402
@@ -47,7 +47,7 @@ def reference_solver(w, h, config: QuantConfig) -> QuantizedWeight:
     )  # fmt: skip
     k = w.shape[1]
     return QuantizedWeight(
-        codes=jnp.asarray(codes, jnp.int32),
+        codes=jnp.asarray(codes, CODE_DTYPE),
         scales=jnp.asarray(scales, jnp.float32),
         zeros=jnp.asarray(zeros, jnp.int32),
         g_idx=jnp.asarray(g_idx, jnp.int32),
@@ -109,7 +109,7 @@ def paper_solver(w, h, config: QuantConfig, block: int = 128) -> QuantizedWeight
     inv = torch.argsort(perm)
     g_idx = (torch.arange(k) // g)[inv]
     return QuantizedWeight(
-        codes=jnp.asarray(codes[:, inv].numpy(), jnp.int32),
+        codes=jnp.asarray(codes[:, inv].numpy(), CODE_DTYPE),
         scales=jnp.asarray(scales.numpy()),
         zeros=jnp.asarray(zeros.numpy(), jnp.int32),
         g_idx=jnp.asarray(g_idx.numpy(), jnp.int32),

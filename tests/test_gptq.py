@@ -75,7 +75,7 @@ def _check_against_reference(bits, group_size, sym, act_order, static_groups, fp
         fit_block=128 if GROUP_FIT == "block_start" else None, fp16_scales=fp16_scales,
     )  # fmt: skip
     got_codes = np.asarray(out.codes)
-    assert got_codes.shape == (N, K) and got_codes.dtype == np.int32
+    assert got_codes.shape == (N, K) and got_codes.dtype == np.uint8
     assert got_codes.min() >= 0 and got_codes.max() <= 2**bits - 1
     np.testing.assert_array_equal(np.asarray(out.g_idx), g_idx)
     # float32 against float64: the weights drift apart by ulps, and where a weight sits on a rounding tie

@@ -43,6 +43,7 @@ from jax import lax
 
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.quantizer import (
+    CODE_DTYPE,
     QuantizedWeight,
     _count_nonfinite,
     _true_div,
@@ -421,9 +422,9 @@ def _gptq_impl(
             loss = loss + 0.5 * (err * err) * (r_b[j] * r_b[j])  # (N,): a loss per output row
             d = w0_b[j] - deq
             wt_b = wt_b + ft_b[:, j][:, None] * d[None, :]  # rank-1 feedback; F^T is lower, earlier rows keep
-            return wt_b, q_b.at[j].set(q.astype(jnp.int32)), d_b.at[j].set(d), loss
+            return wt_b, q_b.at[j].set(q.astype(CODE_DTYPE)), d_b.at[j].set(d), loss
 
-        init = (wt_b, jnp.zeros(wt_b.shape, jnp.int32), jnp.zeros_like(wt_b), loss)
+        init = (wt_b, jnp.zeros(wt_b.shape, CODE_DTYPE), jnp.zeros_like(wt_b), loss)
         _, q_b, d_b, loss = lax.fori_loop(0, plan.sub, column, init, unroll=_UNROLL)
         return q_b, d_b, loss
 
@@ -496,7 +497,7 @@ def _gptq_impl(
             w0_blk = lax.dynamic_slice_in_dim(w0_s, i1, plan.block)
             ft_blk = lax.dynamic_slice(ft_s, (i1, i1), (plan.block, plan.block))
             r_blk = lax.dynamic_slice_in_dim(r_s, i1, plan.block)
-            q_blk = jnp.zeros((plan.block, n), jnp.int32)
+            q_blk = jnp.zeros((plan.block, n), CODE_DTYPE)
             q_blk, d_blk, grid, loss = solve_block(s1 + i1, wt_blk, w0_blk, ft_blk, r_blk, q_blk, grid, loss)
             cols = lax.dynamic_slice_in_dim(ft_s, i1, plan.block, axis=1)  # (S, B)
             cols = jnp.where(jnp.arange(size)[:, None] >= i1 + plan.block, cols, 0.0)
@@ -505,7 +506,7 @@ def _gptq_impl(
             d_s = lax.dynamic_update_slice_in_dim(d_s, d_blk, i1, 0)
             return wt_s, q_s, d_s, grid, loss
 
-        init = (wt_s, jnp.zeros((size, n), jnp.int32), jnp.zeros((size, n), jnp.float32), grid, loss)
+        init = (wt_s, jnp.zeros((size, n), CODE_DTYPE), jnp.zeros((size, n), jnp.float32), grid, loss)
         _, q_s, d_s, grid, loss = lax.fori_loop(0, size // plan.block, block_body, init)
         q_parts.append(q_s)
         if s2 < kp:

@@ -128,6 +128,10 @@ def group_grid_params(w: jax.Array, config: QuantConfig) -> tuple[jax.Array, jax
     return grid_params(w.reshape(n, groups, g), config)
 
 
+# Codes are at most 8 bits: one byte each, a quarter of int32, so a model's quantized weights held in memory (the
+# result of ``quantize``) take a quarter of its float32 weights, not as much again.
+CODE_DTYPE = jnp.uint8
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["codes", "scales", "zeros", "g_idx", "perm", "loss", "damp", "fallback"],
@@ -137,8 +141,8 @@ def group_grid_params(w: jax.Array, config: QuantConfig) -> tuple[jax.Array, jax
 class QuantizedWeight:
     """One quantized linear layer in the paper's orientation (``W`` is ``[N out, K in]``).
 
-    ``codes``    int32 ``[N, K]``: integer codes in [0, 2**bits - 1], columns in the layer's own order
-                 (act-order is already undone).
+    ``codes``    uint8 ``[N, K]`` (``CODE_DTYPE``): integer codes in [0, 2**bits - 1], columns in the layer's
+                 own order (act-order is already undone).
     ``scales``   f32 ``[N, G]``: scale of each output row and group, G = ceil(K / group_size).
     ``zeros``    int32 ``[N, G]``: true zero point (not the checkpoint's v1 ``zero - 1``).
     ``g_idx``    int32 ``[K]``: group of each input column; ``k // group_size`` unless act-order
@@ -205,10 +209,10 @@ def check_weight(w, config: QuantConfig) -> None:
 
 
 def rtn_codes(w: jax.Array, config: QuantConfig, scales: jax.Array, zeros: jax.Array, g_idx: jax.Array) -> jax.Array:
-    """Round-to-nearest codes int32 ``[N, K]`` of ``w`` on given per-group grids ``[N, G]``."""
+    """Round-to-nearest codes ``CODE_DTYPE`` ``[N, K]`` of ``w`` on given per-group grids ``[N, G]``."""
     s = jnp.take(scales, g_idx, axis=1)
     z = jnp.take(zeros, g_idx, axis=1)
-    return quantize(w.astype(jnp.float32), s, z, config.maxq).astype(jnp.int32)
+    return quantize(w.astype(jnp.float32), s, z, config.maxq).astype(CODE_DTYPE)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

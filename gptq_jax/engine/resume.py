@@ -35,7 +35,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.core.quantizer import QuantizedWeight
+from gptq_jax.core.quantizer import CODE_DTYPE, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ def _decode(data: Any) -> dict[str, QuantizedWeight]:
                 fields[f] = jnp.asarray(unpack_bits(data[f"{name}/{f}_packed"], bits, shape))
             else:  # format 1 stored int32
                 fields[f] = jnp.asarray(data[f"{name}/{f}"])
+        fields["codes"] = fields["codes"].astype(CODE_DTYPE)
         perm = jnp.asarray(data[f"{name}/perm"]) if f"{name}/perm" in data.files else None
         weights[name] = QuantizedWeight(**fields, perm=perm, bits=bits, group_size=group_size, sym=bool(sym))
     return weights
