@@ -178,9 +178,10 @@ def load_pretrained(
     """
     model, config, load = open_pretrained(path, dtype=dtype, strict=strict)
     graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    values = load([_dotted(key) for key, _ in flat])
-    flat = [(key, var.replace(values.pop(_dotted(key)))) for key, var in flat]
+    # One tensor at a time, each a jax array before the next is read: never the whole model twice (numpy and jax).
+    flat = []
+    for key, var in nnx.to_flat_state(state):
+        flat.append((key, var.replace(jnp.asarray(load([_dotted(key)])[_dotted(key)]))))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     return model, config
 
@@ -282,7 +283,7 @@ def open_pretrained(
                             f"{file}: cannot read tensor {name} (corrupt or truncated file?): {e}"
                         ) from None
                     check_finite(x, name, file)
-                    x = x.astype(dtype)
+                    x = x.astype(dtype, copy=False)
                     values[target] = x.T if transpose else x
                     del x
         return values
