@@ -8,7 +8,8 @@ Sources, per seed: ``vs_gptqmodel_smollm2[_seedS]_cpu.json`` gives GPTQModel's p
 ran (all or some rows) with gptq-jax code from before ``fp16_scales`` (their JSON's ``code_note`` says which); for
 those rows ours is taken from ``scale_rounding_seeds_<row>_cpu.json`` (variant ``solver_f16``: the current
 algorithm, the same windows and held-out text, scored from packed weights with float16 scales as the checkpoint
-stores them). Every value is scored by gptq-jax's perplexity.
+stores them). Every value is scored by gptq-jax's perplexity. Seeds 6-11 ran the 3-bit row only, so the 4-bit
+rows have seeds 0-5.
 
     python benchmarks/vs_gptqmodel_seeds.py
 
@@ -73,7 +74,8 @@ def summarize(values: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2,3,4,5", help="comma-separated calibration seeds with a vs_gptqmodel run")
+    ap.add_argument("--seeds", default=",".join(map(str, range(12))),
+                    help="comma-separated calibration seeds with a vs_gptqmodel run")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "vs_gptqmodel_seeds_summary_cpu.json"))
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
