@@ -235,9 +235,9 @@ def test_loading_peaks_near_one_copy_of_the_model(tmp_path):
     import sys
 
     # Many tensors of a few MB each, so that one tensor's own copies while it is read do not count.
-    ckpt = write_hf_checkpoint(tmp_path, "llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=14)
+    ckpt = write_hf_checkpoint(tmp_path, "llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=7)
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**20
-    assert size > 120  # large enough that a second copy shows over the runtime's noise
+    assert size > 60  # large enough that a second copy shows over the runtime's noise
     out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(ckpt)], capture_output=True, text=True, check=True)
     peak, held = (float(x) for x in out.stdout.split())
     assert held > 0.9 * size  # the model is loaded
