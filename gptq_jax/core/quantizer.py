@@ -132,6 +132,7 @@ def group_grid_params(w: jax.Array, config: QuantConfig) -> tuple[jax.Array, jax
 # result of ``quantize``) take a quarter of its float32 weights, not as much again.
 CODE_DTYPE = jnp.uint8
 
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["codes", "scales", "zeros", "g_idx", "perm", "loss", "damp", "fallback"],

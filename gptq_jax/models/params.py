@@ -172,16 +172,24 @@ def load_pretrained(
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Loads a HF Llama/Mistral/Qwen2/Qwen3 safetensors checkpoint into a ``LlamaForCausalLM`` of ``dtype``.
 
-    The model is built abstractly (``nnx.eval_shape``, no memory) and each tensor is read lazily, cast and transposed
-    on its own, so peak memory stays near one copy of the model in ``dtype``. ``strict=False`` turns unexpected
-    tensors into a warning. See the module docstring for the errors raised.
+    The model is built abstractly (``nnx.eval_shape``, no memory), then filled a layer at a time, each tensor read
+    lazily, cast and transposed on its own, so peak memory stays near one copy of the model in ``dtype`` (plus one
+    layer). ``strict=False`` turns unexpected tensors into a warning. See the module docstring for the errors raised.
     """
     model, config, load = open_pretrained(path, dtype=dtype, strict=strict)
     graphdef, state = nnx.split(model)
-    # One tensor at a time, each a jax array before the next is read: never the whole model twice (numpy and jax).
-    flat = []
-    for key, var in nnx.to_flat_state(state):
-        flat.append((key, var.replace(jnp.asarray(load([_dotted(key)])[_dotted(key)]))))
+    # A layer at a time (``layers.3``, ``embed_tokens``), made jax arrays before the next is read: never the whole
+    # model twice (numpy and jax), and each file opened once per layer, not once per tensor.
+    flat = nnx.to_flat_state(state)
+    by_layer: dict[str, list[str]] = {}
+    for key, _ in flat:
+        path = _dotted(key)
+        by_layer.setdefault(".".join(path.split(".")[:2]) if path.startswith("layers.") else path.split(".")[0],
+                            []).append(path)  # fmt: skip
+    values = {}
+    for paths in by_layer.values():
+        values.update((p, jnp.asarray(x)) for p, x in load(paths).items())
+    flat = [(key, var.replace(values.pop(_dotted(key)))) for key, var in flat]
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     return model, config
 
