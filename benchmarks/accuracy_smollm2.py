@@ -5,19 +5,19 @@ held-out tail (same broad domain, no overlap), with the GPTQ paper's protocol (n
 
     python benchmarks/accuracy_smollm2.py --nsamples 16 --seqlen 512 --eval-windows 16
 
-Writes benchmarks/results/accuracy_smollm2_cpu.json (one row per setting, with quantization time).
+Writes benchmarks/results/accuracy_smollm2/accuracy_smollm2_cpu.json (one row per setting, with quantization time).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 import jax
+import provenance
 
 from gptq_jax import QuantConfig, quantize
 from gptq_jax.core.calibration import random_windows
@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--only", nargs="*", help="labels of SETTINGS to run (default: all)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "accuracy_smollm2_cpu.json"))
+    ap.add_argument("--out", default=str(provenance.result_path("accuracy_smollm2", "accuracy_smollm2_cpu.json")))
     args = ap.parse_args(argv)
+    started = provenance.start()
 
     model_dir = fetch_smollm2()
     tok = load_tokenizer(model_dir)
@@ -79,10 +80,7 @@ def main(argv=None) -> int:
             "group_size": args.group_size,
             "rows": rows,
         }
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, args.out)
+        provenance.write_result(args.out, payload, started=started)
 
     rows = []
     base, _ = load_pretrained(model_dir)

@@ -9,14 +9,13 @@ Also reports Hessian accumulation throughput (tokens/s).
     python benchmarks/bench_gptq.py                 # all shapes
     python benchmarks/bench_gptq.py --shapes 576x576,4096x4096 --repeats 3
 
-Writes JSON to benchmarks/results/bench_gptq_<device>.json.
+Writes JSON to benchmarks/results/bench_gptq/bench_gptq_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import platform
@@ -27,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import provenance
 
 from gptq_jax import QuantConfig, accumulate_hessian, init_hessian
 from gptq_jax.core.gptq import _solver
@@ -99,8 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128 * 2048, help="calibration tokens for the Hessian")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager side")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_gptq_<device>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bench_gptq/"
+                    "bench_gptq_<platform>.json)")
     args = ap.parse_args(argv)
+    started = provenance.start()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
 
     dev = jax.devices()[0]
@@ -176,9 +178,7 @@ def main(argv=None) -> int:
         print(line, flush=True)
         results.append(row)
 
-    out = args.out or os.path.join(
-        os.path.dirname(__file__), "results", f"bench_gptq_{'cpu' if dev.platform == 'cpu' else dev.platform}.json"
-    )
+    out = args.out or provenance.result_path("bench_gptq", f"bench_gptq_{dev.platform}.json")
     payload = {
         "benchmark": "bench_gptq",
         "device": device_name,
@@ -186,13 +186,9 @@ def main(argv=None) -> int:
         "jax_version": jax.__version__,
         "config": {"bits": 4, "group_size": 128, "sym": True, "block_size": 128, "damp_percent": 0.01},
         "results": results,
-        # This machine may be shared: the load average says how much the timings above can be trusted.
-        "load_average_at_end": list(os.getloadavg()),
     }
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, out)
+    # This machine may be shared: the provenance's load average says how much the timings can be trusted.
+    provenance.write_result(out, payload, started=started)
     print(f"wrote {out}")
     return 0
 

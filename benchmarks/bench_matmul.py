@@ -20,7 +20,8 @@ says so; with --check-interpret its result is still checked for the smallest M.
     python benchmarks/bench_matmul.py --m 1,16 --shapes 4096x4096 --bits 4 --group-size 128
     python benchmarks/bench_matmul.py --cpu-decode         # CPU decode: float dot vs reference vs chunked
 
-Writes JSON to benchmarks/results/bench_matmul_<device kind>.json (``--cpu-decode``: bench_matmul_cpu_decode.json).
+Writes JSON to benchmarks/results/bench_matmul/bench_matmul_<device kind>.json (``--cpu-decode``:
+bench_matmul_cpu_decode.json).
 
 ``--cpu-decode`` (CPU, float32 activations, SmolLM2-135M's shapes by default) times what one decode step of a
 model does with each layer: a chain of distinct layers in one jitted call, each layer's input depending on the
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -52,6 +52,7 @@ from pallas_kernels import PackedWeight, gptq_matmul, gptq_matmul_chunked, gptq_
 from pallas_kernels import matmul as matmul_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
 import roofline  # noqa: E402  (benchmarks/roofline.py)
 
 M_ALL = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -62,7 +63,7 @@ SHAPES_SMOLLM2 = ((576, 576), (576, 192), (576, 1536), (1536, 576))  # q/o, k/v,
 M_CPU_DECODE = (1, 4, 8, 16)
 TILE_KIB_CPU_DECODE = (384, 768, 3072, 6144)
 TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # max |y - ref| / max |ref|
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = provenance.RESULTS / "bench_matmul"
 
 
 def make_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, seed: int = 0) -> PackedWeight:
@@ -181,7 +182,8 @@ def cpu_decode(args, argv) -> int:
     tiles = tuple(int(v) for v in args.tile_kib.split(",")) if args.tile_kib else TILE_KIB_CPU_DECODE
     stream_bytes = int((args.stream_mb if args.stream_mb is not None else 64) * 2**20)
     timing = dict(warmup=args.warmup, repeats=args.repeats)
-    load_before = os.getloadavg()
+    started = provenance.start()
+    load_before = started["load_average"]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; load average {load_before}")
     rows, failures = [], 0
     for k, n in shapes:
@@ -215,7 +217,6 @@ def cpu_decode(args, argv) -> int:
                 rows.append(row)
             print(line + "   us/layer, min (median)", flush=True)
     out = args.out or RESULTS / "bench_matmul_cpu_decode.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = dict(
         benchmark="gptq_matmul CPU decode",
         device_kind=dev.device_kind,
@@ -232,7 +233,7 @@ def cpu_decode(args, argv) -> int:
         load_average_after=os.getloadavg(),
         results=rows,
     )
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    provenance.write_result(out, report, started=started)
     print(f"load average {report['load_average_after']}\nwrote {out}")
     return 1 if failures else 0
 
@@ -339,7 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     print_rows(rows)
 
     out = args.out or RESULTS / f"bench_matmul_{device_slug(dev.device_kind)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = dict(
         benchmark="gptq_matmul",
         device_kind=dev.device_kind,
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         pallas_timing_skipped=pallas_note,
         results=rows,
     )
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    provenance.write_result(out, report)
     print(f"\nwrote {out}")
     return 1 if failures else 0
 

@@ -14,8 +14,8 @@ It reports per block its time and the RSS when it starts, the peak RSS of the qu
 with the save (``VmHWM``; the save holds one shard, ``--max-shard-mb``), and the device's ``memory_stats()``
 where the platform has them (None on CPU). Peak RSS must not grow with the number of
 layers: the script checks that and exits 1 otherwise. Writes JSON to
-``benchmarks/results/bench_memory_llama2-7b_<device>.json`` with ``uptime`` before and after each child, since
-the machine is shared.
+``benchmarks/results/bench_memory/bench_memory_llama2-7b_<device>.json`` with ``uptime`` before and after each
+child, since the machine is shared.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import bench_pipeline  # the Llama-2-7B config, shared (benchmarks/ is on sys.path when run as a script)
 import numpy as np
+import provenance
 
 REPO = Path(__file__).resolve().parent.parent
 # The shapes of bench_pipeline.py's Llama-2-7B, stored in bf16 on disk.
@@ -209,9 +210,8 @@ def _checkpoint_runs(args: argparse.Namespace) -> int:
     payload = {"benchmark": "bench_memory", "model": name, "method": args.method, "platform": jax.devices()[0].platform,
                "jax_version": jax.__version__, "quant_config": {"bits": 4, "group_size": 128, "sym": True},
                "calibration_tokens": args.tokens, "runs": runs}
-    out = args.out or str(REPO / "benchmarks" / "results" / f"bench_memory_{name}_{args.method}_cpu.json")
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=1)
+    out = args.out or provenance.result_path("bench_memory", f"bench_memory_{name}_{args.method}_cpu.json")
+    provenance.write_result(out, payload, started=args.started)
     print(f"wrote {out}")
     return 0
 
@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.started = provenance.start()
 
     if args.child:  # the measured process
         res = child(args.child, args.method, args.tokens, args.child_out, args.max_shard_mb, args.whole)
@@ -279,9 +280,9 @@ def main(argv=None) -> int:
         "rss_does_not_grow": ok,
         "rss_growth_tolerance": RSS_GROWTH_TOLERANCE,
     }
-    out = args.out or str(REPO / "benchmarks" / "results" / f"bench_memory_llama2-7b_{args.method}_{dev.platform}.json")
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=1)
+    name = f"bench_memory_llama2-7b_{args.method}_{dev.platform}.json"
+    out = args.out or provenance.result_path("bench_memory", name)
+    provenance.write_result(out, payload, started=args.started)
     print(f"peak RSS by layers {payload['peak_rss_mb_by_layers']}; does not grow: {ok}; wrote {out}")
     return 0 if ok else 1
 

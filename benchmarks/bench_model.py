@@ -22,7 +22,7 @@ reporting timings if they do not. Timings are medians over all timed repeats of 
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_model.py [--seqlens 512 2048] [--rounds 2] [--repeats 2]
 
-Writes benchmarks/results/bench_model_cpu.json (or --out).
+Writes benchmarks/results/bench_model/bench_model_cpu.json (or --out).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results" / "bench_model_cpu.json"
+RESULTS = provenance.result_path("bench_model", "bench_model_cpu.json")
 
 
 def cpu_name() -> str:
@@ -268,7 +269,8 @@ def main() -> None:
     from gptq_jax.io.default_model import fetch_smollm2
 
     args.model_dir = args.model_dir or fetch_smollm2()
-    load_before = os.getloadavg()
+    started = provenance.start()
+    load_before = started["load_average"]
     torch_variants = [f"transformers-{t or 'default'}-threads" for t in args.torch_threads]
     packed = f"ours-packed-{args.packed_bits}bit-g{args.packed_group_size}"
     variants = ["ours", packed, *torch_variants]
@@ -367,10 +369,7 @@ def main() -> None:
         ratio = f"{summary['ours'][k] / best[k]:11.2f}" if best else ""
         print(f"{label:26s}{cells}{summary[packed][k] / summary['ours'][k]:12.2f}{ratio}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    provenance.write_result(args.out, result, started=started)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -5,13 +5,13 @@
     python benchmarks/bench_pipeline.py --model llama2-7b --nsamples 128 --seqlen 2048 # random weights, for a GPU
 
 Reports total time, time per decoder layer and the split between solving (quantize_weight) and the calibration
-passes; writes JSON to benchmarks/results/bench_pipeline_<model>_<device>.json.
+passes; writes JSON to
+benchmarks/results/bench_pipeline/bench_pipeline_<model>_<nsamples>x<seqlen>_<platform>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import provenance
 from flax import nnx
 
 from gptq_jax import QuantConfig, quantize
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    started = provenance.start()
 
     dev = jax.devices()[0]
     device = dev.device_kind if dev.platform != "cpu" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
@@ -110,13 +112,9 @@ def main(argv=None) -> int:
         "layer_seconds": layers,
         "relative_output_error": [r["relative_output_error"] for r in res.report.layers],
     }
-    out = args.out or os.path.join(
-        os.path.dirname(__file__), "results", f"bench_pipeline_{args.model}_{dev.platform}.json"
-    )
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, out)
+    name = f"bench_pipeline_{args.model}_{args.nsamples}x{args.seqlen}_{dev.platform}.json"
+    out = args.out or provenance.result_path("bench_pipeline", name)
+    provenance.write_result(out, payload, started=started)
     print(f"wrote {out}")
     return 0
 

@@ -1,6 +1,6 @@
 """The README's "Big models" table: memory and time per decoder layer for Llama-2 7B / 13B / 70B shapes.
 
-    python benchmarks/big_models_table.py benchmarks/results/bench_memory_llama2-7b_gptq_cpu.json
+    python benchmarks/big_models_table.py benchmarks/results/bench_memory/bench_memory_llama2-7b_gptq_cpu.json
 
 Sizes come from the shapes. The 7B peak RSS and time per layer are the ones ``bench_memory.py`` measured; the
 13B/70B rows scale them: the solve's working set (peak RSS minus the block, the embedding and the process's

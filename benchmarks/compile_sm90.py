@@ -21,7 +21,8 @@ cuda-venv`` builds ``.venv-cuda`` for this. Run from the repository root:
 
     JAX_PLATFORMS=cpu PYTHONPATH=. .venv-cuda/bin/python benchmarks/compile_sm90.py [--quick] [--out FILE]
 
-Writes benchmarks/results/kernels_sm90_compile.json; exits 1 if any plan fails. These are XLA's Triton pipeline's
+Writes benchmarks/results/compile_sm90/kernels_sm90_compile.json;
+ exits 1 if any plan fails. These are XLA's Triton pipeline's
 numbers as compiled here; the runtime compile inside XLA on a GPU may differ slightly (the GPU run confirms).
 """
 
@@ -33,7 +34,6 @@ import dataclasses
 import datetime
 import functools
 import itertools
-import json
 import os
 import re
 import subprocess
@@ -44,11 +44,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import provenance
 
 from pallas_kernels import PackedWeight
 from pallas_kernels import matmul as matmul_mod
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = provenance.RESULTS / "compile_sm90"
 ARCH = "9.0"  # sm_90a: Triton picks the "a" features (wgmma, TMA) for 9.0
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may have on sm_90
 DEVICE_KIND = "NVIDIA H100 80GB HBM3"  # the tile-table key the plans are resolved for
@@ -261,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         failures=failures,
         refused_by_dispatcher=refused,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    provenance.write_result(args.out, report)
     print(f"{len(plans)} plans compiled in {seconds:.0f} s, {failures} failing; wrote {args.out}")
     return 1 if failures else 0
 

@@ -16,10 +16,10 @@ Parts, each in its own process (a crash or a timeout in one leaves the others' r
 - ``decode`` (e): greedy decode tokens/s of SmolLM2-135M packed 4-bit g128 against bf16 (the real weights if
   ``.cache/smollm2`` holds them, else random weights of its shape: the speed does not depend on the values).
 
-Every JSON goes to ``--out-dir`` (default ``$OUT`` when set, else benchmarks/results/gpu_check/), and, on a GPU,
-also to benchmarks/results/. The summary is ``gpu_check_<device>.json``. ``--cpu-smoke`` runs each part with tiny
-shapes on CPU (kernels in Pallas interpret mode) so that every path of this script has run before a GPU sees it;
-its numbers mean nothing and it never writes to benchmarks/results/.
+Every JSON goes to ``--out-dir`` (default ``$OUT`` when set, else benchmarks/results/gpu_check/run/), and, on a
+GPU, also to benchmarks/results/gpu_check/. The summary is ``gpu_check_<device>.json``. ``--cpu-smoke`` runs each
+part with tiny shapes on CPU (kernels in Pallas interpret mode) so that every path of this script has run before a GPU
+sees it; its numbers mean nothing and it never writes to benchmarks/results/gpu_check/.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
+
+RESULTS = provenance.RESULTS / "gpu_check"
 PARTS = ("kernels", "matmul", "gptq", "pipeline", "decode")
 # Caps (seconds) on each part on the GPU; a part past its cap is killed and reported, the rest go on. Sum 460 s:
 # with process start-up, the whole run stays near the 8-minute budget even if every part hits its cap.
@@ -209,7 +212,7 @@ def part_decode(smoke: bool, out_dir: Path) -> dict:
     res["ok"] = True
     print(f"  decode: float {res['float']['decode_tokens_per_second']:.1f} tok/s, packed "
           f"{res['packed_4bit_g128']['decode_tokens_per_second']:.1f} tok/s", flush=True)
-    (out_dir / "decode.json").write_text(json.dumps(res, indent=1) + "\n")
+    provenance.write_result(out_dir / "decode.json", res)
     return res
 
 
@@ -252,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, kernels in interpret mode")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
-    p.add_argument("--out-dir", type=Path, default=None, help="default: $OUT, else benchmarks/results/gpu_check")
+    p.add_argument("--out-dir", type=Path, default=None, help="default: $OUT, else benchmarks/results/gpu_check/run")
     p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # internal: run one part in this process
     args = p.parse_args(argv)
-    out_dir = args.out_dir or Path(os.environ.get("OUT") or RESULTS / "gpu_check")
+    out_dir = args.out_dir or Path(os.environ.get("OUT") or RESULTS / "run")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if args.part:  # the child process
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     budget = SMOKE_BUDGET if args.cpu_smoke else BUDGET
+    started = provenance.start()
     t0 = time.perf_counter()
     summary = dict(check="gpu_check", device_kind=dev.device_kind, platform=dev.platform, jax_version=jax.__version__,
                    cpu_smoke=args.cpu_smoke, date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -285,17 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(os, "getloadavg"):
         summary["load_average_at_end"] = os.getloadavg()
     name = f"gpu_check_{'cpu_smoke' if args.cpu_smoke else slug(dev.device_kind)}.json"
-    text = json.dumps(summary, indent=1, default=str) + "\n"
-    (out_dir / name).write_text(text)
-    written = [out_dir / name]
+    written = [provenance.write_result(out_dir / name, summary, started=started)]
     if not args.cpu_smoke and out_dir.resolve() != RESULTS.resolve():  # keep the GPU's figures with the others
-        for f in [*sorted(out_dir.glob("bench_*.json")), out_dir / "decode.json"]:
+        for f in [*sorted(out_dir.glob("bench_*.json")), out_dir / "decode.json", out_dir / name]:
             if f.exists():
-                target = RESULTS / f"{f.stem}_{slug(dev.device_kind)}{f.suffix}"
-                target.write_text(f.read_text())
-                written.append(target)
-        (RESULTS / name).write_text(text)
-        written.append(RESULTS / name)
+                stem = f.stem if f.name == name else f"{f.stem}_{slug(dev.device_kind)}"
+                written.append(provenance.copy_result(f, RESULTS / f"{stem}{f.suffix}"))
     print(f"{'all parts ok' if summary['ok'] else 'SOME PARTS FAILED'} in {summary['seconds']:.0f} s; wrote "
           + ", ".join(map(str, written)))
     return 0 if summary["ok"] else 1

@@ -6,8 +6,8 @@ bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s) and, where a run measured it, the 
 floor, not a forecast: a kernel at 80% of it is doing well. For large M the tensor cores bound instead
 (``flops / peak``); both are given and the larger is the roofline.
 
-Also from the sm_90a compile statistics (benchmarks/results/kernels_sm90_compile.json): how many blocks of a
-plan fit on one SM (registers, shared memory) and so how many waves its grid takes on 132 SMs.
+Also from the sm_90a compile statistics (benchmarks/results/compile_sm90/kernels_sm90_compile.json): how many
+blocks of a plan fit on one SM (registers, shared memory) and so how many waves its grid takes on 132 SMs.
 
     python benchmarks/roofline.py [--shapes 4096x4096,...] [--m 1,16,256] [--bits 4] [--group-size 128]
 """
@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "compile_sm90"
 
 # Peak HBM bandwidth (bytes/s) and dense bf16 tensor-core throughput (flop/s), SXM parts, vendor figures.
 DEVICES = {

@@ -10,7 +10,8 @@ that did it (``VmHWM``; each quantization runs in a fresh process). GPTQModel ru
 
     python benchmarks/vs_gptqmodel.py --nsamples 32 --seqlen 512 --eval-windows 16
 
-Writes benchmarks/results/vs_gptqmodel_smollm2_cpu.json. The machine's load (``uptime``) is recorded before and after
+Writes benchmarks/results/vs_gptqmodel/vs_gptqmodel_smollm2[_seedS]_cpu.json.
+The machine's load (``uptime``) is recorded before and after
 each quantization: timings on a shared machine are disturbed by whatever else runs.
 """
 
@@ -28,6 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
+import provenance  # noqa: E402  (benchmarks/provenance.py)
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "interop" / "gptqmodel_worker.py"
@@ -126,6 +130,11 @@ def ours_perplexity(path: str, eval_windows: np.ndarray, logits_out: str | None 
     return float(r.perplexity)
 
 
+def result_name(seed: int) -> str:
+    """The result file of one calibration seed (vs_gptqmodel_seeds.py reads them back by this name)."""
+    return "vs_gptqmodel_smollm2_cpu.json" if seed == 0 else f"vs_gptqmodel_smollm2_seed{seed}_cpu.json"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nsamples", type=int, default=32)
@@ -134,7 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     ap.add_argument("--only", nargs="*", choices=sorted(SETTINGS))
     ap.add_argument("--work-dir", help="keep the checkpoints here (default: a temporary directory)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vs_gptqmodel_smollm2_cpu.json"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/vs_gptqmodel/"
+                    "vs_gptqmodel_smollm2[_seedS]_cpu.json (no suffix for seed 0)")
     # Internal: the child process that runs one of our quantizations.
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--setting", help=argparse.SUPPRESS)
@@ -146,6 +156,9 @@ def main(argv=None) -> int:
         return ours_quantize(args)
     if not INTEROP_PYTHON.is_file():
         sys.exit(f"GPTQModel venv not found at {INTEROP_PYTHON}; build it with `make interop-venv`")
+    started = provenance.start()
+    if args.out is None:
+        args.out = str(provenance.result_path("vs_gptqmodel", result_name(args.seed)))
 
     import jax
 
@@ -181,10 +194,7 @@ def main(argv=None) -> int:
     }  # fmt: skip
 
     def write():
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, args.out)
+        provenance.write_result(args.out, payload, started=started)
 
     # The float model, scored by both.
     (flt,) = run_worker(

@@ -6,14 +6,15 @@ calibration windows) with its standard error.
 
 Sources, per seed: ``vs_gptqmodel_smollm2[_seedS]_cpu.json`` gives GPTQModel's perplexity and ours. Seeds 0 and 1
 ran (all or some rows) with gptq-jax code from before ``fp16_scales`` (their JSON's ``code_note`` says which); for
-those rows ours is taken from ``scale_rounding_seeds_<row>_cpu.json`` (variant ``solver_f16``: the current
+those rows ours is taken from ``scale_rounding_seeds/scale_rounding_seeds_<row>_cpu.json``
+(an investigation, benchmarks/investigations/) (variant ``solver_f16``: the current
 algorithm, the same windows and held-out text, scored from packed weights with float16 scales as the checkpoint
 stores them). Every value is scored by gptq-jax's perplexity. Seeds 6-11 ran the 3-bit row only, so the 4-bit
 rows have seeds 0-5.
 
     python benchmarks/vs_gptqmodel_seeds.py
 
-Writes benchmarks/results/vs_gptqmodel_seeds_summary_cpu.json.
+Writes benchmarks/results/vs_gptqmodel/vs_gptqmodel_seeds_summary_cpu.json.
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import provenance
+from vs_gptqmodel import result_name
+
+RESULTS = provenance.RESULTS / "vs_gptqmodel"
+SCALE_ROUNDING = provenance.RESULTS / "scale_rounding_seeds"
 ROWS = ("4bit_g128_sym", "4bit_g128_sym_actorder", "3bit_g128_sym")
 # (seed, row) whose gptq-jax value in the vs_gptqmodel JSON came from code before fp16_scales (see its code_note).
 OLD_CODE = {(0, r) for r in ROWS} | {(1, "4bit_g128_sym")}
 
 
 def run_file(seed: int) -> Path:
-    return RESULTS / ("vs_gptqmodel_smollm2_cpu.json" if seed == 0 else f"vs_gptqmodel_smollm2_seed{seed}_cpu.json")
+    return RESULTS / result_name(seed)
 
 
 def collect(seeds: list[int]) -> dict[str, list[dict]]:
@@ -46,7 +50,7 @@ def collect(seeds: list[int]) -> dict[str, list[dict]]:
                 continue
             ours, source = row["gptq_jax"]["perplexity_by_gptq_jax"], run_file(seed).name
             if (seed, label) in OLD_CODE:
-                f = RESULTS / f"scale_rounding_seeds_{label}_cpu.json"
+                f = SCALE_ROUNDING / f"scale_rounding_seeds_{label}_cpu.json"
                 ours, source = json.loads(f.read_text())["summary"]["solver_f16"]["per_seed"][str(seed)], f.name
             out[label].append({"seed": seed, "gptq_jax": ours, "gptqmodel": row["gptqmodel"]["perplexity_by_gptq_jax"],
                                "gptq_jax_source": source})  # fmt: skip
@@ -90,10 +94,7 @@ def main(argv=None) -> int:
               f"{s['seeds_gptq_jax_lower']} of {len(s['seeds'])} seeds")  # fmt: skip
     payload = {"benchmark": "vs_gptqmodel_seeds", "metric": "perplexity by gptq-jax, held-out Python docs, 16 x 512",
                "rows": rows}  # fmt: skip
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, args.out)
+    provenance.write_result(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 

@@ -24,6 +24,9 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + json.dumps(logs, indent=1)
     summary = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())
     assert summary["ok"] and summary["cpu_smoke"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert summary["provenance"]["commit"] == head.strip()  # every result says which code made it
+    assert summary["provenance"]["device"].startswith("cpu")
     assert not any(p.get("partial") or p["timed_out"] for p in summary["parts"].values())
     parts = summary["parts"]
     assert list(parts) == ["kernels", "matmul", "gptq", "pipeline", "decode"]
@@ -40,4 +43,4 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert len(pipe["layer_seconds"]) == 2 and pipe["extrapolated_32_layers_seconds"] > pipe["per_layer_seconds"]
     dec = parts["decode"]
     assert dec["float"]["decode_tokens_per_second"] > 0 and dec["packed_4bit_g128"]["decode_tokens_per_second"] > 0
-    assert not (REPO / "benchmarks" / "results" / "gpu_check_cpu_smoke.json").exists()  # smoke never lands there
+    assert not (REPO / "benchmarks" / "results" / "gpu_check" / "gpu_check_cpu_smoke.json").exists()  # never there

@@ -43,7 +43,7 @@ class QuantConfig:
     # False fits float32 scales that only the file rounds (the paper's code and GPTQModel). On SmolLM2, mean
     # perplexity over calibration seeds, rounding at the fit against not: 3-bit g128 asym 21.26 vs 22.39 (4 seeds),
     # 3-bit sym 31.09 vs 31.63, 4-bit act-order 11.288 vs 11.346, 4-bit sym 13.622 vs 13.527 (3 seeds each); each
-    # is within the seed-to-seed spread but the first (benchmarks/scale_rounding_seeds.py).
+    # is within the seed-to-seed spread but the first (benchmarks/investigations/scale_rounding_seeds.py).
     fp16_scales: bool = True
     # Columns per lazy batch (GPTQ, Alg. 1). A speed knob only: results do not depend on it.
     block_size: int = 128

@@ -70,9 +70,9 @@ _UNROLL = 1
 #   columns only receive the block's feedback at the block's end (the updates go to the clone W1). Applies to group
 #   sizes that divide _FIT_BLOCK (others never start a group mid-block, or straddle blocks: those fit "current").
 GROUP_FITS = ("current", "block_start")
-# Measured on 11 SmolLM2 layers x 7 linears (benchmarks/group_fit_smollm2.py): "block_start" gives the lower
-# objective tr((W-Q) H (W-Q)^T) at 2-bit group 64 asym and 3-bit group 64 sym, and is even at 3-bit group 32 asym;
-# see the README's accuracy notes. So the paper's choice is the default.
+# Measured on 11 SmolLM2 layers x 7 linears (benchmarks/investigations/group_fit_smollm2.py): "block_start" gives
+# the lower objective tr((W-Q) H (W-Q)^T) at 2-bit group 64 asym and 3-bit group 64 sym, and is even at 3-bit group
+# 32 asym (docs/results.md). So the paper's choice is the default.
 GROUP_FIT = "block_start"
 _FIT_BLOCK = 128
 

@@ -26,9 +26,11 @@ Per linear it records the objective ``tr((W - Q) H (W - Q)^T)`` on the pipeline'
 the relative Frobenius difference of the paper pipeline's Hessian from ours (equal inputs at layer 0, then each
 pipeline's own quantized history); per layer the relative output error against the float layer on the same inputs.
 
-    python benchmarks/paper_pipeline.py --bits 3 --group-size 128 --asym --nsamples 32 --seqlen 512 --seed 0
+    python benchmarks/investigations/paper_pipeline.py \\
+        --bits 3 --group-size 128 --asym --nsamples 32 --seqlen 512 --seed 0
 
-Writes benchmarks/results/paper_pipeline_smollm2_<bits>bit_g<group>_<sym|asym>[_actorder][_seedN]_cpu.json.
+Writes benchmarks/results/paper_pipeline/
+paper_pipeline_smollm2_<bits>bit_g<group>_<sym|asym>[_actorder][_seedN]_cpu.json.
 """
 
 from __future__ import annotations
@@ -301,7 +303,8 @@ def main(argv=None) -> int:
     tag += "" if args.layers is None else f"_{args.layers}layers"
     if args.layers is not None and "ours" in args.pipelines:
         ap.error("--layers is for the paper pipeline alone")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"paper_pipeline_smollm2_{tag}_cpu.json")
+    out = args.out or os.path.join(
+        os.path.dirname(__file__), "..", "results", "paper_pipeline", f"paper_pipeline_smollm2_{tag}_cpu.json")
     ts = not args.no_true_sequential
 
     model_dir = fetch_smollm2()

@@ -3,9 +3,9 @@
 Uses the Hessians and weights cached by ``group_fit_smollm2.py --cache PATH`` (float model, every listed layer) and
 ``paper_solver`` of ``lowbit_solver_swap.py``; records ``tr((W-Q) H (W-Q)^T)`` (float64, undamped H) of both.
 
-    python benchmarks/solver_vs_paper_smollm2.py --cache /tmp/h.npz --bits 3 --group-size 128 --asym
+    python benchmarks/investigations/solver_vs_paper_smollm2.py --cache /tmp/h.npz --bits 3 --group-size 128 --asym
 
-Writes benchmarks/results/solver_vs_paper_smollm2_<bits>bit_g<group>_<sym|asym>_cpu.json.
+Writes benchmarks/results/solver_vs_paper_smollm2/solver_vs_paper_smollm2_<bits>bit_g<group>_<sym|asym>_cpu.json.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
                                   "max": float(r.max())},
         "rows": rows,
     }  # fmt: skip
-    out = os.path.join(os.path.dirname(__file__), "results", f"solver_vs_paper_smollm2_{tag}_cpu.json")
+    folder = os.path.join(os.path.dirname(__file__), "..", "results", "solver_vs_paper_smollm2")
+    out = os.path.join(folder, f"solver_vs_paper_smollm2_{tag}_cpu.json")
     with open(out, "w") as f:
         json.dump(payload, f, indent=1)
     print(payload["ratio_ours_over_paper"])

@@ -8,9 +8,9 @@ optionally ``reference_f64``, the float64 column-by-column loop of ``tests/gptq_
 are applied to the very (W, H) the pipeline hands over, and their objectives ``tr((W - Q) H (W - Q)^T)`` recorded;
 the run continues with its own solver's result. Reports the held-out perplexity of each run.
 
-    python benchmarks/lowbit_solver_swap.py --bits 3 --group-size 128 --asym --nsamples 32 --seqlen 512
+    python benchmarks/investigations/lowbit_solver_swap.py --bits 3 --group-size 128 --asym --nsamples 32 --seqlen 512
 
-Writes benchmarks/results/lowbit_solver_swap_<bits>bit_g<group>_<sym|asym>_cpu.json.
+Writes benchmarks/results/lowbit_solver_swap/lowbit_solver_swap_<bits>bit_g<group>_<sym|asym>_cpu.json.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 import gptq_reference  # noqa: E402
 
 import gptq_jax.engine.driver as pipeline  # noqa: E402  (the driver: its only call into the solver)
@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     qc = QuantConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order)
     tag = run_tag(args)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"lowbit_solver_swap_{tag}_cpu.json")
+    out = args.out or os.path.join(
+        os.path.dirname(__file__), "..", "results", "lowbit_solver_swap", f"lowbit_solver_swap_{tag}_cpu.json")
 
     model_dir = fetch_smollm2()
     tok = load_tokenizer(model_dir)

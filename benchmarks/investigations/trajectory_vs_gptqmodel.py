@@ -15,9 +15,10 @@ If the Hessians agree, the pipelines (calibration passes, stage order, what the 
 ratio then compares the solvers on the same problems. GPTQModel runs the model in its CPU default dtype (7.7:
 bfloat16), so its Hessians and its ``W`` carry bfloat16 rounding and the agreement is to that level.
 
-    python benchmarks/trajectory_vs_gptqmodel.py --bits 3 --seed 5
+    python benchmarks/investigations/trajectory_vs_gptqmodel.py --bits 3 --seed 5
 
-Writes benchmarks/results/trajectory_vs_gptqmodel_<bits>bit_g<group>_<sym|asym>_seed<seed>_cpu.json.
+Writes benchmarks/results/trajectory_vs_gptqmodel/
+trajectory_vs_gptqmodel_<bits>bit_g<group>_<sym|asym>_seed<seed>_cpu.json.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from vs_gptqmodel import run_worker  # noqa: E402
 
@@ -82,7 +83,8 @@ def main(argv=None) -> int:
     from gptq_jax.models import load_pretrained, load_tokenizer
 
     tag = f"{args.bits}bit_g{args.group_size}_{'asym' if args.asym else 'sym'}_seed{args.seed}"
-    out = args.out or str(REPO / "benchmarks" / "results" / f"trajectory_vs_gptqmodel_{tag}_cpu.json")
+    out = args.out or str(
+        REPO / "benchmarks" / "results" / "trajectory_vs_gptqmodel" / f"trajectory_vs_gptqmodel_{tag}_cpu.json")
     model_dir = fetch_smollm2()
     calib = random_windows(tokenize(load_tokenizer(model_dir), default_calibration_text()), nsamples=args.nsamples,
                            seqlen=args.seqlen, seed=args.seed)  # fmt: skip

@@ -15,9 +15,9 @@ Every variant is scored the same way: its weights packed as the checkpoint holds
 ``tasks.eval.perplexity`` on the held-out windows. Each variant runs in its own process (the solver's jitted
 programs must not be shared between variants).
 
-    python benchmarks/scale_rounding_seeds.py --bits 3 --asym --seeds 0 1 2 3
+    python benchmarks/investigations/scale_rounding_seeds.py --bits 3 --asym --seeds 0 1 2 3
 
-Writes benchmarks/results/scale_rounding_seeds_<bits>bit_g<group>_<sym|asym>_cpu.json.
+Writes benchmarks/results/scale_rounding_seeds/scale_rounding_seeds_<bits>bit_g<group>_<sym|asym>_cpu.json.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import lowbit_solver_swap  # noqa: E402  (the shared run flags)
 
 VARIANTS = ("writeback_f16", "writeback_f32", "solver_f16")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_variant(args) -> list[dict]:
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_variant(args)))
         return 0
     tag = lowbit_solver_swap.run_tag(args)
-    out = args.out or os.path.join(REPO, "benchmarks", "results", f"scale_rounding_seeds_{tag}_cpu.json")
+    out = args.out or os.path.join(
+        REPO, "benchmarks", "results", "scale_rounding_seeds", f"scale_rounding_seeds_{tag}_cpu.json")
     payload = {
         "benchmark": "scale_rounding_seeds", "config": tag,
         "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",

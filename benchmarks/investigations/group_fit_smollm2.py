@@ -6,12 +6,13 @@ the clone ``W1``). gptq_jax by default fits on the weights with all earlier feed
 choices (``gptq_jax.core.gptq.GROUP_FITS``) on real SmolLM2 linears, with Hessians of the float model on the default
 calibration text, by the layer-wise objective ``tr((W - Q) H (W - Q)^T)`` (float64, undamped H).
 
-    python benchmarks/group_fit_smollm2.py --nsamples 32 --layers 0,3,6,9,12,15,18,21,24,27,29 --cache /tmp/h.npz
+    python benchmarks/investigations/group_fit_smollm2.py --nsamples 32 \\
+        --layers 0,3,6,9,12,15,18,21,24,27,29 --cache /tmp/h.npz
 
 ``--cache``: the Hessians and weights are saved there (npz: ``{layer}.{group}.H``, ``{layer}.{linear}.W``) and read
 back on the next run instead of running the model again.
 
-Writes benchmarks/results/group_fit_smollm2_cpu.json.
+Writes benchmarks/results/group_fit_smollm2/group_fit_smollm2_cpu.json.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--layers", default="0,3,6,9,12,15,18,21,24,27,29")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "group_fit_smollm2_cpu.json"))
+    ap.add_argument("--out", default=os.path.join(
+        os.path.dirname(__file__), "..", "results", "group_fit_smollm2", "group_fit_smollm2_cpu.json"))
     ap.add_argument("--cache", help="npz file for the Hessians and weights (written if absent)")
     args = ap.parse_args(argv)
 
