@@ -35,7 +35,7 @@ SHAPES = [(576, 576), (1536, 576), (4096, 4096), (11008, 4096)]  # (out N, in K)
 
 
 def torch_gptq_eager(w, h, *, bits=4, group_size=128, blocksize=128, percdamp=0.01):
-    """GPTQ as the paper's reference runs it, eagerly in PyTorch (symmetric grid of FORMAT.md)."""
+    """GPTQ as the paper's reference runs it, eagerly in PyTorch (symmetric grid of docs/checkpoints.md)."""
     import torch
 
     w = w.clone().float()

@@ -1,4 +1,4 @@
-"""The README's "Big models" table: memory and time per decoder layer for Llama-2 7B / 13B / 70B shapes.
+"""The "Big models" table of docs/scaling.md: memory and time per decoder layer for Llama-2 7B / 13B / 70B shapes.
 
     python benchmarks/big_models_table.py benchmarks/results/bench_memory/bench_memory_llama2-7b_gptq_cpu.json
 

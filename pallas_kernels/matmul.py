@@ -65,7 +65,7 @@ INTERPRET_ENV = "PALLAS_KERNELS_INTERPRET"  # "1": run the Pallas kernels in int
 # CPU decode (``gptq_matmul_chunked``): M up to this loops over K chunks whose f32 tile is at most
 # CPU_TILE_BYTES. Each loop step has a fixed cost, and fewer, larger chunks measured faster: SmolLM2's packed decode
 # went from 32-34 to 37-39 tokens/s when the tile grew from 768 KiB (a core's L2 here) to 3 MiB (the L3 is 32 MiB);
-# 6 and 12 MiB were no faster. Measured in benchmarks/bench_model.py (README, "CPU inference of packed models").
+# 6 and 12 MiB were no faster. Measured in benchmarks/bench_model.py (docs/kernels.md, CPU inference).
 CPU_DECODE_MAX_M = 4
 CPU_TILE_BYTES = 3 * 1024 * 1024
 

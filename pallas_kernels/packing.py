@@ -1,7 +1,7 @@
 """The packed layout of GPTQ weights: the one contract between quantizer, checkpoint and kernels.
 
 Everything follows the checkpoint format written by AutoGPTQ / GPTQModel and read by vLLM and transformers
-(see FORMAT.md in the project's design notes). For one linear layer with K = in_features, N = out_features,
+(see docs/checkpoints.md). For one linear layer with K = in_features, N = out_features,
 group length g (g = K when group_size is -1) and G = ceil(K / g) groups:
 
 ==========  =======  ======================  ===============================================================
@@ -373,7 +373,8 @@ class PackedWeight:
         in_features: int | None = None,
         out_features: int | None = None,
     ) -> PackedWeight:
-        """From a layer's checkpoint tensors (FORMAT.md): converts v1 zeros to true zeros and sorts act-order rows.
+        """From a layer's checkpoint tensors (docs/checkpoints.md): converts v1 zeros to true zeros and sorts
+        act-order rows.
 
         ``in_features``/``out_features`` default to what ``qweight``'s shape implies; pass them to have the
         shapes checked against the model's config.
@@ -483,7 +484,8 @@ def checkpoint_arrays(w: PackedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def to_checkpoint(w: PackedWeight, checkpoint_format: str) -> dict[str, np.ndarray]:
-    """The layer's checkpoint tensors ``{qweight, qzeros, scales, g_idx}`` (FORMAT.md) in ``gptq`` or ``gptq_v2``.
+    """The layer's checkpoint tensors ``{qweight, qzeros, scales, g_idx}`` (docs/checkpoints.md) in ``gptq``
+    or ``gptq_v2``.
 
     Raises ``ValueError`` for ``gptq`` (v1) when a zero point is 0 (see ``qzeros_v2_to_v1``): write ``gptq_v2``.
     """

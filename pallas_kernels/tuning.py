@@ -1,7 +1,7 @@
 """Tile choice as data: ``tiles.json`` maps (device kind, M) to a kernel and its tiles (as tokamax keeps configs).
 
 The table is read once. ``lookup(device_kind, m, dtype)`` returns the first matching rule as a ``Rule``; the dispatcher
-(``matmul._select``) then fits its tiles to the weight's shape. An explicit ``KernelConfig`` bypasses the table.
+(``matmul.select_plan``) then fits its tiles to the weight's shape. An explicit ``KernelConfig`` bypasses the table.
 """
 
 from __future__ import annotations

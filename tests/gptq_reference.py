@@ -11,7 +11,7 @@ import numpy as np
 
 
 def grid(w: np.ndarray, bits: int, sym: bool, fp16_scales: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero of each row of w [N, C] (the FORMAT.md grid), in float32 like the code under test.
+    """Scale and zero of each row of w [N, C] (the grid of docs/checkpoints.md), in float32 like the code under test.
 
     The grid is computed in float32 because the symmetric grid puts each group's largest weight exactly on
     a rounding tie (w / scale = maxq / 2 + 1/2); in float64 the tie breaks differently than in float32.

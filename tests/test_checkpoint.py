@@ -14,7 +14,8 @@ from helpers_models import tiny_config
 from safetensors.numpy import load_file, save_file
 
 from gptq_jax import QuantConfig, quantize
-from gptq_jax.io.checkpoint import load_orbax, load_quantized, read_quantization_config, save_orbax, save_quantized
+from gptq_jax.engine.packed import load_packed, pack, save_packed
+from gptq_jax.io.checkpoint import load_quantized, read_quantization_config, save_quantized
 from gptq_jax.models import LlamaForCausalLM, ModelConfig
 from gptq_jax.models.llama import make_forward
 from gptq_jax.models.params import save_pretrained
@@ -79,9 +80,10 @@ def test_save_load_gives_identical_logits(tmp_path, arch, qc, method):
 
 
 def _torch_unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """FORMAT.md's packing read as a little-endian bit stream along ``dim``: code i starts at bit ``bits * i`` of
-    the concatenated 32-bit words (for 3 bits it straddles words at codes 10 and 21). Written here with torch
-    from the format's facts alone, as a PyTorch-side reader would, sharing no code with ``pallas_kernels``."""
+    """The packing of docs/checkpoints.md read as a little-endian bit stream along ``dim``: code i starts at bit
+    ``bits * i`` of the concatenated 32-bit words (for 3 bits it straddles words at codes 10 and 21). Written here
+    with torch from the format's facts alone, as a PyTorch-side reader would, sharing no code with
+    ``pallas_kernels``."""
     w = words.to(torch.int64) & 0xFFFFFFFF
     if dim == 1:
         return _torch_unpack(w.T, bits, 0).T
@@ -95,8 +97,8 @@ def _torch_unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch,qc,method", CASES)
 def test_transformers_computes_our_checkpoint(tmp_path, arch, qc, method):
-    """The PyTorch side reads what we write: a torch reader built from FORMAT.md dequantizes our safetensors into
-    transformers' own model class, which then gives our quantized model's logits."""
+    """The PyTorch side reads what we write: a torch reader built from docs/checkpoints.md dequantizes our safetensors
+    into transformers' own model class, which then gives our quantized model's logits."""
     from helpers_models import build_torch_model
 
     model, tok, _ = _quantized_model(arch, qc, method=method)
@@ -131,15 +133,45 @@ def test_symmetric_v1_zeros_are_seven(tmp_path):
     model, _, _ = _quantized_model("llama", QuantConfig(bits=4, group_size=32))
     out = save_quantized(model, tmp_path / "q", quant_config=QuantConfig(bits=4, group_size=32))
     qz = load_file(os.path.join(out, "model.safetensors"))["model.layers.1.mlp.up_proj.qzeros"]
-    assert np.all(qz.view(np.uint32) == 0x77777777)  # FORMAT.md: stored nibble is always 7
+    assert np.all(qz.view(np.uint32) == 0x77777777)  # docs/checkpoints.md: stored nibble is always 7
 
 
 def test_orbax_round_trip(tmp_path):
+    """A model with QuantLinear layers (biases included) saved with Orbax comes back onto a float model of the same
+    shape, as QuantLinear layers (modules=True) or as a PackedModel: both give the logits it gave."""
     model, tok, _ = _quantized_model()
-    save_orbax(model, tmp_path / "orbax")
-    like, _, _ = _quantized_model(seed=1)
-    restored = load_orbax(like, tmp_path / "orbax")
+    want = np.asarray(make_forward(model)(tok)[0])
+    save_packed(model, tmp_path / "orbax")
+    float_like = lambda: LlamaForCausalLM(ModelConfig.from_hf_dict(tiny_config("llama_bias")), rngs=nnx.Rngs(1))  # noqa: E731
+    restored = load_packed(float_like(), tmp_path / "orbax", modules=True)
+    assert len(quantized_linears(restored)) == len(quantized_linears(model))
+    np.testing.assert_array_equal(np.asarray(make_forward(restored)(tok)[0]), want)
+    program = load_packed(float_like(), tmp_path / "orbax")
+    logits = np.asarray(program(jnp.asarray(tok))[0])
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_pack_and_pack_model_are_one_conversion(tmp_path):
+    """``pack`` (any model) and ``pack_model`` (our Llama family) hold the same PackedWeight for every weight, and
+    a PackedModel saved with Orbax loads back as QuantLinear layers."""
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(tiny_config("llama_bias")), rngs=nnx.Rngs(0))
+    tok = np.random.default_rng(0).integers(0, 128, (6, 24))
+    res = quantize(model, tok, quant_config=QuantConfig(bits=4, group_size=32), method="rtn")
+    program = pack(model, res)
+    save_packed(program, tmp_path / "program")
+    pack_model(model, res.weights)
+    for name, lin in quantized_linears(model).items():
+        a, b = lin.packed, program.packed[name.removeprefix("model.") + ".kernel"]
+        for field in ("qweight", "qzeros", "scales", "g_idx"):
+            np.testing.assert_array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)), err_msg=name)
+    like = LlamaForCausalLM(ModelConfig.from_hf_dict(tiny_config("llama_bias")), rngs=nnx.Rngs(2))
+    restored = load_packed(like, tmp_path / "program", modules=True)
     np.testing.assert_array_equal(np.asarray(make_forward(restored)(tok)[0]), np.asarray(make_forward(model)(tok)[0]))
+
+
+def test_load_packed_refuses_a_directory_it_did_not_write(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a packed model"):
+        load_packed(LlamaForCausalLM(ModelConfig.from_hf_dict(tiny_config("llama")), rngs=nnx.Rngs(0)), tmp_path)
 
 
 def test_save_refuses_bad_requests(tmp_path):
@@ -157,9 +189,10 @@ def test_save_refuses_bad_requests(tmp_path):
 
 
 def _write_foreign_checkpoint(path, *, desc_act: bool, seed: int = 0):
-    """An AutoGPTQ-era checkpoint built from FORMAT.md's facts with torch: gptq_model-4bit-32g.safetensors, a
-    quantize_config.json and no checkpoint_format (so v1), a zero bias on every layer, non-monotone g_idx for
-    desc_act. Returns the float model dir and the dequantized weights it should compute with."""
+    """An AutoGPTQ-era checkpoint built from the facts of docs/checkpoints.md with torch:
+    gptq_model-4bit-32g.safetensors, a quantize_config.json and no checkpoint_format (so v1), a zero bias on every
+    layer, non-monotone g_idx for desc_act. Returns the float model dir and the dequantized weights it should
+    compute with."""
     cfg = tiny_config("llama")
     float_dir = path / "float"
     model = LlamaForCausalLM(ModelConfig.from_hf_dict(cfg), rngs=nnx.Rngs(seed))

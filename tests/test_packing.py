@@ -1,4 +1,5 @@
-"""The packed layout (FORMAT.md): bit-exact packing for 2/3/4/8 bits, zero conventions, act-order, PackedWeight."""
+"""The packed layout (docs/checkpoints.md): bit-exact packing for 2/3/4/8 bits, zero conventions, act-order,
+PackedWeight."""
 
 from __future__ import annotations
 

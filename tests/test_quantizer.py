@@ -1,4 +1,4 @@
-"""The grid of FORMAT.md, round-to-nearest, the MSE range search, and Hessian accumulation."""
+"""The grid of docs/checkpoints.md, round-to-nearest, the MSE range search, and Hessian accumulation."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@
 D is f32 (default), bf16 or f16. Results go to stdout (with `--json`, exactly one JSON object); logs and progress
 bars go to stderr. Bad input ends with a one-line `gptq-jax <command>: error: ...` on stderr and exit status 2 (bad
 options) or 1 (bad files, failed work); Ctrl-C ends with 130 and SIGTERM with 143, after one line saying what was
-kept. `-v` (before or after the command) shows debug logs and the traceback. README "Failures and recovery" lists
+kept. `-v` (before or after the command) shows debug logs and the traceback. docs/failures.md lists
 what happens on each fault.
 
 To add a subcommand, write `add_arguments(parser)` and `run(args) -> int` and append a `Command` to `COMMANDS`;

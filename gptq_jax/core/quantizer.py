@@ -1,6 +1,6 @@
 """The quantization grid: scales and zeros, quantize, dequantize, and the round-to-nearest baseline.
 
-The grid is the one of the GPTQ checkpoint format (shared/design/FORMAT.md), so that codes match the
+The grid is the one of the GPTQ checkpoint format (docs/checkpoints.md), so that codes match the
 PyTorch tools code for code:
 
 - symmetric:  ``scale = 2 * max|w| / maxq``, ``zero = (maxq + 1) / 2``

@@ -1,11 +1,21 @@
-"""Packed inference of any quantized model: the same model code, computing its matmuls from packed weights.
+"""Packed inference of any quantized model, and its one Orbax format.
 
-``pack(model, result)`` keeps the model's float parameters and, for every quantized one, a ``PackedWeight``
-(``pallas_kernels.packing``, ``[K, N]`` with K the product of the parameter's contracting axes). Calling the
-``PackedModel`` traces the model's own forward with the quantized parameters abstract, and runs that program with
-each matmul on a quantized parameter replaced by ``pallas_kernels.gptq_matmul`` on the activation reshaped to
-``[tokens, K]`` (and the result reshaped back): Pallas on GPU, the jnp reference on CPU. Works for NNX modules and
-Linen ``apply`` functions alike; ``save_packed`` / ``load_packed`` keep it with Orbax.
+``packed_weight(qw)`` is the one conversion from a solver result (``QuantizedWeight``, ``[N, K]``) to a
+``PackedWeight`` (``pallas_kernels.packing``, ``[K, N]`` with K the product of the parameter's contracting axes).
+Two ways run a model on it, both built on that conversion:
+
+- ``pack(model, result)`` keeps the model's float parameters and a ``PackedWeight`` per quantized one. Calling the
+  ``PackedModel`` traces the model's own forward with the quantized parameters abstract, and runs that program with
+  each matmul on a quantized parameter replaced by ``pallas_kernels.gptq_matmul`` on the activation reshaped to
+  ``[tokens, K]`` (and the result reshaped back): Pallas on GPU, the jnp reference on CPU. Any NNX module or Linen
+  ``apply`` function; only the model's call is packed.
+- ``QuantLinear`` is a module computing ``x @ W + bias`` from a ``PackedWeight``; swapping a model's linear layers
+  for it (``gptq_jax.models.qlinear.pack_model`` for our Llama family) keeps every method of the model (KV-cache
+  generation, tiled evaluation) working on packed weights.
+
+``save_packed`` writes either with Orbax in one format (the float parameters by path, the packed arrays of each
+quantized parameter, and a JSON of what rebuilds each ``PackedWeight``); ``load_packed`` restores it as a
+``PackedModel``, or with ``modules=True`` as the model with ``QuantLinear`` layers.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from flax import nnx
 from gptq_jax.core.quantizer import QuantizedWeight
 from gptq_jax.engine.subject import Params
 from gptq_jax.engine.trace import _CASTS, activation_rows, run, trace
-from pallas_kernels import PackedWeight, gptq_matmul
+from pallas_kernels import PackedWeight, gptq_matmul, packing
 
 _ALIGN = 32  # K and N padded to a multiple of this, which every bit width packs into whole int32 words
 
@@ -46,6 +56,65 @@ def packed_weight(qw: QuantizedWeight, scale_dtype: Any = jnp.float16, *, pad: b
         zeros = np.pad(zeros, ((0, gp - zeros.shape[0]), (0, np_ - n)))
         g_idx = np.concatenate([g_idx, np.full(kp - k, g_idx[-1] if k else 0, g_idx.dtype)])
     return PackedWeight.from_codes(codes, scales, zeros, g_idx, bits=qw.bits, group_size=qw.group_size)
+
+
+class QuantLinear(nnx.Module):
+    """``y = x @ dequant(W) + bias`` with ``W`` packed (see ``pallas_kernels.packing.PackedWeight``).
+
+    Arrays are ``nnx.Variable``s (not ``Param``: nothing here is trained) holding the fields of a
+    ``PackedWeight``; ``bits``/``group_size`` are static. ``bias`` float ``[N]`` or None.
+    """
+
+    def __init__(self, packed: PackedWeight, bias: jax.Array | None, *, dtype: Any = jnp.float32):
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.dtype = jnp.dtype(dtype)
+        children, self._treedef = jax.tree.flatten(packed)
+        self.packed_leaves = nnx.List([nnx.Variable(c) for c in children])
+        self.bias = None if bias is None else nnx.Variable(jnp.asarray(bias, dtype))
+
+    @property
+    def packed(self) -> PackedWeight:
+        return jax.tree.unflatten(self._treedef, [v[...] for v in self.packed_leaves])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = gptq_matmul(x.astype(self.dtype), self.packed)  # (..., N) in x's dtype, f32 accumulation inside
+        if self.bias is not None:
+            y = (y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        return y
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: jax.Array | None = None, *, dtype: Any = jnp.float32,
+                       scale_dtype: Any = jnp.float16) -> QuantLinear:
+        """From the solver's ``QuantizedWeight`` (``[N, K]``) through ``packed_weight``; K and N must pack."""
+        return cls(packed_weight(qw, scale_dtype), bias, dtype=dtype)
+
+    @classmethod
+    def from_hf_tensors(cls, name: str, tensors: dict[str, np.ndarray], *, in_features: int, out_features: int,
+                        bits: int, group_size: int, checkpoint_format: str, dtype: Any = jnp.float32) -> QuantLinear:
+        """From one layer's checkpoint tensors (``qweight``, ``qzeros``, ``scales``, optional ``g_idx``, ``bias``;
+        docs/checkpoints.md)."""
+        bias = tensors.get("bias")
+        try:
+            packed = PackedWeight.from_checkpoint(
+                tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors.get("g_idx"), bits=bits,
+                group_size=group_size, checkpoint_format=checkpoint_format, in_features=in_features,
+                out_features=out_features,
+            )
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"tensor {name}.bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+        return cls(packed, None if bias is None else jnp.asarray(bias), dtype=dtype)
+
+    def hf_tensors(self, name: str, *, checkpoint_format: str) -> dict[str, np.ndarray]:
+        """This layer's checkpoint tensors under ``name.qweight`` etc. (docs/checkpoints.md); scales and bias in
+        float16."""
+        arrays = packing.to_checkpoint(self.packed, checkpoint_format)
+        out = {f"{name}.{key}": np.asarray(a) for key, a in arrays.items()}
+        out[f"{name}.scales"] = out[f"{name}.scales"].astype(np.float16)
+        if self.bias is not None:
+            out[f"{name}.bias"] = np.asarray(jax.device_get(self.bias[...])).astype(np.float16)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,28 +246,62 @@ def pack(model: Any, result: Any, *, apply_fn: Callable[..., Any] | None = None,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Orbax
+# Orbax: one format for both ways of running packed weights
 
 _META = "gptq_jax_packed.json"
+_FIELDS = ("qweight", "qzeros", "scales", "g_idx", "perm")
 
 
-def save_packed(packed: PackedModel, directory: str | os.PathLike) -> str:
-    """Save the packed and float arrays with Orbax, and what rebuilds the ``PackedWeight``s in a JSON beside."""
+@dataclasses.dataclass
+class _Record:
+    """What a packed model is on disk: float parameters by path, and per quantized parameter (``<module>.kernel``
+    for a ``QuantLinear``) its ``PackedWeight``, the parameter's shape and dtype and its contracting axes."""
+
+    floats: dict[str, Any]
+    packed: dict[str, PackedWeight]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, Any]
+    w_axes: dict[str, tuple[int, ...]]
+
+
+def _quant_linears(model: nnx.Module) -> dict[str, QuantLinear]:
+    return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, QuantLinear)}
+
+
+def _record(obj: PackedModel | nnx.Module) -> _Record:
+    if isinstance(obj, PackedModel):
+        floats = {p: x for p, x in zip(obj.params.paths, obj.params.leaves, strict=True) if p not in obj.packed}
+        return _Record(floats, dict(obj.packed), dict(obj.shapes), dict(obj.dtypes), dict(obj.w_axes))
+    if not isinstance(obj, nnx.Module):
+        raise TypeError(f"save_packed expects a PackedModel or an nnx.Module, got {type(obj).__name__}")
+    linears = _quant_linears(obj)
+    if not linears:
+        raise ValueError("the model has no QuantLinear layers: quantize it and pack it first")
+    _, state, _ = nnx.split(obj, nnx.Param, ...)
+    params = Params.of(state)
+    floats = dict(zip(params.paths, params.leaves, strict=True))
+    floats.update({f"{m}.bias": q.bias[...] for m, q in linears.items() if q.bias is not None})
+    return _Record(floats, {f"{m}.kernel": q.packed for m, q in linears.items()},
+                   {f"{m}.kernel": (q.in_features, q.out_features) for m, q in linears.items()},
+                   {f"{m}.kernel": q.dtype for m, q in linears.items()}, {f"{m}.kernel": (0,) for m in linears})
+
+
+def save_packed(packed: PackedModel | nnx.Module, directory: str | os.PathLike) -> str:
+    """Save a ``PackedModel`` (``pack``) or a model with ``QuantLinear`` layers with Orbax: the float and packed
+    arrays, and what rebuilds each ``PackedWeight`` in a JSON beside them. Returns the directory."""
     import orbax.checkpoint as ocp
 
+    rec = _record(packed)
     directory = os.path.abspath(os.fspath(directory))
-    arrays = {
-        "float": {p: np.asarray(x) for p, x in zip(packed.params.paths, packed.params.leaves, strict=True)
-                  if p not in packed.packed},
-        "packed": {p: {k: np.asarray(v) for k, v in _fields(w).items()} for p, w in packed.packed.items()},
-    }
+    arrays = {"float": {p: np.asarray(x) for p, x in rec.floats.items()},
+              "packed": {p: {k: np.asarray(v) for k, v in _fields(w).items()} for p, w in rec.packed.items()}}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory, arrays)
     meta = {
         p: {"bits": w.bits, "group_size": w.group_size, "in_features": w.in_features, "out_features": w.out_features,
-            "shape": list(packed.shapes[p]), "dtype": jnp.dtype(packed.dtypes[p]).name,
-            "w_axes": list(packed.w_axes[p]), "fields": sorted(_fields(w))}
-        for p, w in packed.packed.items()
+            "shape": list(rec.shapes[p]), "dtype": jnp.dtype(rec.dtypes[p]).name, "w_axes": list(rec.w_axes[p]),
+            "fields": sorted(_fields(w))}
+        for p, w in rec.packed.items()
     }
     tmp = os.path.join(directory, _META + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -208,50 +311,84 @@ def save_packed(packed: PackedModel, directory: str | os.PathLike) -> str:
 
 
 def _fields(w: PackedWeight) -> dict[str, Any]:
-    return {k: getattr(w, k) for k in ("qweight", "qzeros", "scales", "g_idx", "perm") if getattr(w, k) is not None}
+    return {k: getattr(w, k) for k in _FIELDS if getattr(w, k) is not None}
 
 
-def load_packed(model_like: Any, directory: str | os.PathLike, *, apply_fn: Callable[..., Any] | None = None
-                ) -> PackedModel:
-    """Restore a ``save_packed`` directory onto a model of the same structure (an NNX module, e.g. built with
-    ``nnx.eval_shape``, or Linen params with ``apply_fn``)."""
+def _read(directory: str) -> _Record:
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(os.fspath(directory))
     meta_path = os.path.join(directory, _META)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{directory} is not a packed model saved by save_packed (no {_META})")
     with open(meta_path) as f:
         meta = json.load(f)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(directory)
+    packed = {}
+    for p, m in meta.items():
+        arrays = restored["packed"][p]
+        packed[p] = PackedWeight(**{k: jnp.asarray(arrays[k]) if k in arrays else None for k in _FIELDS},
+                                 bits=m["bits"], group_size=m["group_size"], in_features=m["in_features"],
+                                 out_features=m["out_features"])
+    return _Record(restored.get("float", {}), packed, {p: tuple(m["shape"]) for p, m in meta.items()},
+                   {p: jnp.dtype(m["dtype"]) for p, m in meta.items()},
+                   {p: tuple(m["w_axes"]) for p, m in meta.items()})
+
+
+def _float_leaves(params: Params, rec: _Record, directory: str) -> list[Any]:
+    """The model's float parameters from the record, checked against the model's shapes (quantized ones: None)."""
+    want = {p: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+            for p, x in zip(params.paths, params.leaves, strict=True) if p not in rec.packed}
+    bad = [p for p in want if p not in rec.floats or tuple(np.shape(rec.floats[p])) != want[p].shape]
+    if bad:
+        raise ValueError(f"{directory}: float parameters {bad[:5]} are missing or of another shape")
+    return [jnp.asarray(rec.floats[p], want[p].dtype) if p in want else None for p in params.paths]
+
+
+def _into_modules(model: nnx.Module, rec: _Record, directory: str) -> nnx.Module:
+    """Puts a ``QuantLinear`` at each quantized ``<module>.kernel`` of ``model`` (in place) and returns the model
+    with the record's float parameters everywhere else."""
+    for p, w in rec.packed.items():
+        mod = p.removesuffix(".kernel")
+        if (mod == p or rec.w_axes[p] != (0,) or len(rec.shapes[p]) != 2
+                or (w.in_features, w.out_features) != rec.shapes[p]):
+            raise ValueError(f"{directory}: {p} is not the [K, N] kernel of a linear layer; load it with "
+                             "modules=False (a PackedModel)")
+        parent_path, _, attr = mod.rpartition(".")
+        parent = model
+        for part in filter(None, parent_path.split(".")):
+            parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+        bias = rec.floats.get(f"{mod}.bias")
+        setattr(parent, attr, QuantLinear(w, None if bias is None else jnp.asarray(bias), dtype=rec.dtypes[p]))
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    params = Params.of(state)
+    leaves = _float_leaves(params, rec, directory)
+    return nnx.merge(graphdef, params.unflatten(leaves), rest)
+
+
+def load_packed(model_like: Any, directory: str | os.PathLike, *, apply_fn: Callable[..., Any] | None = None,
+                modules: bool = False) -> Any:
+    """Restore a ``save_packed`` directory onto a model of the same structure (an NNX module, e.g. built with
+    ``nnx.eval_shape``, or Linen params with ``apply_fn``).
+
+    Returns a ``PackedModel``; with ``modules=True`` (NNX only) the model itself, each quantized linear kernel
+    (``<module>.kernel``, ``[K, N]``) served by a ``QuantLinear``, so every method of the model runs packed."""
+    directory = os.path.abspath(os.fspath(directory))
+    rec = _read(directory)
+    if modules:
+        if apply_fn is not None or not isinstance(model_like, nnx.Module):
+            raise TypeError("modules=True restores into an nnx.Module; a Linen model loads as a PackedModel")
+        return _into_modules(model_like, rec, directory)
     if apply_fn is not None:
         params = Params.of(model_like)
         call = lambda p, args, kwargs: apply_fn({"params": p}, *args, **kwargs)  # noqa: E731
     else:
         call, params = _nnx_call(model_like)
-    missing = [p for p in meta if p not in set(params.paths)]
+    missing = [p for p in rec.packed if p not in set(params.paths)]
     if missing:
         raise ValueError(f"{directory} holds quantized weights {missing[:5]} that this model does not have")
-    float_target = {p: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-                    for p, x in zip(params.paths, params.leaves, strict=True) if p not in meta}
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(directory)
-    floats = restored.get("float", {})
-    bad = [p for p in float_target if p not in floats or tuple(np.shape(floats[p])) != float_target[p].shape]
-    if bad:
-        raise ValueError(f"{directory}: float parameters {bad[:5]} are missing or of another shape")
-    params.leaves[:] = [jnp.asarray(floats[p], float_target[p].dtype) if p in float_target else None
-                        for p in params.paths]
-    packed = {}
-    for p, m in meta.items():
-        arrays = restored["packed"][p]
-        packed[p] = PackedWeight(
-            **{k: jnp.asarray(arrays[k]) if k in arrays else None for k in ("qweight", "qzeros", "scales", "g_idx",
-                                                                          "perm")},
-            bits=m["bits"], group_size=m["group_size"], in_features=m["in_features"], out_features=m["out_features"],
-        )
-    return PackedModel(call, params, packed, {p: tuple(m["w_axes"]) for p, m in meta.items()},
-                       {p: tuple(m["shape"]) for p, m in meta.items()},
-                       {p: jnp.dtype(m["dtype"]) for p, m in meta.items()})
+    params.leaves[:] = _float_leaves(params, rec, directory)
+    return PackedModel(call, params, rec.packed, rec.w_axes, rec.shapes, rec.dtypes)
 
 
-__all__ = ["PackedModel", "load_packed", "pack", "packed_weight", "save_packed"]
+__all__ = ["PackedModel", "QuantLinear", "load_packed", "pack", "packed_weight", "save_packed"]

@@ -1,4 +1,4 @@
-"""GPTQ checkpoints in the Hugging Face format the PyTorch tools read and write (shared/design/FORMAT.md).
+"""GPTQ checkpoints in the Hugging Face format the PyTorch tools read and write (docs/checkpoints.md).
 
 A directory with ``config.json`` (the model's config plus ``quantization_config``), ``quantize_config.json``
 (the same fields, for AutoGPTQ-era readers), safetensors weights (``model.safetensors`` or shards with
@@ -8,7 +8,8 @@ A directory with ``config.json`` (the model's config plus ``quantization_config`
 
 Symmetric models are written as ``checkpoint_format: "gptq"`` (v1: stored zero - 1, what every reader expects);
 asymmetric ones as ``gptq_v2`` (true zeros), since v1 cannot store a zero of 0. Reading honours
-``checkpoint_format`` and defaults to v1. Also ``save_orbax`` / ``load_orbax`` for JAX-native pipelines.
+``checkpoint_format`` and defaults to v1. JAX-native pipelines save packed models with Orbax instead:
+``gptq_jax.engine.packed.save_packed`` / ``load_packed``.
 """
 
 from __future__ import annotations
@@ -479,39 +480,10 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
     return model, config
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Orbax, for JAX-native pipelines
-
-
-def save_orbax(model: LlamaForCausalLM, directory: str | os.PathLike) -> None:
-    """Save the model's full parameter pytree (packed quantized arrays included) with Orbax."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.fspath(directory))
-    _, state = nnx.split(model)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory, nnx.to_pure_dict(state))
-
-
-def load_orbax(model_like: LlamaForCausalLM, directory: str | os.PathLike) -> LlamaForCausalLM:
-    """Restore into a model of the same structure (e.g. ``load_quantized`` of the same checkpoint, or a model
-    packed with the same options): returns a new model holding the restored arrays."""
-    import orbax.checkpoint as ocp
-
-    graphdef, state = nnx.split(model_like)
-    target = nnx.to_pure_dict(state)
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.abspath(os.fspath(directory)), target)
-    nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
-
-
 __all__ = [
     "CHECKPOINT_FORMATS",
-    "load_orbax",
     "load_quantized",
     "quantization_config",
     "read_quantization_config",
-    "save_orbax",
     "save_quantized",
 ]

@@ -3,7 +3,7 @@
 - ``ModelConfig``: frozen, hashable; ``ModelConfig.from_json(path)`` / ``from_hf_dict(d)`` / ``to_hf_dict()``.
 - ``LlamaForCausalLM(config, *, dtype, rngs)``: Llama 2/3, Mistral, Qwen2, Qwen3. ``model(tokens, attention_mask=,
   positions=, cache=) -> (logits, cache)``; ``model.embed`` / ``model.layers[i](h, positions=, attention_mask=,
-  capture=)`` / ``model.head`` for layer-by-layer work.
+  cache=)`` / ``model.head`` for layer-by-layer work.
 - ``Linear``: the single projection layer type (what quantization replaces).
 - ``make_forward(model)``: jitted forward. ``init_cache``, ``make_positions``: decoding helpers.
 - ``load_pretrained(path, *, dtype) -> (model, config)``, ``open_pretrained(path, *, dtype) -> (abstract model,
