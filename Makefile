@@ -10,7 +10,13 @@ INTEROP_VENV ?= .venv-gptqmodel
 INTEROP_REQS := tests/interop/gptqmodel-cpu-requirements.txt
 INTEROP_STAMP := $(INTEROP_VENV)/.installed
 
-.PHONY: test demo install interop-venv lint bench clean cuda-venv gpu-check
+.PHONY: test demo install interop-venv lint bench clean cuda-venv gpu-check hf-flax
+
+# Hugging Face's Flax Llama (transformers 4.x; 5.x has no Flax models), for tests/test_engine_hf_flax.py: installed
+# with --no-deps into a directory put first on the path of that test's child process only, beside the pinned
+# tokenizers/huggingface_hub that transformers 4 checks for at import. About 60 MB.
+HF_FLAX_DIR ?= .venv-hf-flax
+HF_FLAX_STAMP := $(HF_FLAX_DIR)/.installed
 
 # A second venv, only for compiling the Pallas kernels to sm_90a without a GPU (tests/test_sm90_compile.py):
 # JAX's CUDA plugin registers the Triton compile handler, and the nvcc wheel brings ptxas. --no-deps keeps the
@@ -48,11 +54,19 @@ $(INTEROP_STAMP): $(INTEROP_REQS)
 
 interop-venv: $(INTEROP_STAMP)
 
+$(HF_FLAX_STAMP): | $(PY)
+	rm -rf $(HF_FLAX_DIR)
+	$(PY) -m pip install -q --no-deps --target $(HF_FLAX_DIR) "transformers==4.57.*" "tokenizers>=0.22,<=0.23.0" \
+		"huggingface_hub>=0.34,<1.0"
+	touch $(HF_FLAX_STAMP)
+
+hf-flax: $(HF_FLAX_STAMP)
+
 # SM90_COMPILE_VENV makes the sm_90a compile check mandatory (it fails, not skips, if that venv is broken), and
 # GPTQ_JAX_REQUIRE_INTEROP the GPTQModel interop tests. loadgroup keeps each xdist_group (the GPTQModel interop
 # module) on one worker, so its fixture runs once.
-test: $(STAMP) $(CUDA_STAMP) $(INTEROP_STAMP)
-	SM90_COMPILE_VENV=$(CUDA_VENV) GPTQ_JAX_REQUIRE_INTEROP=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 \
+test: $(STAMP) $(CUDA_STAMP) $(INTEROP_STAMP) $(HF_FLAX_STAMP)
+	SM90_COMPILE_VENV=$(CUDA_VENV) GPTQ_JAX_REQUIRE_INTEROP=1 GPTQ_JAX_HF_FLAX=$(HF_FLAX_DIR) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 \
 		--dist loadgroup --durations=15 tests
 
 # Fetches and converts SmolLM2-135M-Instruct, then float vs RTN vs GPTQ at 4-bit group 128 (see examples/demo.py).

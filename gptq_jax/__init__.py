@@ -10,8 +10,10 @@ Core (one layer at a time, pure and jitted):
 
 Whole models:
 
-- ``quantize(model, calib, quant_config=...)``: block-by-block GPTQ of any Flax model (NNX, or Linen params with
-  ``apply_fn=``): every matmul that reads a parameter is found in the traced program (``gptq_jax.engine``).
+- ``quantize(model, calib, quant_config=...)``: block-by-block GPTQ of any Flax model (NNX, or a parameter pytree
+  with a Linen ``apply_fn=`` or any ``forward=f(params, batch)``): every matmul that reads a parameter is found in
+  the traced program (``gptq_jax.engine``). ``Rule(pattern, config)``: per-weight configs; ``Solver``: the
+  per-weight solve, replaceable.
 - ``pack(model, result)``: the quantized model computing from packed weights (``gptq_jax.engine.packed``).
 """
 
@@ -21,6 +23,8 @@ from gptq_jax.core.hessian import accumulate_hessian, init_hessian
 from gptq_jax.core.quantizer import QuantizedWeight, rtn_quantize
 from gptq_jax.engine.driver import QuantizeResult, QuantReport, quantize
 from gptq_jax.engine.packed import pack
+from gptq_jax.engine.rules import Rule
+from gptq_jax.engine.solve import Solver
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -28,6 +32,8 @@ __all__ = [
     "QuantReport",
     "QuantizeResult",
     "QuantizedWeight",
+    "Rule",
+    "Solver",
     "accumulate_hessian",
     "init_hessian",
     "pack",

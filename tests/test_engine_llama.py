@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -250,24 +251,21 @@ def test_output_error_sample_changes_the_report_only(monkeypatch):
     assert driver._error_sample([[np.zeros((5, 24, 8))]] * 1) == 1
 
 
-def test_the_solver_hook_benchmarks_swap_is_the_engines_only_call(monkeypatch):
-    """``benchmarks/lowbit_solver_swap.py`` and ``paper_pipeline.py`` replace ``driver.quantize_weights`` to trace or
-    swap the solver: every GPTQ weight goes through it, with the stage's Hessian, and what it returns is what the
-    engine stores and writes back."""
-    from gptq_jax.engine import driver
+def test_the_solver_hook_sees_every_stage_and_its_result_is_what_the_engine_keeps():
+    """``quantize(solver=...)``: every GPTQ weight goes through it, stage by stage with the stage's Hessian, and what
+    it returns is what the engine stores and writes back (the investigations use this instead of patching)."""
+    from gptq_jax.core.gptq import quantize_weights
 
     seen = []
-    solve = driver.quantize_weights
 
     def traced(ws, h, config):
         seen.append(([tuple(w.shape) for w in ws], tuple(h.shape), config))
-        qws = solve(ws, h, config)
+        qws = quantize_weights(ws, h, config)
         # Hand on a marked result: flip the codes of the first row to show it is this one the engine keeps.
         return [dataclasses.replace(qw, codes=qw.codes.at[0].set(0)) for qw in qws]
 
-    monkeypatch.setattr(driver, "quantize_weights", traced)
     model = _model()
-    res = quantize(model, _calib(), quant_config=QC, batch_size=5)
+    res = quantize(model, _calib(), quant_config=QC, batch_size=5, solver=traced)
     assert sum(len(shapes) for shapes, _, _ in seen) == len(res.weights) == 14
     assert [len(shapes) for shapes, _, _ in seen[:4]] == [3, 1, 2, 1]  # q/k/v, o, gate/up, down
     assert all(k == hk == hk2 for shapes, (hk, hk2), _ in seen for _, k in shapes)
@@ -279,6 +277,24 @@ def test_the_solver_hook_benchmarks_swap_is_the_engines_only_call(monkeypatch):
     np.testing.assert_allclose(np.asarray(q[:, 0]), np.asarray(w0.dequantize()[0]), rtol=2e-3, atol=1e-4)
 
 
+def test_the_solver_hook_write_decides_what_the_model_computes_with():
+    """``Solver(write=...)``: the value written back is the hook's, e.g. float32 scales instead of float16."""
+    from gptq_jax.engine.solve import Solver, dequantized
+
+    model = _model()
+    qc = dataclasses.replace(QC, fp16_scales=False)  # scales fitted in float32, so float16 would round them
+    res = quantize(model, _calib(), quant_config=qc, batch_size=5,
+                   solver=Solver(write=lambda qw: dequantized(qw, jnp.float32)))
+    w0 = res.weights["layers.0.mlp.down_proj.kernel"]
+    k = model.layers[0].mlp.down_proj.kernel[...]
+    np.testing.assert_allclose(np.asarray(k).T, np.asarray(dequantized(w0, jnp.float32)), rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(np.asarray(k).T, np.asarray(dequantized(w0, jnp.float16)))
+    with pytest.raises(ValueError, match="cannot be combined with method='rtn'"):
+        quantize(_model(), _calib(), quant_config=QC, method="rtn", solver=Solver())
+    with pytest.raises(NotImplementedError, match="not gathered by the engine"):
+        Solver(statistics=("hessian", "float_inputs"))
+
+
 def test_freed_memory_goes_back_to_the_os_after_each_block(monkeypatch):
     from gptq_jax.engine import driver
 
@@ -288,5 +304,7 @@ def test_freed_memory_goes_back_to_the_os_after_each_block(monkeypatch):
     assert len(calls) == 2  # one per decoder layer
     monkeypatch.undo()
     assert driver.release_freed_memory() is True  # glibc, as on every machine the suite runs on
-    monkeypatch.setattr(driver, "_malloc_trim", lambda: None)
-    assert driver.release_freed_memory() is False
+    from gptq_jax.engine import memory
+
+    monkeypatch.setattr(memory, "malloc_trim", lambda: None)
+    assert memory.release_freed_memory() is False

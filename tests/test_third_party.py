@@ -127,9 +127,10 @@ def test_tunix_model_quantizes_packs_and_saves(tunix, name, tmp_path):
     jax.clear_caches()
 
 
-def test_recurrentgemma_griffin_linen_one_shot(tmp_path):
-    """A Linen model from PyPI: Griffin's dense projections are quantized; its block-diagonal gates (a matmul with
-    a batch axis), its conv and the tied embedding are reported and kept float."""
+def test_recurrentgemma_griffin_linen_block_by_block(tmp_path):
+    """A Linen model from PyPI, quantized block by block (its ``blocks_0``, ``blocks_1`` parameter subtrees, a
+    recurrent block then an attention block): Griffin's dense projections are quantized; its block-diagonal gates
+    (a matmul with a batch axis), its conv and the tied embedding are reported and kept float."""
     root = _unpacked("recurrentgemma==1.0.1", "recurrentgemma-1.0.1-*.whl") / "recurrentgemma"
     _stub("recurrentgemma", root)  # its __init__ pulls in torch and sentencepiece; the model needs neither
     _stub("recurrentgemma.jax", root / "jax")
@@ -156,12 +157,13 @@ def test_recurrentgemma_griffin_linen_one_shot(tmp_path):
     qc = QuantConfig(bits=3, group_size=16)
     res = gptq_jax.quantize(params, calib, apply_fn=net.apply, forward=forward, quant_config=qc)
     rtn = gptq_jax.quantize(params, calib, apply_fn=net.apply, forward=forward, quant_config=qc, method="rtn")
-    assert res.report.mode == "one-shot"
+    assert res.report.mode == "blocks"
+    assert [r["path"] for r in res.report.blocks] == ["blocks.0", "blocks.1"]
     assert "blocks.1.attention_block.proj_q.kernel" in res.weights
     assert "blocks.0.recurrent_block.linear_x.kernel" in res.weights
     reasons = {r["path"]: r["reason"] for r in res.report.unquantized}
     assert "batch dimensions" in reasons["blocks.0.recurrent_block.rg_lru.a_gate.w"]
-    assert "gather" in reasons["embedder.input_embedding"]
+    assert reasons["embedder.input_embedding"] == "outside the repeated blocks"
     err = lambda p: float(jnp.mean((forward(p, held) - ref) ** 2))  # noqa: E731
     assert err(res.model) < err(rtn.model)
     packed = pack(res.model, res, apply_fn=net.apply)

@@ -28,10 +28,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 import gptq_reference  # noqa: E402
 
-import gptq_jax.engine.driver as pipeline  # noqa: E402  (the driver: its only call into the solver)
 from gptq_jax import QuantConfig, quantize  # noqa: E402
 from gptq_jax.core.calibration import random_windows  # noqa: E402
-from gptq_jax.core.gptq import quantize_weight, quantize_weights  # noqa: E402
+from gptq_jax.core.gptq import quantize_weight  # noqa: E402
 from gptq_jax.core.quantizer import CODE_DTYPE, QuantizedWeight  # noqa: E402
 from gptq_jax.io.default_model import fetch_smollm2  # noqa: E402
 from gptq_jax.io.text import default_calibration_text, default_eval_text, tokenize  # noqa: E402
@@ -181,17 +180,16 @@ def main(argv=None) -> int:
             objectives.append({name: objective(w, qw, h) for name, qw in outs.items()})
             return outs[label]
 
-        # The pipeline's only call into the solver; it hands over the weights sharing a Hessian together.
-        pipeline.quantize_weights = lambda ws, h, config, traced=traced: [traced(w, h, config) for w in ws]
+        # The engine's solver hook; it hands over the weights sharing a Hessian together.
         model, _ = load_pretrained(model_dir)
         t0 = time.perf_counter()
-        res = quantize(model, calib, quant_config=qc)
+        res = quantize(model, calib, quant_config=qc,
+                       solver=lambda ws, h, config, traced=traced: [traced(w, h, config) for w in ws])
         secs = time.perf_counter() - t0
         ppl = perplexity(model, eval_ids, seqlen=args.seqlen, batch_size=4, max_windows=args.eval_windows).perplexity
         names = [r["name"] for r in res.report.linears]
         runs[label] = {"perplexity": ppl, "seconds": secs, "objectives": dict(zip(names, objectives, strict=True))}
         print(f"{label}: perplexity {ppl:.3f} ({secs:.0f} s)", flush=True)
-    pipeline.quantize_weights = quantize_weights
     payload = {
         "benchmark": "lowbit_solver_swap",
         "config": tag,

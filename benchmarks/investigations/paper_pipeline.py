@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -49,9 +50,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import lowbit_solver_swap  # noqa: E402  (paper_solver)
 
-import gptq_jax.engine.driver as driver  # noqa: E402
 from gptq_jax import QuantConfig, quantize  # noqa: E402
 from gptq_jax.core.calibration import random_windows  # noqa: E402
+from gptq_jax.core.gptq import quantize_weights  # noqa: E402
+from gptq_jax.engine.solve import Solver, dequantized  # noqa: E402
 from gptq_jax.io.default_model import fetch_smollm2  # noqa: E402
 from gptq_jax.io.text import default_calibration_text, default_eval_text, tokenize  # noqa: E402
 from gptq_jax.models import load_pretrained, load_tokenizer  # noqa: E402
@@ -247,23 +249,23 @@ def write_into_jax(jmodel, tmodel) -> None:
 # Our pipeline, with the same records
 
 
-def ours_pipeline(jmodel, calib, qc: QuantConfig, *, true_sequential: bool = True) -> tuple[dict, dict, dict, dict]:
+def ours_pipeline(jmodel, calib, qc: QuantConfig, *, true_sequential: bool = True,
+                  scale_dtype: str = "float16") -> tuple[dict, dict, dict, dict]:
     """(per-linear records, per-layer records, Hessians of one linear per stage, the dequantized ``[N, K]`` weights
-    as our engine writes them back) of ``gptq_jax.quantize``."""
-    solve = driver.quantize_weights
+    as our engine writes them back, scales rounded to ``scale_dtype``) of ``gptq_jax.quantize``."""
+    import jax.numpy as jnp
+
+    write = functools.partial(dequantized, scale_dtype=getattr(jnp, scale_dtype))
     linears, hessians = {}, {}
     order = []
 
     def traced(ws, h, config):  # the weights of a stage that share its Hessian, solved together
-        qws = solve(ws, h, config)
+        qws = quantize_weights(ws, h, config)
         order.extend((np.asarray(w, np.float32), qw, np.asarray(h, np.float32)) for w, qw in zip(ws, qws, strict=True))
         return qws
 
-    driver.quantize_weights = traced
-    try:
-        res = quantize(jmodel, calib, quant_config=qc, true_sequential=true_sequential)
-    finally:
-        driver.quantize_weights = solve
+    res = quantize(jmodel, calib, quant_config=qc, true_sequential=true_sequential,
+                   solver=Solver(solve=traced, write=write))
     for r, (w, qw, h) in zip(res.report.linears, order, strict=True):
         linears[r["name"]] = {"objective": objective(w, qw, h)}
         short = r["name"].removesuffix(".kernel").split(".", 2)[2]
@@ -271,7 +273,7 @@ def ours_pipeline(jmodel, calib, qc: QuantConfig, *, true_sequential: bool = Tru
             hessians[r["name"]] = h
     layers = [{"layer": rec["layer"], "relative_output_error": rec["relative_output_error"],
                "seconds": rec["seconds"]} for rec in res.report.layers]
-    written = {n: np.array(driver.dequantized(qw), np.float32) for n, qw in res.weights.items()}
+    written = {n: np.array(write(qw), np.float32) for n, qw in res.weights.items()}
     return linears, layers, hessians, written
 
 
@@ -350,13 +352,8 @@ def main(argv=None) -> int:
     if "ours" in args.pipelines:
         jmodel, _ = load_pretrained(model_dir)
         t0 = time.perf_counter()
-        written = driver.dequantized
-        if args.ours_scale_dtype != "float16":
-            driver.dequantized = lambda qw, scale_dtype=args.ours_scale_dtype: written(qw, scale_dtype)
-        try:
-            lin, lay, ours_h, ours_w = ours_pipeline(jmodel, calib, qc, true_sequential=ts)
-        finally:
-            driver.dequantized = written
+        lin, lay, ours_h, ours_w = ours_pipeline(jmodel, calib, qc, true_sequential=ts,
+                                                 scale_dtype=args.ours_scale_dtype)
         secs = time.perf_counter() - t0
         run = {"seconds": secs, "linears": lin, "layers": lay, "perplexity": jax_ppl(jmodel)}
         payload["runs"]["ours"] = run

@@ -43,18 +43,17 @@ def run_variant(args) -> list[dict]:
     """In this process: quantize once per seed with ``args.variant`` and score each result."""
     import jax.numpy as jnp
 
-    import gptq_jax.engine.driver as driver
     from gptq_jax import QuantConfig, quantize
     from gptq_jax.core.calibration import random_windows
+    from gptq_jax.engine.solve import Solver, dequantized
     from gptq_jax.io.default_model import fetch_smollm2
     from gptq_jax.io.text import default_calibration_text, default_eval_text, tokenize
     from gptq_jax.models import load_pretrained, load_tokenizer
     from gptq_jax.models.qlinear import pack_model
     from gptq_jax.tasks.eval import perplexity
 
-    if args.variant == "writeback_f32":
-        written = driver.dequantized
-        driver.dequantized = lambda qw, scale_dtype=jnp.float32: written(qw, scale_dtype)
+    # writeback_f32: the engine writes back float32 scales, so the next block sees what the solver fitted.
+    solver = Solver(write=lambda qw: dequantized(qw, jnp.float32)) if args.variant == "writeback_f32" else None
     model_dir = fetch_smollm2()
     tok = load_tokenizer(model_dir)
     ids = tokenize(tok, default_calibration_text())
@@ -67,7 +66,7 @@ def run_variant(args) -> list[dict]:
         calib = random_windows(ids, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
         model, _ = load_pretrained(model_dir)
         t0 = time.perf_counter()
-        res = quantize(model, calib, quant_config=qc)
+        res = quantize(model, calib, quant_config=qc, solver=solver)
         seconds = time.perf_counter() - t0
         pack_model(model, res.weights)
         ppl = float(perplexity(model, eval_ids, seqlen=args.seqlen, batch_size=4).perplexity)

@@ -75,7 +75,6 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from safetensors.numpy import load_file
 
-    import gptq_jax.engine.driver as driver
     from gptq_jax import QuantConfig, quantize
     from gptq_jax.core.calibration import random_windows
     from gptq_jax.io.default_model import fetch_smollm2
@@ -108,19 +107,21 @@ def main(argv=None) -> int:
             if key.endswith("_proj.weight"):
                 names[hashlib.sha1(np.ascontiguousarray(v, np.float32).tobytes()).hexdigest()] = key[: -len(".weight")]
 
-    solve, write = driver.quantize_weights, driver.written_back
+    from gptq_jax.core.gptq import quantize_weights
+    from gptq_jax.engine.solve import Solver, dequantized
+
     theirs: dict[int, np.ndarray] = {}  # id of our result -> GPTQModel's weight to write back instead
     linears = []
 
     def traced(ws, h, config):
-        qws = solve(ws, h, config)
+        qws = quantize_weights(ws, h, config)
         h_ours = np.asarray(h, np.float32)
         for w, qw in zip(ws, qws, strict=True):
             w = np.asarray(w, np.float32)
             name = names[hashlib.sha1(np.ascontiguousarray(w).tobytes()).hexdigest()]
             h_theirs, q_theirs = rec[f"H::{name}"], rec[f"Q::{name}"]
             a, b = h_ours / np.mean(np.diag(h_ours)), h_theirs / np.mean(np.diag(h_theirs))
-            ours = objective(w, np.asarray(driver.dequantized(qw)), h_ours)
+            ours = objective(w, np.asarray(dequantized(qw)), h_ours)
             theirs_file = objective(w, file_weight(q_theirs, rec[f"S::{name}"], args.group_size), h_ours)
             linears.append({"name": name, "hessian_rel_diff": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
                             "objective_gptq_jax": ours, "objective_gptqmodel": theirs_file,
@@ -128,17 +129,12 @@ def main(argv=None) -> int:
             theirs[id(qw)] = q_theirs
         return qws
 
-    def written_back(qw, shape, w_axes, dtype):
-        q = theirs.pop(id(qw))
-        return driver.from_matrix(jnp.asarray(q), shape, w_axes).astype(dtype)
+    def written_back(qw):  # [N, K]: GPTQModel's weight goes on into the next stages instead of ours
+        return jnp.asarray(theirs.pop(id(qw)))
 
-    driver.quantize_weights, driver.written_back = traced, written_back
-    try:
-        model, _ = load_pretrained(model_dir)
-        qc = QuantConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym)
-        quantize(model, calib, quant_config=qc)
-    finally:
-        driver.quantize_weights, driver.written_back = solve, write
+    model, _ = load_pretrained(model_dir)
+    qc = QuantConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym)
+    quantize(model, calib, quant_config=qc, solver=Solver(solve=traced, write=written_back))
     if len(linears) != 30 * len(LINEARS) or theirs:
         raise RuntimeError(f"traced {len(linears)} linears, {len(theirs)} not written back")
 

@@ -344,8 +344,8 @@ def _after_save_of_process_0(work: Path | None) -> None:
     blocks. If process 0 fails to save, the others never pass the barrier and keep theirs for a rerun."""
     import jax
 
-    from gptq_jax.engine.driver import process_work_dir
     from gptq_jax.engine.resume import remove_store
+    from gptq_jax.engine.workdir import process_work_dir
 
     if jax.process_count() == 1:
         if work is not None:

@@ -34,7 +34,7 @@ from flax import nnx
 
 from gptq_jax.core.quantizer import QuantizedWeight
 from gptq_jax.engine.subject import Params
-from gptq_jax.engine.trace import _CASTS, activation_rows, run, trace
+from gptq_jax.engine.trace import CASTS, activation_rows, run, trace
 from pallas_kernels import PackedWeight, gptq_matmul, packing
 
 _ALIGN = 32  # K and N padded to a multiple of this, which every bit width packs into whole int32 words
@@ -164,7 +164,7 @@ def _replacer(traced: Any) -> Callable[[int, list[Any]], list[Any] | None]:
         eqn = eqns[idx]
         name = eqn.primitive.name
         ref = invals[sides[0]]
-        if name in _CASTS:
+        if name in CASTS:
             return [ref]
         if name == "transpose":
             return [dataclasses.replace(ref, axes=tuple(ref.axes[p] for p in eqn.params["permutation"]))]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,42 @@ class Stage:
         return max(u.eqn for u in self.captures)
 
 
+class Window(NamedTuple):
+    """Slice ``j`` of a pass: it runs equations ``[start, stop)`` (``stop=None``: to the outputs) from the carry live
+    at ``start`` (the inputs when ``start == 0``) and folds the activations of equations ``[lo, hi]`` into the
+    Hessians of ``stages``."""
+
+    start: int
+    stop: int | None
+    lo: int
+    hi: int
+    stages: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The true-sequential windows of a block: slice ``j`` ends at stage j's cut, so stage j can be quantized
+    before anything reads its weights; the last slice (``j == len(stages)``) runs on to the outputs. ``window(None)``
+    is the one-pass window: the whole block, folding every stage."""
+
+    cuts: tuple[int, ...]  # stage j's cut
+    reads: tuple[tuple[int, ...], ...]  # stage j's capture equations
+    num_eqns: int
+
+    def __len__(self) -> int:
+        return len(self.cuts) + 1
+
+    def window(self, j: int | None) -> Window:
+        if j is None:
+            return Window(0, None, 0, self.num_eqns, tuple(range(len(self.cuts))))
+        start = 0 if j == 0 else self.cuts[j - 1]
+        stop = self.cuts[j] if j < len(self.cuts) else None
+        lo = 0 if j == 0 else start + 1
+        hi = self.num_eqns if stop is None else stop
+        stages = tuple(s for s in range(j, len(self.cuts)) if any(lo <= e <= hi for e in self.reads[s]))
+        return Window(start, stop, lo, hi, stages)
+
+
 @dataclasses.dataclass
 class Plan:
     traced: Traced
@@ -49,6 +85,11 @@ class Plan:
     configs: dict[int, QuantConfig]
     skipped: dict[int, str]  # parameter -> why it stays float
     fns: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(tuple(st.cut for st in self.stages), tuple(tuple(u.eqn for u in st.captures)
+                                                                    for st in self.stages), len(self.traced.eqns))
 
 
 def make_plan(
@@ -146,15 +187,9 @@ def slice_fn(plan: Plan, j: int | None) -> Any:
     leaves for the first slice, else the previous slice's carry. ``hess`` maps stage -> ``(h, n)``."""
     if j in plan.fns:
         return plan.fns[j]
-    traced, stages = plan.traced, plan.stages
-    if j is None:
-        lo, hi, start, stop, ids = 0, len(traced.eqns), 0, None, list(range(len(stages)))
-    else:
-        start = 0 if j == 0 else stages[j - 1].cut
-        stop = stages[j].cut if j < len(stages) else None
-        lo = 0 if j == 0 else start + 1
-        hi = stop if stop is not None else len(traced.eqns)
-        ids = list(range(len(stages)))
+    traced = plan.traced
+    start, stop, lo, hi, _ = plan.schedule.window(j)
+    ids = list(range(len(plan.stages)))
     keep = live_at(traced, stop) if stop is not None else []
     first = start == 0
     start_vars = None if first else live_at(traced, start)
@@ -195,15 +230,6 @@ def lookahead_fn(plan: Plan, j: int) -> Any:
 
 def empty_hessians(plan: Plan, stage_ids: Sequence[int]) -> dict[int, Any]:
     return {s: init_hessian(plan.stages[s].k) for s in stage_ids}
-
-
-def stages_in_slice(plan: Plan, j: int | None) -> list[int]:
-    """Stages whose activations slice ``j`` meets (so their Hessians must go in)."""
-    if j is None:
-        return list(range(len(plan.stages)))
-    lo = 0 if j == 0 else plan.stages[j - 1].cut + 1
-    hi = plan.stages[j].cut if j < len(plan.stages) else len(plan.traced.eqns)
-    return [s for s, st in enumerate(plan.stages) if s >= j and any(lo <= u.eqn <= hi for u in st.captures)]
 
 
 def float_outputs_fn(plan: Plan) -> Any:

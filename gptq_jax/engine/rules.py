@@ -1,8 +1,12 @@
-"""Per-weight quantization rules: one ``QuantConfig`` for everything, or an ordered list of (regex, config).
+"""Per-weight quantization rules: one ``QuantConfig`` for everything, or an ordered list of ``Rule``.
 
-``[(r"mlp\\.down_proj", QuantConfig(bits=8)), (r"lm_head", None), (r".*", QuantConfig(bits=4))]``: the first
-pattern that matches a parameter's path (``re.search``) decides; ``None`` keeps the weight in float. A path that
-no pattern matches stays float too. This is the shape of the PyTorch tools' per-module overrides.
+``[Rule(r".*\\.mlp\\.down_proj\\.kernel", QuantConfig(bits=8)), Rule(r"lm_head.*", None), Rule(r".*", QC)]``: the
+first rule whose ``pattern`` matches a parameter's whole dotted path (``re.fullmatch``) decides; ``None`` keeps the
+weight in float. A path that no rule matches stays float too. Whole-path matching means ``.*mlp\\.down`` does not
+also catch ``mlp.down_proj_2``'s neighbours by accident: say ``.*`` where any text may follow.
+
+A plain ``(regex, config)`` pair, the older form, is still accepted and keeps its meaning: it matches anywhere in
+the path (``re.search``), so it becomes ``Rule(".*(?:regex).*", config)``.
 """
 
 from __future__ import annotations
@@ -14,37 +18,73 @@ from typing import Any
 
 from gptq_jax.core.config import QuantConfig
 
-Rules = QuantConfig | Sequence[tuple[str, QuantConfig | None]]
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """``pattern``: a regex matched against a parameter's whole dotted path (``layers.3.mlp.up_proj.kernel``);
+    ``config``: its ``QuantConfig``, or None to keep it float."""
+
+    pattern: str
+    config: QuantConfig | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"Rule pattern must be a str, got {self.pattern!r}")
+        if self.config is not None and not isinstance(self.config, QuantConfig):
+            raise TypeError(f"Rule({self.pattern!r}): {self.config!r} is neither a QuantConfig nor None")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regular expression ({e})") from None
+
+    def matches(self, path: str) -> bool:
+        return _compiled(self.pattern).fullmatch(path) is not None
 
 
-def compile_rules(rules: Rules) -> list[tuple[re.Pattern, QuantConfig | None]]:
+Rules = QuantConfig | Sequence[Rule | tuple[str, QuantConfig | None]]
+
+
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def compile_rules(rules: Rules) -> list[Rule]:
+    """``rules`` as a list of ``Rule``, checked (each problem named by its index)."""
     if isinstance(rules, QuantConfig):
-        return [(re.compile(".*"), rules)]
+        return [Rule(".*", rules)]
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        raise TypeError(f"quant_config must be a QuantConfig or a list of (regex, QuantConfig | None), got {rules!r}")
+        raise TypeError(f"quant_config must be a QuantConfig or a list of Rule(pattern, QuantConfig | None), "
+                        f"got {rules!r}")
     out = []
     for i, item in enumerate(rules):
+        if isinstance(item, Rule):
+            out.append(item)
+            continue
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise TypeError(f"quant_config[{i}] must be a (regex, QuantConfig | None) pair, got {item!r}")
+            raise TypeError(f"quant_config[{i}] must be a Rule or a (regex, QuantConfig | None) pair, got {item!r}")
         pattern, qc = item
-        if qc is not None and not isinstance(qc, QuantConfig):
-            raise TypeError(f"quant_config[{i}]: {qc!r} is neither a QuantConfig nor None")
+        if not isinstance(pattern, str):
+            raise ValueError(f"quant_config[{i}]: {pattern!r} is not a valid regular expression (not a str)")
         try:
-            out.append((re.compile(pattern), qc))
-        except (re.error, TypeError) as e:
+            re.compile(pattern)
+            out.append(Rule(f".*(?:{pattern}).*", qc))
+        except re.error as e:
             raise ValueError(f"quant_config[{i}]: {pattern!r} is not a valid regular expression ({e})") from None
+        except TypeError as e:
+            raise TypeError(f"quant_config[{i}]: {e}") from None
     return out
 
 
-def config_for(rules: list[tuple[re.Pattern, QuantConfig | None]], path: str) -> QuantConfig | None:
-    for pattern, qc in rules:
-        if pattern.search(path):
-            return qc
+def config_for(rules: Sequence[Rule], path: str) -> QuantConfig | None:
+    for rule in rules:
+        if rule.matches(path):
+            return rule.config
     return None
 
 
 def describe(rules: Rules) -> Any:
-    """A JSON-able description for reports and fingerprints."""
+    """A JSON-able description for reports and fingerprints: ``[pattern, config or None]`` per rule, as written."""
     if isinstance(rules, QuantConfig):
         return dataclasses.asdict(rules)
-    return [[p, None if qc is None else dataclasses.asdict(qc)] for p, qc in rules]
+    pairs = [(r.pattern, r.config) if isinstance(r, Rule) else tuple(r) for r in rules]
+    return [[p, None if qc is None else dataclasses.asdict(qc)] for p, qc in pairs]

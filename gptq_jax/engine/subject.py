@@ -12,7 +12,7 @@ import dataclasses
 import fnmatch
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +99,16 @@ class NNXBlock:
         nnx.update(self.module, params.unflatten())
 
 
-def _module_paths(model: nnx.Module) -> list[tuple[str, Any, Any, nnx.Module]]:
+class Found(NamedTuple):
+    """A submodule found in a model: its dotted ``path``, the ``parent`` holding it under ``key``, and the module."""
+
+    path: str
+    parent: Any
+    key: Any
+    module: nnx.Module
+
+
+def _module_paths(model: nnx.Module) -> list[Found]:
     """(dotted path, parent, key in parent, module) for every submodule, in graph order."""
     out = []
 
@@ -116,7 +125,7 @@ def _module_paths(model: nnx.Module) -> list[tuple[str, Any, Any, nnx.Module]]:
         for k, v in items:
             p = f"{prefix}.{k}" if prefix else str(k)
             if isinstance(v, nnx.Module):
-                out.append((p, node, k, v))
+                out.append(Found(p, node, k, v))
                 walk(v, p)
             elif isinstance(v, (list, tuple, nnx.List, dict)):
                 walk(v, p)
@@ -129,39 +138,37 @@ def _natural(path: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
-def find_blocks(model: nnx.Module, pattern: str | None) -> list[tuple[str, Any, Any, nnx.Module]]:
+def find_blocks(model: nnx.Module, pattern: str | None) -> list[Found]:
     """The repeated blocks of ``model``: the submodules whose path matches ``pattern`` (``fnmatch``, e.g.
     ``"layers.*"``, not matching deeper paths), or, with no pattern, the longest list of at least two modules of
     one type (an ``nnx.List`` of layers). Empty when the model has none."""
     mods = _module_paths(model)
     if pattern is not None:
         depth = pattern.count(".")
-        hits = [m for m in mods if m[0].count(".") == depth and fnmatch.fnmatchcase(m[0], pattern)]
+        hits = [m for m in mods if m.path.count(".") == depth and fnmatch.fnmatchcase(m.path, pattern)]
         if not hits:
-            shown = ", ".join(sorted({re.sub(r"\.\d+(\.|$)", r".*\1", p) for p, *_ in mods})[:30])
+            shown = ", ".join(sorted({re.sub(r"\.\d+(\.|$)", r".*\1", m.path) for m in mods})[:30])
             raise ValueError(f"blocks={pattern!r} matches no submodule of the model; candidate paths: {shown}")
-        return sorted(hits, key=lambda m: _natural(m[0]))
-    groups: dict[tuple[int, str], list] = {}
+        return sorted(hits, key=lambda m: _natural(m.path))
+    groups: dict[tuple[int, str], list[Found]] = {}
     for m in mods:
-        parent = m[1]
-        if isinstance(parent, (list, tuple, nnx.List)):
-            groups.setdefault((id(parent), type(m[3]).__name__), []).append(m)
+        if isinstance(m.parent, (list, tuple, nnx.List)):
+            groups.setdefault((id(m.parent), type(m.module).__name__), []).append(m)
     best = max(groups.values(), key=len, default=[])
     return best if len(best) >= 2 else []
 
 
-def catch_block_inputs(model: nnx.Module, first: tuple[str, Any, Any, nnx.Module], run: Callable[[], Any]) -> tuple:
+def catch_block_inputs(first: Found, run: Callable[[], Any]) -> tuple:
     """Run ``run()`` (the model's forward on one batch) with the first block replaced by a catcher; returns that
     block's ``(args, kwargs)``."""
-    _, parent, key, module = first
-    _set(parent, key, _Catcher())
+    _set(first.parent, first.key, _Catcher())
     try:
         run()
     except _Caught as c:
         return c.args_, c.kwargs_
     finally:
-        _set(parent, key, module)
-    raise BlockNotReached(f"the forward never called the first block ({first[0]}); check forward= or blocks=")
+        _set(first.parent, first.key, first.module)
+    raise BlockNotReached(f"the forward never called the first block ({first.path}); check forward= or blocks=")
 
 
 def _set(parent: Any, key: Any, value: Any) -> None:

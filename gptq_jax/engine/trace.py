@@ -37,7 +37,7 @@ _INLINE = {
     "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
 # Primitives a parameter may pass through on its way to a matmul without changing what it holds.
-_CASTS = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+CASTS = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 # Control flow we do not trace into: a parameter used inside is reported, not quantized.
 _OPAQUE = {"scan", "while", "cond", "shard_map", "xla_pmap", "custom_lin"}
 
@@ -161,7 +161,7 @@ def find_uses(traced: Traced, candidates: Sequence[int]) -> Uses:
         if not ins:
             continue
         name = eqn.primitive.name
-        if name in _CASTS and len(eqn.invars) == 1:
+        if name in CASTS and len(eqn.invars) == 1:
             refs[eqn.outvars[0]] = ins[0][1]
             continue
         if name == "transpose":
