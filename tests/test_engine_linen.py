@@ -173,3 +173,23 @@ def test_nothing_to_quantize_runs_no_calibration_pass(monkeypatch):
     assert len(res.report.unquantized) == LAYERS * len(PROJ) + 2
     gptq_jax.quantize(params, batches, forward=_forward(net), quant_config=QC, blocks=False)
     assert "slice_fn" in calls  # the counting is live: a real run goes through it
+
+
+def test_a_forward_that_reads_weights_out_of_block_order_is_named_or_falls_back_to_one_shot():
+    def scaled_up_front(p, tokens):  # each layer also reads the next layer's weight: the program cannot be cut
+        h = p["embed"][tokens]
+        for i in range(2):
+            w, nxt = p["layers"][str(i)], p["layers"][str((i + 1) % 2)]
+            h = h + jnp.tanh(h @ w["up"]) @ w["down"] + 0.1 * jnp.tanh(h @ nxt["up"]).mean(-1, keepdims=True)
+        return h @ p["head"]
+
+    k = iter(jax.random.split(jax.random.key(2), 16))
+    params = {"embed": jax.random.normal(next(k), (V, D)), "head": jax.random.normal(next(k), (D, V)) * 0.2,
+              "layers": {str(i): {"up": jax.random.normal(next(k), (D, F)) * 0.2,
+                                  "down": jax.random.normal(next(k), (F, D)) * 0.2} for i in range(2)}}
+    tokens = np.random.default_rng(0).integers(0, V, (2, T))
+    with pytest.raises(ValueError, match=r"layers\.\d\.\w+: read at equation \d+ of the traced forward, outside "
+                                         r"its block layers\.\d .*blocks=False"):
+        gptq_jax.quantize(params, tokens, forward=scaled_up_front, quant_config=QC, blocks="layers.*")
+    res = gptq_jax.quantize(params, tokens, forward=scaled_up_front, quant_config=QC)
+    assert res.report.mode == "one-shot"

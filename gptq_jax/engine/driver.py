@@ -109,7 +109,7 @@ def quantize(
     t_start = time.perf_counter()
     bar, say = _progress(progress, method)
     job = Job(rules, the_solver, true_sequential, report, say, mesh=mesh)
-    subject = _open_subject(model, forward, apply_fn, blocks, load, work_dir, mesh, batches[0])
+    subject = _open_subject(model, forward, apply_fn, blocks, load, work_dir, mesh, batches)
     for path, reason in subject.outside:
         job.note_unquantized(path, reason)
     if not any(config_for(rules, p) is not None for p in subject.matrices):
@@ -140,7 +140,7 @@ def quantize(
 
 
 def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | None, blocks: str | bool | None,
-                  load: Callable | None, work_dir: str | None, mesh: Any, batch: Any) -> blocks_mod.Subject:
+                  load: Callable | None, work_dir: str | None, mesh: Any, batches: list) -> blocks_mod.Subject:
     if load is not None and (work_dir is None or not isinstance(model, nnx.Module) or blocks is False):
         raise ValueError("load= streams an NNX model block by block and keeps each finished block only in work_dir: "
                          "pass work_dir=, an nnx.Module, and not blocks=False")
@@ -153,8 +153,8 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
         raise TypeError(f"model must be an nnx.Module, or a parameter pytree with apply_fn= (a Linen apply) or "
                         f"forward=f(params, batch); got {type(model).__name__} with neither")
     if forward is None:
-        return regions.pytree_subject(model, lambda p, b: apply_fn({"params": p}, b), blocks, batch, True)
-    return regions.pytree_subject(model, forward, blocks, batch, False)
+        return regions.pytree_subject(model, lambda p, b: apply_fn({"params": p}, b), blocks, batches, True)
+    return regions.pytree_subject(model, forward, blocks, batches, False)
 
 
 def _progress(progress: bool | Callable[[str], None], method: str) -> tuple[Any, Callable[[str], None]]:

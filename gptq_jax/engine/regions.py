@@ -68,6 +68,10 @@ def find_param_blocks(paths: Sequence[str], pattern: str | None) -> list[str]:
     return sorted(best, key=_natural) if len(best) >= 2 else []
 
 
+class CutError(ValueError):
+    """The program cannot be cut at the blocks (see module docstring)."""
+
+
 def _reads(traced: Traced) -> dict[int, list[int]]:
     """Parameter leaf -> the equations that read it (directly)."""
     index = {v: i for i, v in enumerate(traced.jaxpr.jaxpr.invars[: traced.num_params])}
@@ -86,18 +90,18 @@ def _cuts(traced: Traced, paths: Sequence[str], members: list[list[int]], names:
     for b, leaves in enumerate(members):
         eqns = [e for p in leaves for e in reads.get(p, [])]
         if not eqns:
-            raise ValueError(f"block {names[b]}: the forward reads none of its parameters")
+            raise CutError(f"block {names[b]}: the forward reads none of its parameters")
         firsts.append(min(eqns))
     order = sorted(range(len(members)), key=lambda b: firsts[b])
     if order != list(range(len(members))):
-        raise ValueError(f"the blocks run in another order than their names ({[names[b] for b in order][:4]} ...); "
+        raise CutError(f"the blocks run in another order than their names ({[names[b] for b in order][:4]} ...); "
                          "name them with blocks= or use blocks=False")
     for b, leaves in enumerate(members):
         end = firsts[b + 1] if b + 1 < len(members) else len(traced.eqns)
         for p in leaves:
             late = [e for e in reads.get(p, []) if not firsts[b] <= e < end]
             if late:
-                raise ValueError(
+                raise CutError(
                     f"{paths[p]}: read at equation {late[0]} of the traced forward, outside its block {names[b]} "
                     f"(equations {firsts[b]}..{end - 1}); the engine cuts the program where each block first reads "
                     "its parameters, so a weight used elsewhere (cast up front, shared) cannot be cut out: pass "
@@ -106,40 +110,87 @@ def _cuts(traced: Traced, paths: Sequence[str], members: list[list[int]], names:
     return firsts
 
 
+def _aval_key(xs: Sequence[Any]) -> tuple:
+    return tuple((tuple(jnp.shape(x)), jnp.dtype(jnp.result_type(x)).name) for x in xs)
+
+
+def _var_key(vs: Sequence[Any]) -> tuple:
+    return tuple((tuple(v.aval.shape), jnp.dtype(v.aval.dtype).name) for v in vs)
+
+
+@dataclasses.dataclass(eq=False)
+class _Cut:
+    """The forward traced for one batch shape, cut at the blocks' first equations ``cuts``."""
+
+    traced: Traced
+    cuts: list[int]
+
+    @functools.cached_property
+    def prefix(self) -> Callable[[list[Any], list[Any]], list[Any]]:
+        """``prefix(param_leaves, batch_leaves)`` -> the values live at the first cut: the first block's inputs."""
+        first = self.ins(0)
+
+        @jax.jit
+        def fn(leaves: list[Any], inputs: list[Any]) -> list[Any]:
+            kept = run(self.traced, leaves, inputs=inputs, stop=self.cuts[0], keep=first)[1]
+            return [kept[v] for v in first]
+
+        return fn
+
+    def span(self, b: int) -> tuple[int, int | None]:
+        return self.cuts[b], self.cuts[b + 1] if b + 1 < len(self.cuts) else None
+
+    @functools.cache  # noqa: B019 - one per batch shape, alive as long as the run
+    def ins(self, b: int) -> list[Any]:
+        return live_at(self.traced, self.cuts[b])
+
+    @functools.cache  # noqa: B019
+    def outs(self, b: int) -> list[Any]:
+        stop = self.span(b)[1]
+        return live_at(self.traced, stop) if stop is not None else list(self.traced.jaxpr.jaxpr.outvars)
+
+
 @dataclasses.dataclass
 class _Region:
-    """Block ``path``: equations ``[start, stop)`` of ``traced`` (``stop=None``: to the outputs)."""
+    """Block ``path`` (the ``b``-th): in each batch shape's program, equations ``[cuts[b], cuts[b+1])`` (the last
+    block runs to the outputs), run from the values live at its cut. ``own``: its parameter leaves; ``others``:
+    parameters outside the blocks that it reads."""
 
     path: str
-    traced: Traced
+    b: int
+    programs: list[_Cut]
     all_leaves: list[Any]
     all_paths: list[str]
-    own: list[int]  # parameter leaves of the block
-    others: list[int]  # parameter leaves outside the block that the region reads
-    start: int
-    stop: int | None
+    own: list[int]
+    others: list[int]
 
     def __post_init__(self) -> None:
-        self.in_vars = live_at(self.traced, self.start)
-        self.out_vars = live_at(self.traced, self.stop) if self.stop is not None else list(
-            self.traced.jaxpr.jaxpr.outvars)
         self.params = Params([self.all_leaves[p] for p in self.own], [self.all_paths[p] for p in self.own],
                              jax.tree.structure([0] * len(self.own)))
         self.extra = [self.all_leaves[p] for p in self.others]
 
+    def _program(self, values: Sequence[Any]) -> _Cut:
+        want = _aval_key(values)
+        for cut in self.programs:
+            if _var_key(cut.ins(self.b)) == want:
+                return cut
+        raise ValueError(f"block {self.path}: no traced program takes inputs shaped {want}")
+
     def call(self, params_and_extra: Any, values: list[Any]) -> list[Any]:
         own, extra = params_and_extra
-        full: list[Any] = [None] * self.traced.num_params
+        cut = self._program(values)
+        full: list[Any] = [None] * cut.traced.num_params
         for p, x in zip([*self.own, *self.others], [*jax.tree.leaves(own), *extra], strict=True):
             full[p] = x
-        out, kept = run(self.traced, full, carry=dict(zip(self.in_vars, values, strict=True)), start=self.start,
-                        stop=self.stop, keep=self.out_vars if self.stop is not None else ())
-        return out if self.stop is None else [kept[v] for v in self.out_vars]
+        start, stop = cut.span(self.b)
+        out, kept = run(cut.traced, full, carry=dict(zip(cut.ins(self.b), values, strict=True)), start=start,
+                        stop=stop, keep=cut.outs(self.b) if stop is not None else ())
+        return out if stop is None else [kept[v] for v in cut.outs(self.b)]
 
     @functools.cached_property
     def key(self) -> str:
         """The region's program as text, with the digest of its constants: equal keys, equal programs."""
-        avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in self.in_vars]
+        avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in self.programs[0].ins(self.b)]
         closed = jax.make_jaxpr(self.call)((self.params.unflatten(), self.extra), avals)
         h = hashlib.sha256(str(closed.jaxpr).encode())
         for c in closed.consts:
@@ -151,13 +202,14 @@ class _Region:
 
     def watch(self, out_avals: Sequence[Any], values: list[Any]) -> list[int]:
         """The float outputs the block computes (not those it passes through): its new hidden states."""
-        ins = set(self.in_vars)
-        return [i for i, v in enumerate(self.out_vars) if not hasattr(v, "val") and v not in ins
+        cut = self._program(values)
+        ins = set(cut.ins(self.b))
+        return [i for i, v in enumerate(cut.outs(self.b)) if not hasattr(v, "val") and v not in ins
                 and jnp.issubdtype(v.aval.dtype, jnp.floating)]
 
     def next_inputs(self, outputs: list[Any] | None, values: list[Any]) -> list[Any]:
         if outputs is None:  # nothing ran (round-to-nearest): the next block only needs the shapes
-            return [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in self.out_vars]
+            return [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in self._program(values).outs(self.b)]
         return list(outputs)
 
     def close(self, drop: Sequence[str]) -> None:
@@ -165,62 +217,62 @@ class _Region:
             self.all_leaves[p] = x
 
 
-def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool | None, batch: Any,
+def _cut_programs(params: Params, fwd: Callable, names: list[str], batches: list[Any], default_forward: bool
+                  ) -> tuple[list[_Cut], list[list[int]], dict[tuple, _Cut]]:
+    """The forward traced once per distinct batch shape, each program cut at the blocks."""
+    members = [[i for i, p in enumerate(params.paths) if p.startswith(n + ".")] for n in names]
+    by_shape: dict[tuple, _Cut] = {}
+    for b, x in enumerate(batches):
+        sig = _aval_key(jax.tree.leaves(x))
+        if sig not in by_shape:
+            traced = call_checked(lambda x=x: trace(fwd, params.leaves, params.tree, x), f"calibration batch {b}",
+                                  default_forward)
+            by_shape[sig] = _Cut(traced, _cuts(traced, params.paths, members, names))
+    return list(by_shape.values()), members, by_shape
+
+
+def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool | None, batches: list[Any],
                    default_forward: bool) -> Subject:
     """A ``Subject`` of a parameter pytree run by ``fwd(params, batch)`` (see module docstring)."""
     params = Params.of(tree)
     all_leaves = list(params.leaves)
     names = [] if blocks is False else find_param_blocks(params.paths, blocks if isinstance(blocks, str) else None)
-    if blocks is True and not names:
-        raise ValueError("blocks=True but no repeated blocks were found in the parameter tree; name them with "
-                         "blocks='pattern' (e.g. 'layers_*' or 'model.layers.*')")
-
-    def one_shot() -> tuple[Callable, Params]:
-        return fwd, Params(list(all_leaves), params.paths, params.tree)
-
-    def write(new: Params) -> None:
-        all_leaves[:] = new.leaves
-
-    regions: list[_Region] = []
     if names:
-        traced = call_checked(lambda: trace(fwd, all_leaves, params.tree, batch), "calibration batch 0",
-                              default_forward)
-        members = [[i for i, p in enumerate(params.paths) if p.startswith(n + ".")] for n in names]
         try:
-            cuts = _cuts(traced, params.paths, members, names)
-        except ValueError as e:
+            programs, members, by_shape = _cut_programs(params, fwd, names, batches, default_forward)
+        except CutError as e:
             if isinstance(blocks, str):
                 raise
             log.info("the numbered subtrees %s ... are not blocks the program can be cut at (%s): one-shot mode",
                      names[:3], e)
             names = []
+    regions: list[_Region] = []
     if names:
         mine = {p for m in members for p in m}
-        reads = _reads(traced)
+        reads = _reads(programs[0].traced)
         for b, n in enumerate(names):
-            stop = cuts[b + 1] if b + 1 < len(names) else None
-            end = len(traced.eqns) if stop is None else stop
-            others = [p for p, es in reads.items() if p not in mine and any(cuts[b] <= e < end for e in es)]
-            regions.append(_Region(n, traced, all_leaves, params.paths, members[b], sorted(others), cuts[b], stop))
-        first = regions[0].in_vars
-
-        @jax.jit
-        def prefix(leaves: list[Any], inputs: list[Any]) -> list[Any]:
-            kept = run(traced, leaves, inputs=inputs, stop=cuts[0], keep=first)[1]
-            return [kept[v] for v in first]
+            start, stop = programs[0].span(b)
+            end = len(programs[0].traced.eqns) if stop is None else stop
+            others = sorted(p for p, es in reads.items() if p not in mine and any(start <= e < end for e in es))
+            regions.append(_Region(n, b, programs, all_leaves, params.paths, members[b], others))
 
     def catch_inputs(batches: list[Any]) -> list[list[Any]]:
         out = []
         for b, x in enumerate(batches):
-            out.append(call_checked(lambda x=x: prefix(all_leaves, jax.tree.leaves(x)), f"calibration batch {b}",
-                                    default_forward))
+            leaves = jax.tree.leaves(x)
+            cut = by_shape[_aval_key(leaves)]
+            out.append(call_checked(lambda cut=cut, leaves=leaves: cut.prefix(all_leaves, leaves),
+                                    f"calibration batch {b}", default_forward))
         return out
+
+    def write(new: Params) -> None:
+        all_leaves[:] = new.leaves
 
     return Subject(
         name=type(tree).__name__, shapes=params_shapes(tree),
         blocks=[Block(r.path, (lambda r=r: r)) for r in regions],
         outside=outside_blocks(params, names) if names else [],
-        one_shot=one_shot, write=write, catch_inputs=catch_inputs,
-        result=lambda: params.unflatten(all_leaves), arrays=lambda: list(all_leaves),
+        one_shot=lambda: (fwd, Params(list(all_leaves), params.paths, params.tree)), write=write,
+        catch_inputs=catch_inputs, result=lambda: params.unflatten(all_leaves), arrays=lambda: list(all_leaves),
         matrices=matrix_paths(params), default_forward=default_forward,
     )

@@ -125,7 +125,7 @@ def solve_group(solver: Solver, names: Sequence[str], leaves: list[Any], ps: Seq
     Each record gives the solve's time shared out by rows."""
     t0 = time.perf_counter()
     wms = [as_matrix(jnp.asarray(leaves[p]), w_axes[p]) for p in ps]  # (N, K)
-    if mesh is not None and solver is GPTQ:
+    if mesh is not None and solver == GPTQ:
         # Gathered, so that every process can store, digest and pack the whole weight.
         qws = [sharding.replicate(qw, mesh) for qw in sharding.quantize_weights_sharded(wms, h, qc, mesh=mesh)]
     else:
