@@ -178,8 +178,10 @@ def test_save_refuses_bad_requests(tmp_path):
     model, _, _ = _quantized_model()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(ValueError, match="not empty"):
         save_quantized(model, tmp_path / "full", quant_config=QuantConfig(bits=4, group_size=32))
+    with pytest.raises(ValueError, match="not an earlier gptq-jax output"):  # overwrite replaces only our output
+        save_quantized(model, tmp_path / "full", quant_config=QuantConfig(bits=4, group_size=32), overwrite=True)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     with pytest.raises(ValueError, match="asymmetric"):
         save_quantized(

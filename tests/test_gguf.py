@@ -221,12 +221,19 @@ def test_output_directory_rules(tmp_path):
     (out / "keep.txt").write_text("precious")
     with pytest.raises(GGUFError, match="not empty"):
         convert_gguf(path, out)
-    assert (out / "keep.txt").read_text() == "precious"
+    # Issue 25 case 2: overwrite replaces only a directory gptq-jax wrote, never the user's own.
+    with pytest.raises(GGUFError, match="not an earlier gptq-jax output"):
+        convert_gguf(path, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
-    convert_gguf(path, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    ours = tmp_path / "ours"
+    convert_gguf(path, ours)
+    convert_gguf(path, ours, overwrite=True)  # our own output is replaced
+    assert sorted(p.name for p in ours.iterdir()) == [
+        ".gptq-jax-output", "config.json", "generation_config.json", "model.safetensors"
+    ]
     # Nothing left behind beside it: no temporary or old directories.
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ours", "out"]
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -237,6 +244,36 @@ def test_output_directory_rules(tmp_path):
     afile.write_text("x")
     with pytest.raises(GGUFError, match="not a directory"):
         convert_gguf(path, afile)
+
+
+@pytest.mark.parametrize("where", ["parent", "grandparent"])
+def test_out_dir_holding_the_gguf_is_refused(tmp_path, capsys, where):
+    """Issue 25 case 1: `convert-gguf DIR/x.gguf DIR --overwrite` deleted the input and the user's files in DIR."""
+    from gptq_jax import cli
+
+    src = tmp_path / "dir" / "sub"
+    src.mkdir(parents=True)
+    path, *_ = _tiny(src)
+    (src / "notes.txt").write_text("mine")
+    out = src if where == "parent" else src.parent
+    before = sorted(p.name for p in src.iterdir())
+    code = cli.main(["convert-gguf", str(path), str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "contains the GGUF file" in err and "Traceback" not in err and "overwrite=True" not in err
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_cli_names_the_option_not_the_argument(tmp_path, capsys):
+    from gptq_jax import cli
+
+    path, *_ = _tiny(tmp_path)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "x").write_text("x")
+    assert cli.main(["convert-gguf", str(path), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err
 
 
 def test_failure_leaves_nothing(tmp_path, monkeypatch):

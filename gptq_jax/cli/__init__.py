@@ -225,8 +225,8 @@ def _convert_gguf_run(args: argparse.Namespace) -> int:
 
     if not args.file.is_file():
         raise CommandError(f"GGUF file {args.file} does not exist")
-    check_out_dir(args.out_dir, overwrite=args.overwrite)  # before the slow part
-    report = convert_gguf(args.file, args.out_dir, overwrite=args.overwrite)
+    check_out_dir(args.out_dir, gguf_path=args.file, overwrite=args.overwrite, option="--overwrite")  # before the work
+    report = convert_gguf(args.file, args.out_dir, overwrite=args.overwrite, overwrite_option="--overwrite")
     types = ", ".join(f"{n} {t}" for t, n in sorted(report.quant_types.items()))
     print(
         f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_parameters:,} parameters "

@@ -5,16 +5,16 @@
         [--format gptq|gptq_v2] [--seed 0] [--method gptq|rtn] [--batch-size 1] [--dtype f32]
         [--save-dtype f16] [--overwrite]
 
-Progress: a bar per decoder layer on stderr. Writes OUT_DIR (weights, config with ``quantization_config``,
-tokenizer, ``quant_report.json``) in one rename at the end. ``--overwrite`` replaces only an earlier output of this
-command (a directory with ``quant_report.json``), and OUT_DIR may neither contain nor lie inside MODEL_DIR or the
-calibration file. The unquantized tensors (embeddings, norms, an untied
+Progress: a bar per decoder layer on stderr. Writes OUT_DIR (weights, config with ``quantization_config``, tokenizer,
+``quant_report.json``) in one rename at the end. ``--overwrite`` replaces only an earlier output of gptq-jax (a
+directory holding ``checkpoint_dir.OWNER_MARK``), and OUT_DIR may neither contain nor lie inside MODEL_DIR or the
+calibration file; one run at a time holds OUT_DIR's lock. The unquantized tensors (embeddings, norms, an untied
 ``lm_head``) are written in ``--save-dtype``, float16 by default, as the PyTorch GPTQ tools publish them and as vLLM's
 GPTQ kernels expect (``torch_dtype`` in ``config.json`` says which). Each finished decoder layer is kept in a work
 directory beside OUT_DIR (``.OUT_DIR.gptq-work``), so an interrupted run (Ctrl-C, a crash) resumes from the last
-finished layer when run again with the same arguments and model files (their sizes and modification times are
-part of the job's fingerprint); other arguments are refused. The work directory is removed once OUT_DIR is written,
-and what a killed run left beside OUT_DIR (a half-written ``.OUT_DIR.partial-*``) is removed by the next run.
+finished layer when run again with the same arguments and model files (their sizes and modification times are part of
+the job's fingerprint); other arguments are refused. The work directory is removed once OUT_DIR is written, and what a
+killed run left beside OUT_DIR (a half-written ``.OUT_DIR.partial-*``) is removed by the next run.
 """
 
 from __future__ import annotations
@@ -114,33 +114,14 @@ def _check_options(args: argparse.Namespace) -> None:
             raise CommandError(f"--calib {args.calib} is a directory; expected a UTF-8 text file")
         if not args.calib.is_file():
             raise CommandError(f"calibration text {args.calib} does not exist")
-    out = args.out_dir
-    _check_overlap(out, "MODEL_DIR", args.model_dir)
-    if args.calib is not None:
-        _check_overlap(out, "--calib", args.calib)
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"OUT_DIR {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise CommandError(f"OUT_DIR {out} is not empty (pass --overwrite to replace it)")
-        if not (out / "quant_report.json").is_file():
-            raise CommandError(
-                f"OUT_DIR {out} is not empty and not an earlier gptq-jax output (it has no quant_report.json); "
-                "--overwrite replaces only those: choose another OUT_DIR or empty it yourself"
-            )
-    _check_writable(out)
+    from gptq_jax.models.checkpoint_dir import CheckpointDirError, check_out_dir
 
-
-def _check_overlap(out: Path, what: str, path: Path) -> None:
-    """Refuse an OUT_DIR that is, contains or lies inside ``path`` (symlinks resolved): replacing OUT_DIR would
-    delete the input, or the output would land among the inputs."""
-    o, p = out.resolve(), path.resolve()
-    if o == p:
-        raise CommandError(f"OUT_DIR {out} is {what} {path}; choose another OUT_DIR")
-    if o in p.parents:
-        raise CommandError(f"OUT_DIR {out} contains {what} {path}; choose an OUT_DIR outside it")
-    if p in o.parents:
-        raise CommandError(f"OUT_DIR {out} lies inside {what} {path}; choose an OUT_DIR outside it")
+    inputs = {"MODEL_DIR": args.model_dir, **({"--calib": args.calib} if args.calib is not None else {})}
+    try:
+        check_out_dir(args.out_dir, inputs=inputs, overwrite=args.overwrite)
+    except CheckpointDirError as e:
+        raise CommandError(str(e)) from None
+    _check_writable(args.out_dir)
 
 
 def _check_writable(out: Path) -> None:
@@ -166,7 +147,7 @@ def work_dir_for(out_dir: Path) -> Path:
 def _weights_signature(model_dir: Path) -> str:
     """What the resume fingerprint knows of the model files: each weight file's name, size and modification time,
     and config.json's. Replacing a file (or editing it in place) changes its mtime, so old work is not reused."""
-    from gptq_jax.models.params import weight_files
+    from gptq_jax.models.checkpoint_dir import weight_files
 
     files = [*weight_files(model_dir), str(model_dir / "config.json")]
     return ";".join(f"{os.path.basename(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
@@ -176,7 +157,7 @@ def _clean_leftovers(out: Path) -> None:
     """Remove what a killed run of ours left beside OUT_DIR: a half-written ``.OUT.partial-{pid}-*`` and, had the
     kill come between the two renames of an overwrite, put the previous output ``OUT.old-{pid}`` back."""
     from gptq_jax.engine.resume import pid_alive, remove_leftovers
-    from gptq_jax.io.checkpoint import OLD_SUFFIX, partial_prefix
+    from gptq_jax.models.checkpoint_dir import OLD_SUFFIX, partial_prefix
 
     parent = out.resolve().parent
     if not parent.is_dir():

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -33,6 +32,14 @@ from safetensors.numpy import save_file
 
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.quantizer import QuantizedWeight
+from gptq_jax.models.checkpoint_dir import (
+    check_out_dir,
+    shard_names,
+    staging,
+    swap_into_place,
+    weight_files,
+    write_index,
+)
 from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig
 from gptq_jax.models.params import check_finite, hf_to_nnx, nnx_to_hf
 from gptq_jax.models.qlinear import QuantLinear, module_at, quantized_linears
@@ -136,10 +143,7 @@ def save_quantized(
     qlins = quantized_linears(model)
     if not qlins and not weights:
         raise ValueError("the model has no QuantLinear layers; quantize it and pack it (qlinear.pack_model) first")
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        if not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-            raise FileExistsError(f"output directory {out_dir} exists and is not empty (pass overwrite=True)")
+    out_dir = os.path.abspath(os.fspath(check_out_dir(out_dir, overwrite=overwrite, option="overwrite=True")))
     float_dtype = np.dtype(jnp.dtype(float_dtype or model.dtype).name)
 
     streamed = [name.removesuffix(".kernel") for name in (weights or {})]
@@ -162,9 +166,7 @@ def save_quantized(
             errno.ENOSPC,
             f"not enough space to write {out_dir}: its weights need {_size(need)}, {_size(free)} are free in {parent}",
         )
-    # The pid in the name lets a later run tell a leftover of a killed save from a save still running.
-    tmp = tempfile.mkdtemp(prefix=f"{partial_prefix(out_dir)}{os.getpid()}-", dir=parent)
-    try:
+    with staging(out_dir) as tmp:
         if weights:  # blocks packed as their shard is written, shards planned from the shapes
             shards = _plan_shards(model, weights, quant_config, tensors, max_shard_bytes)
             _write_files(tmp, _packed_shards(model, weights, shards, tensors, fmt), len(shards), out_dir)
@@ -180,34 +182,8 @@ def save_quantized(
                 if os.path.isfile(src):
                     with _naming(os.path.join(out_dir, fname)):
                         shutil.copy2(src, os.path.join(tmp, fname))
-        _public_permissions(tmp)
-        if os.path.exists(out_dir):
-            old = f"{out_dir}{OLD_SUFFIX}{os.getpid()}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        swap_into_place(tmp, out_dir)
     return out_dir
-
-
-def partial_prefix(out_dir: str | os.PathLike) -> str:
-    """The name prefix of the temporary directory a save of ``out_dir`` builds (then ``{pid}-{random}``)."""
-    return f".{os.path.basename(os.path.abspath(os.fspath(out_dir)))}.partial-"
-
-
-OLD_SUFFIX = ".old-"  # ``{out_dir}.old-{pid}``: the previous output, for the moment an overwrite swaps them
-
-
-def _public_permissions(directory: str) -> None:
-    """``mkdtemp`` makes the directory private (0700); give it and its files the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for name in os.listdir(directory):
-        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
 @contextlib.contextmanager
@@ -317,7 +293,7 @@ def _write_shards(
 
 def _write_files(directory: str, shards: Iterable[dict[str, np.ndarray]], n: int, final_dir: str | None) -> None:
     """``n`` safetensors files, one per shard, each written (and dropped) as ``shards`` yields it; the index."""
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = shard_names(n)
     weight_map: dict[str, str] = {}
     total = i = 0
     for i, shard in enumerate(shards):  # noqa: B007 - i is checked below
@@ -329,9 +305,7 @@ def _write_files(directory: str, shards: Iterable[dict[str, np.ndarray]], n: int
     if i + 1 != n:
         raise ValueError(f"{i + 1} shards written, {n} announced")
     if n > 1:
-        index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
+        write_index(directory, weight_map, total)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -368,23 +342,6 @@ def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
     return qc
 
 
-def _weight_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, f) for f in files]
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return [os.path.join(path, "model.safetensors")]
-    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))  # gptq_model-4bit-128g.safetensors
-    if len(found) == 1:
-        return [os.path.join(path, found[0])]
-    raise FileNotFoundError(
-        f"{path}: no model.safetensors, no model.safetensors.index.json"
-        + (f", and several .safetensors files without an index: {found}" if found else "")
-    )
-
-
 def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Load a GPTQ checkpoint (ours or the PyTorch tools') as a model whose quantized linears are ``QuantLinear``.
 
@@ -403,7 +360,7 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
     dtype = jnp.dtype(dtype)
 
     raw: dict[str, np.ndarray] = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         names = []
         try:
             with safe_open(file, framework="numpy") as f:

@@ -26,15 +26,15 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gptq_jax.models.checkpoint_dir import CheckpointDirError, staging, swap_into_place
+from gptq_jax.models.checkpoint_dir import check_out_dir as check_out_dir_rules
 
 logger = logging.getLogger(__name__)
 
@@ -278,51 +278,28 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Validate an output directory: absent, empty, or (with `overwrite`) anything that is a directory."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise GGUFError(f"output {out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise GGUFError(f"output directory {out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
-    return out_dir
-
-
-def write_atomically(out_dir: Path, fill: Callable[[Path], Any]) -> Any:
-    """Call `fill(tmp_dir)` on a fresh directory beside `out_dir`, then rename it into place.
-
-    A failure anywhere leaves `out_dir` as it was and removes the partial directory.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+def check_out_dir(out_dir: str | os.PathLike, *, gguf_path: str | os.PathLike, overwrite: bool,
+                  option: str = "overwrite=True") -> Path:
+    """OUT_DIR's rules (``checkpoint_dir.check_out_dir``): it may not be or contain the GGUF file, and a non-empty
+    OUT_DIR is replaced only with ``overwrite`` and only when gptq-jax wrote it."""
     try:
-        result = fill(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700, and some writers make their files 0600
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "d")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
+        return check_out_dir_rules(out_dir, inputs={"the GGUF file": gguf_path}, overwrite=overwrite, option=option)
+    except CheckpointDirError as e:
+        raise GGUFError(str(e)) from None
 
 
 def convert_gguf(
-    gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False, tokenizer: bool = True
+    gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False, tokenizer: bool = True,
+    overwrite_option: str = "overwrite=True",
 ) -> ConversionReport:
     """Convert a Llama GGUF file into an HF checkpoint directory with float32 weights.
 
     Args:
       gguf_path: the `.gguf` file.
-      out_dir: directory to create; must be absent or empty unless `overwrite`.
-      overwrite: replace an existing non-empty `out_dir` (only once the new one is complete).
+      out_dir: directory to create; must be absent or empty unless `overwrite`, and may not be or contain the
+        GGUF file.
+      overwrite: replace an existing non-empty `out_dir` that gptq-jax wrote (only once the new one is complete).
+      overwrite_option: how errors name `overwrite` (the CLI says `--overwrite`).
       tokenizer: also write tokenizer files (when the GGUF carries tokenizer metadata).
 
     Raises:
@@ -332,7 +309,7 @@ def convert_gguf(
     from safetensors.numpy import save_file
 
     gguf_path = Path(gguf_path)
-    out_dir = check_out_dir(out_dir, overwrite=overwrite)
+    out_dir = check_out_dir(out_dir, gguf_path=gguf_path, overwrite=overwrite, option=overwrite_option)
     tensors, meta = read_tensors(gguf_path)
     tied = "lm_head.weight" not in tensors
     vocab_size = tensors["model.embed_tokens.weight"].shape[0]
@@ -341,13 +318,13 @@ def convert_gguf(
         config["attention_bias"] = True
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
 
-    def fill(tmp: Path) -> bool:
+    with staging(out_dir) as tmp_name:
+        tmp = Path(tmp_name)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation)
-        return _write_tokenizer(gguf_path, tmp, meta) if tokenizer else False
-
-    wrote_tokenizer = write_atomically(out_dir, fill)
+        wrote_tokenizer = _write_tokenizer(gguf_path, tmp, meta) if tokenizer else False
+        swap_into_place(tmp_name, out_dir)
     logger.info("converted %s -> %s (%d tensors)", gguf_path, out_dir, len(tensors))
     return ConversionReport(
         out_dir=out_dir,

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from gptq_jax.models.checkpoint_dir import shard_names, staging, swap_into_place, weight_files, write_index
 from gptq_jax.models.llama import LlamaForCausalLM, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -112,37 +112,6 @@ def _check_dtype(dtype: Any) -> jnp.dtype:
     if dt is None or dt.name not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {SUPPORTED_DTYPES}")
     return dt
-
-
-def weight_files(path: str | os.PathLike) -> list[str]:
-    """The safetensors files of a checkpoint directory: ``model.safetensors``, or the shards its index lists."""
-    path = os.fspath(path)
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return [single]
-    if not os.path.isfile(index):
-        present = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")))
-        raise FileNotFoundError(
-            f"no model.safetensors or model.safetensors.index.json in {path}"
-            + (f" (found {present}; only safetensors checkpoints are read)" if present else "")
-        )
-    try:
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from None
-    files = []
-    for name in sorted(set(weight_map.values())):
-        file = os.path.join(path, name)
-        if os.path.basename(name) != name:
-            raise ValueError(f"{index} names shard {name!r} outside the checkpoint directory")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"shard {file} listed in {index} does not exist")
-        files.append(file)
-    return files
 
 
 def check_finite(x: Any, name: str, file: str) -> None:
@@ -383,9 +352,9 @@ def save_pretrained(
     ``model.safetensors.index.json``) in HF format, in the dtype the model holds. ``config`` defaults to
     ``model.config``.
 
-    Files are written to a temporary directory next to ``out_dir`` first. If ``out_dir`` does not exist it is
-    created by one rename (atomic); otherwise the new files replace the old ones one by one (each replace is
-    atomic), and stale weight files from an earlier save are removed. Other files (e.g. a tokenizer) are kept.
+    The directory is written beside ``out_dir`` and renamed into place (``checkpoint_dir.swap_into_place``), so a
+    reader sees the old directory or the whole new one. The weights and config.json of an earlier save are
+    replaced (stale shards go); other files already in ``out_dir`` (e.g. a tokenizer) are kept.
     """
     config = model.config if config is None else config
     if max_shard_bytes <= 0:
@@ -402,42 +371,33 @@ def save_pretrained(
             size = 0
         shards[-1].append(t)
         size += t[1].nbytes
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = shard_names(len(shards))
 
     out_dir = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    with staging(out_dir) as tmp:
         for name, shard in zip(names, shards, strict=True):
             _write_safetensors(os.path.join(tmp, name), shard)
-        files = list(names)
-        if n > 1:
-            index = {
-                "metadata": {"total_size": sum(t[1].nbytes for t in tensors)},
-                "weight_map": {t[0]: name for name, shard in zip(names, shards, strict=True) for t in shard},
-            }
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-            files.append("model.safetensors.index.json")
+        if len(shards) > 1:
+            weight_map = {t[0]: name for name, shard in zip(names, shards, strict=True) for t in shard}
+            write_index(tmp, weight_map, sum(t[1].nbytes for t in tensors))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2)
-        files.append("config.json")
+        _keep_other_files(out_dir, tmp)
+        swap_into_place(tmp, out_dir)
 
-        if not os.path.exists(out_dir):
-            os.rename(tmp, out_dir)
-            return
-        if not os.path.isdir(out_dir):
-            raise FileExistsError(f"{out_dir} exists and is not a directory")
-        stale = [
-            f
-            for f in os.listdir(out_dir)
-            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", f) and f not in files
-        ]
-        for name in files:
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-        for name in stale:
-            os.remove(os.path.join(out_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _keep_other_files(out_dir: str, tmp: str) -> None:
+    """Copy into ``tmp`` what ``out_dir`` holds besides an earlier save's weights and config (e.g. a tokenizer),
+    so that replacing the directory keeps them."""
+    if not os.path.isdir(out_dir):
+        return
+    for name in os.listdir(out_dir):
+        if name == "config.json" or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name):
+            continue
+        src, dst = os.path.join(out_dir, name), os.path.join(tmp, name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            shutil.copy2(src, dst, follow_symlinks=False)
