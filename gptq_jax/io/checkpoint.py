@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from gptq_jax.core.config import QuantConfig
@@ -43,6 +42,7 @@ from gptq_jax.models.checkpoint_dir import (
 from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig
 from gptq_jax.models.params import check_finite, hf_to_nnx, nnx_to_hf
 from gptq_jax.models.qlinear import QuantLinear, module_at, quantized_linears
+from gptq_jax.models.safetensors_file import SafetensorsFile
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -361,16 +361,12 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
 
     raw: dict[str, np.ndarray] = {}
     for file in weight_files(path):
-        names = []
-        try:
-            with safe_open(file, framework="numpy") as f:
-                for name in f.keys():
-                    raw[name] = f.get_tensor(name)
-                    names.append(name)
-        except Exception as e:  # safetensors raises its own error types for truncated headers/data
-            raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
-        for name in names:
-            check_finite(raw[name], name, file)  # a NaN scale would otherwise run silently to NaN logits
+        with SafetensorsFile(file) as f:
+            for name in f.keys():
+                if name in raw:
+                    raise ValueError(f"{path}: tensor {name} is stored twice (again in {file})")
+                raw[name] = f.read(name)
+                check_finite(raw[name], name, file)  # a NaN scale would otherwise run silently to NaN logits
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from gptq_jax.models.checkpoint_dir import shard_names, staging, swap_into_place, weight_files, write_index
 from gptq_jax.models.llama import LlamaForCausalLM, ModelConfig
+from gptq_jax.models.safetensors_file import SafetensorsFile
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,25 @@ def check_finite(x: Any, name: str, file: str) -> None:
     )
 
 
-def _open(file: str):
-    try:
-        return safe_open(file, framework="flax")
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
-        raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+def _open(file: str) -> SafetensorsFile:
+    return SafetensorsFile(file)
+
+
+def _check_layer_count(config: ModelConfig, files: list[str], path: str) -> None:
+    """config.json's layer count against the layers the headers hold, before the model is built: a config that
+    claims 10^6 layers on a 2-layer file would otherwise spend minutes building a model that cannot be loaded."""
+    layers = set()
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                m = re.match(r"model\.layers\.(\d+)\.", name)
+                if m:
+                    layers.add(int(m.group(1)))
+    if config.num_hidden_layers > len(layers):  # fewer is reported (or skipped, strict=False) by name below
+        raise ValueError(
+            f"{path}: config.json says num_hidden_layers={config.num_hidden_layers}, the weight files hold "
+            f"{len(layers)} layer(s)"
+        )
 
 
 def load_pretrained(
@@ -187,6 +201,7 @@ def open_pretrained(
                 "load_pretrained reads unquantized float checkpoints only"
             )
     files = weight_files(path)
+    _check_layer_count(config, files, path)
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
@@ -210,8 +225,7 @@ def open_pretrained(
                 target, transpose = mapped
                 if target in plan:
                     raise ValueError(f"tensor {name} is stored twice: in {plan[target][0]} and {file}")
-                tensor = f.get_slice(name)
-                st_dtype, shape = tensor.get_dtype(), tuple(tensor.get_shape())
+                st_dtype, shape = f.info(name).dtype, f.info(name).shape
                 want = tuple(slots[target][1].shape)
                 want = want[::-1] if transpose else want
                 if shape != want:
@@ -234,35 +248,30 @@ def open_pretrained(
             raise ValueError(msg + " (pass strict=False to skip them)")
         warnings.warn(msg + "; skipped", stacklevel=2)
 
+    digests: dict[str, str] = {}  # NNX path -> digest of its bytes when first read
     if check_values:
         for file in files:
             with _open(file) as f:
-                for _, name, _ in (v for v in plan.values() if v[0] == file):
-                    check_finite(f.get_tensor(name), name, file)
+                for target, (_, name, _) in ((t, v) for t, v in plan.items() if v[0] == file):
+                    x, digests[target] = f.read(name, want_digest=True)
+                    check_finite(x, name, file)
+                    del x
+    opened = {file: _open(file) for file in files}  # kept open: each read is checked against the file as opened
 
     def load(paths: list[str]) -> dict[str, np.ndarray]:
-        """Pass 2, for ``paths`` only: read, cast and transpose one tensor at a time."""
+        """Pass 2, for ``paths`` only: read, cast and transpose one tensor at a time. A weight file rewritten since
+        ``open_pretrained`` (size, mtime, inode, or a tensor's digest) is an error naming it."""
         unknown = [t for t in paths if t not in plan]
         if unknown:
             raise KeyError(f"no tensor of {path} maps to the parameter(s) {', '.join(unknown[:8])}")
         values: dict[str, np.ndarray] = {}
-        by_file: dict[str, list[tuple[str, str, bool]]] = {}
         for target in paths:
             file, name, transpose = plan[target]
-            by_file.setdefault(file, []).append((target, name, transpose))
-        for file, items in by_file.items():
-            with _open(file) as f:
-                for target, name, transpose in items:
-                    try:
-                        x = f.get_tensor(name)
-                    except Exception as e:
-                        raise ValueError(
-                            f"{file}: cannot read tensor {name} (corrupt or truncated file?): {e}"
-                        ) from None
-                    check_finite(x, name, file)
-                    x = x.astype(dtype, copy=False)
-                    values[target] = x.T if transpose else x
-                    del x
+            x = opened[file].read(name, expect_digest=digests.get(target))
+            check_finite(x, name, file)
+            x = x.astype(dtype, copy=False)
+            values[target] = x.T if transpose else x
+            del x
         return values
 
     return abstract, config, load

@@ -1,0 +1,164 @@
+"""Hostile and unlucky files (issue 25): each case ends in a one-line error naming the file and the problem (or, for a
+valid input, a correct result), nothing the user owns is lost, and nothing outside a checkpoint is read.
+
+The table's cases are fixtures here; ``test_fuzz_*`` feed each parser we own (config.json, quantize_config.json, the
+safetensors index and header, tokenizer files, GGUF) random inputs with hypothesis, bounded in examples and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_models import write_hf_checkpoint
+from safetensors.numpy import load_file, save_file
+
+from gptq_jax import cli
+from gptq_jax.engine.resume import ResumeStore
+
+Q_ARGS = ["--bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "32"]
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = cli.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("gptq-jax")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(root, float model dir with tokenizer, quantize argv tail, a GPTQ checkpoint of it)."""
+    root = tmp_path_factory.mktemp("hostile")
+    model_dir = write_hf_checkpoint(root, "llama", 0, name="model", with_tokenizer=True)
+    rng = np.random.default_rng(0)
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(" ".join(f"w{i}" for i in rng.integers(0, 120, 12)) for _ in range(60)))
+    args = [*Q_ARGS, "--calib", str(calib)]
+    gptq = root / "gptq"
+    assert cli.main(["quantize", str(model_dir), str(gptq), "--method", "rtn", *Q_ARGS[:4]]) == 0
+    return root, model_dir, args, gptq
+
+
+def copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def shard_into_index(ckpt: Path, outside: str) -> None:
+    """Replace ``ckpt``'s model.safetensors by an index that puts one tensor in the file ``outside`` names."""
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    first = sorted(tensors)[0]
+    save_file({first: tensors.pop(first)}, str(ckpt / "a.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(ckpt / "b.safetensors"), metadata={"format": "pt"})
+    weight_map = {**dict.fromkeys(tensors, "b.safetensors"), first: outside}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    os.remove(ckpt / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Case 3: every path from an index stays inside its checkpoint; model.safetensors wins over an index, for both loaders
+
+
+@pytest.mark.parametrize("kind", ["float", "gptq"])
+@pytest.mark.parametrize("outside", ["abs", "../a.safetensors", "sub/../../a.safetensors"])
+def test_index_cannot_point_outside(tiny, tmp_path, capsys, kind, outside):
+    root, model_dir, _, gptq = tiny
+    ckpt = copy(model_dir if kind == "float" else gptq, tmp_path / "ckpt")
+    shard_into_index(ckpt, "a.safetensors")
+    shutil.move(ckpt / "a.safetensors", tmp_path / "a.safetensors")  # the tensor now lies outside the checkpoint
+    name = str(tmp_path / "a.safetensors") if outside == "abs" else outside
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: (name if v == "a.safetensors" else v) for k, v in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, err = run(capsys, "eval", ckpt, "--seqlen", "16", "--max-windows", "1")
+    assert code == 1
+    assert "model.safetensors.index.json names shard" in one_line(err) and "outside the checkpoint" in err
+
+
+@pytest.mark.parametrize("kind", ["float", "gptq"])
+def test_model_safetensors_wins_over_an_index(tiny, tmp_path, kind):
+    """Both loaders read model.safetensors when both it and an index are there (transformers' order)."""
+    from gptq_jax.io.checkpoint import load_quantized
+    from gptq_jax.models import load_pretrained
+
+    root, model_dir, _, gptq = tiny
+    ckpt = copy(model_dir if kind == "float" else gptq, tmp_path / "ckpt")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "missing.safetensors"}}))
+    (load_pretrained if kind == "float" else load_quantized)(ckpt)  # the index (naming a missing file) is not read
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cases 4 and 5: a model file rewritten or truncated while `quantize` runs
+
+
+def rewrite_after_layer_0(monkeypatch, file: Path, how: str) -> None:
+    real = ResumeStore.save
+
+    def save(self, index, *a, **k):
+        real(self, index, *a, **k)
+        if index == 0:
+            st = os.stat(file)
+            if how == "same size":  # change layer 1's bytes in place, keep size, inode and mtime (like `cp -p`)
+                tensors = load_file(str(file))
+                name = "model.layers.1.mlp.down_proj.weight"
+                raw = file.read_bytes()
+                at = raw.find(tensors[name].tobytes())
+                with open(file, "r+b") as f:
+                    f.seek(at)
+                    f.write((tensors[name] * 2).tobytes())
+                os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+            else:
+                with open(file, "r+b") as f:
+                    f.truncate(st.st_size // 2)
+
+    monkeypatch.setattr(ResumeStore, "save", save)
+
+
+def test_rewrite_during_quantize_stops_it(tiny, tmp_path, capsys, monkeypatch):
+    """Case 4: the fingerprint was taken only at the start, so a same-size rewrite gave a mixed checkpoint, exit 0."""
+    root, model_dir, args, _ = tiny
+    model = copy(model_dir, tmp_path / "model")
+    rewrite_after_layer_0(monkeypatch, model / "model.safetensors", "same size")
+    code, err = run(capsys, "quantize", model, tmp_path / "q", *args)
+    assert code == 1
+    assert "model.safetensors: tensor model.layers.1" in one_line(err) and "changed since it was first read" in err
+    assert not (tmp_path / "q").exists()
+
+
+TRUNCATE = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import pytest
+from test_hostile_files import rewrite_after_layer_0
+from gptq_jax import cli
+mp = pytest.MonkeyPatch()
+rewrite_after_layer_0(mp, Path({file!r}), "truncate")
+sys.exit(cli.main({argv!r}))
+"""
+
+
+def test_truncation_during_quantize_is_a_message_not_sigbus(tiny, tmp_path):
+    """Case 5: the weights were memory-mapped, so a truncating rewrite killed the run with SIGBUS (exit 135)."""
+    root, model_dir, args, _ = tiny
+    model = copy(model_dir, tmp_path / "model")
+    argv = ["quantize", str(model), str(tmp_path / "q"), *args]
+    script = TRUNCATE.format(tests=str(Path(__file__).parent), file=str(model / "model.safetensors"), argv=argv)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = one_line(proc.stderr)
+    assert "model.safetensors changed while it was being read" in line
+    assert not (tmp_path / "q").exists()
