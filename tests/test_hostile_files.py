@@ -162,3 +162,47 @@ def test_truncation_during_quantize_is_a_message_not_sigbus(tiny, tmp_path):
     line = one_line(proc.stderr)
     assert "model.safetensors changed while it was being read" in line
     assert not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Case 15: one run per OUT_DIR
+
+
+def test_second_run_into_one_out_dir_stops_at_once(tiny, tmp_path, capsys):
+    """Two runs into one OUT_DIR both did their work, then one or both failed about a missing block."""
+    from gptq_jax.cli.quantize_cmd import work_dir_for
+    from gptq_jax.models.checkpoint_dir import lock_path
+
+    _, model_dir, args, _ = tiny
+    out = tmp_path / "q"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        Path(lock_path(out)).write_text(f"{holder.pid}\n")
+        code, err = run(capsys, "quantize", model_dir, out, *args)
+        assert code == 1
+        assert f"another gptq-jax run (pid {holder.pid}) is writing" in one_line(err)
+        assert not out.exists() and not work_dir_for(out).exists()
+        assert Path(lock_path(out)).read_text() == f"{holder.pid}\n"  # the holder's lock is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is taken over with a message, the run succeeds and removes the lock.
+    code, err = run(capsys, "quantize", model_dir, out, *args, "--method", "rtn")
+    assert code == 0, err
+    assert f"taking over {lock_path(out)}, left by process {holder.pid}, which is gone" in err
+    assert not os.path.exists(lock_path(out))
+
+
+def test_failure_before_any_layer_leaves_no_work_directory(tiny, tmp_path, capsys, monkeypatch):
+    from gptq_jax.cli.quantize_cmd import work_dir_for
+
+    _, model_dir, args, _ = tiny
+    out = tmp_path / "q"
+
+    def fail(self, *a, **k):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(ResumeStore, "save", fail)
+    code, err = run(capsys, "quantize", model_dir, out, *args)
+    assert code == 1 and "boom" in one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ killed run left beside OUT_DIR (a half-written ``.OUT_DIR.partial-*``) is remove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -127,7 +128,12 @@ def _check_options(args: argparse.Namespace) -> None:
 def _check_writable(out: Path) -> None:
     """OUT_DIR, its work directory and its temporary copy are made in OUT_DIR's parent (created if missing): try
     a file there now, before any slow work."""
-    parent = out.resolve().parent
+    from gptq_jax.models.checkpoint_dir import CheckpointDirError, resolve_path
+
+    try:
+        parent = resolve_path(out, "OUT_DIR").parent
+    except CheckpointDirError as e:
+        raise CommandError(str(e)) from None
     existing = parent
     while not existing.exists():
         existing = existing.parent
@@ -181,8 +187,23 @@ def _finished_layers(work: Path | None) -> int:
     return len(list(work.glob("layer-*.json"))) if work is not None and work.is_dir() else 0
 
 
+def _lock(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """OUT_DIR's lock, held by process 0 only: the other processes of a multi-host run are the same job (they find
+    process 0's lock on a shared disk, and a pid of another host means nothing here)."""
+    from gptq_jax.models.checkpoint_dir import hold_lock
+
+    pid = args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID") or 0
+    return hold_lock(args.out_dir) if int(pid) == 0 else contextlib.nullcontext()
+
+
 def run(args: argparse.Namespace) -> int:
     check_model_dir(args.model_dir)
+    _check_writable(args.out_dir)  # the lock file goes beside OUT_DIR
+    with _lock(args):  # before anything is cleaned or written: a second run into OUT_DIR stops here
+        return _run_locked(args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     _clean_leftovers(args.out_dir)  # first: it may put back a previous OUT_DIR, which the checks must then see
     _check_options(args)
     work = work_dir_for(args.out_dir) if args.method == "gptq" else None
@@ -208,6 +229,11 @@ def run(args: argparse.Namespace) -> int:
         )
         where = f" ({e.filename})" if e.filename else ""
         raise CommandError(f"{e.strerror or e}{where}; OUT_DIR was not written; {then}") from None
+    finally:
+        if work is not None and work.is_dir() and not _finished_layers(work):  # keep nothing that holds nothing
+            from gptq_jax.engine.resume import remove_store
+
+            remove_store(str(work))
 
 
 def _mesh_and_batch(args: argparse.Namespace) -> tuple[object, int]:

@@ -166,7 +166,8 @@ def swap_into_place(tmp: str, out_dir: str | os.PathLike) -> None:
 # OUT_DIR rules
 
 
-def _resolve(path: Path, what: str) -> Path:
+def resolve_path(path: Path, what: str) -> Path:
+    """``path.resolve()``, a symlink loop reported as one (naming ``what``) instead of a RuntimeError."""
     try:
         return path.resolve(strict=False)
     except RuntimeError:  # Python < 3.13 raises RuntimeError on a symlink loop
@@ -180,7 +181,7 @@ def _resolve(path: Path, what: str) -> Path:
 def check_overlap(out: Path, what: str, path: Path) -> None:
     """Refuse an OUT_DIR that is, contains or lies inside ``path`` (symlinks resolved): replacing OUT_DIR would
     delete the input, or the output would land among the inputs."""
-    o, p = _resolve(out, "OUT_DIR"), _resolve(path, what)
+    o, p = resolve_path(out, "OUT_DIR"), resolve_path(path, what)
     if o == p:
         raise CheckpointDirError(f"OUT_DIR {out} is {what} {path}; choose another OUT_DIR")
     if o in p.parents:
@@ -198,7 +199,7 @@ def check_out_dir(out: str | os.PathLike, *, inputs: Mapping[str, str | os.PathL
     """OUT_DIR's rules, checked before any slow work: not overlapping any of ``inputs`` (what -> path), not a file,
     and, if not empty, replaced only with ``overwrite`` and only when gptq-jax wrote it."""
     out = Path(out)
-    _resolve(out, "OUT_DIR")
+    resolve_path(out, "OUT_DIR")
     for what, path in dict(inputs).items():
         check_overlap(out, what, Path(path))
     if os.path.islink(out) and not out.exists():
