@@ -194,7 +194,6 @@ def test_second_run_into_one_out_dir_stops_at_once(tiny, tmp_path, capsys):
 
 
 def test_failure_before_any_layer_leaves_no_work_directory(tiny, tmp_path, capsys, monkeypatch):
-    from gptq_jax.cli.quantize_cmd import work_dir_for
 
     _, model_dir, args, _ = tiny
     out = tmp_path / "q"
@@ -206,3 +205,114 @@ def test_failure_before_any_layer_leaves_no_work_directory(tiny, tmp_path, capsy
     code, err = run(capsys, "quantize", model_dir, out, *args)
     assert code == 1 and "boom" in one_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cases 7, 11, 13: config.json checked field by field, with bounds, before anything is built or read by transformers
+
+CONFIG_CASES = {
+    "rms_norm_eps -1": ({"rms_norm_eps": -1}, "field 'rms_norm_eps' must be > 0"),  # case 7: NaN perplexity
+    "layers 10^6": ({"num_hidden_layers": 10**6}, "field 'num_hidden_layers' must be >= 1 and <= 4096"),  # case 11
+    "hidden_size str": ({"hidden_size": "64"}, "field 'hidden_size' must be an integer, got '64'"),
+    "heads float": ({"num_attention_heads": 4.0}, "field 'num_attention_heads' must be an integer"),
+    "tie str": ({"tie_word_embeddings": "yes"}, "field 'tie_word_embeddings' must be true or false"),
+    "eps str": ({"rms_norm_eps": "1e-6"}, "field 'rms_norm_eps' must be a number"),
+    "rope_scaling str": ({"rope_scaling": "linear"}, "field 'rope_scaling' must be a JSON object"),
+    "rope_theta neg": ({"rope_theta": -1}, "field 'rope_theta' must be > 0"),
+    "eos str": ({"eos_token_id": "2"}, "field 'eos_token_id' must be a token id or a list of them"),
+    "head_dim str": ({"head_dim": "16"}, "field 'head_dim' must be an integer"),
+    "hidden_act list": ({"hidden_act": ["silu"]}, "field 'hidden_act' must be a string"),
+    "quantization_config str": ({"quantization_config": "gptq"}, "field 'quantization_config' must be a JSON object"),
+    "max_position_embeddings 0": ({"max_position_embeddings": 0}, "field 'max_position_embeddings' must be >= 1"),
+    "max_position_embeddings -100": ({"max_position_embeddings": -100}, "field 'max_position_embeddings' must be"),
+    "num_key_value_heads 0": ({"num_key_value_heads": 0}, "field 'num_key_value_heads' must be >= 1"),
+    "bos 10^30": ({"bos_token_id": 10**30}, "field 'bos_token_id' must be >= 0"),
+}
+
+
+def write_config(ckpt: Path, edit) -> None:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(edit(cfg)) if callable(edit) else edit)
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_bad_config_field_is_named(tiny, tmp_path, capsys, case):
+    edit, message = CONFIG_CASES[case]
+    ckpt = copy(tiny[1], tmp_path / "ckpt")
+    write_config(ckpt, lambda c: {**c, **edit})
+    code, err = run(capsys, "eval", ckpt, "--seqlen", "16", "--max-windows", "1")
+    assert code == 1
+    line = one_line(err)
+    assert f"{ckpt / 'config.json'}: {message}" in line, line
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[" * 200_000 + "]" * 200_000, "is not valid JSON: nested too deeply"),
+    ("[1, 2]", "must hold a JSON object, got list"),
+])
+@pytest.mark.parametrize("command", ["eval", "quantize"])
+def test_malformed_config_json_is_named(tiny, tmp_path, capsys, text, message, command):
+    ckpt = copy(tiny[1], tmp_path / "ckpt")
+    write_config(ckpt, text)
+    extra = ["--max-windows", "1"] if command == "eval" else [tmp_path / "q", *tiny[2]]
+    code, err = run(capsys, command, ckpt, *extra)
+    assert code == 1 and message in one_line(err) and "config.json" in one_line(err)
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda q: {**q, "bits": None}, "field 'bits' must be an integer, got null"),
+    (lambda q: {**q, "bits": "4"}, "field 'bits' must be an integer"),
+    (lambda q: {**q, "group_size": 0}, "group_size 0 is not a group size"),
+    (lambda q: {**q, "desc_act": "no"}, "field 'desc_act' must be true or false"),
+])
+def test_bad_quantize_config_json_is_named(tiny, tmp_path, capsys, edit, message):
+    """The AutoGPTQ-era quantize_config.json (config.json without quantization_config)."""
+    ckpt = copy(tiny[3], tmp_path / "ckpt")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    (ckpt / "quantize_config.json").write_text(json.dumps(edit(qc)))
+    code, err = run(capsys, "eval", ckpt, "--max-windows", "1")
+    assert code == 1 and f"{ckpt / 'quantize_config.json'}: {message}" in one_line(err)
+
+
+def test_quantize_config_parse_error_names_the_file(tiny, tmp_path, capsys):
+    ckpt = copy(tiny[3], tmp_path / "ckpt")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    (ckpt / "quantize_config.json").write_text("{bits: 4")
+    code, err = run(capsys, "eval", ckpt, "--max-windows", "1")
+    assert code == 1 and f"{ckpt / 'quantize_config.json'} is not valid JSON" in one_line(err)
+
+
+@pytest.mark.parametrize("index,message", [
+    ({"metadata": {}}, 'needs a non-empty "weight_map" object'),
+    ({"weight_map": {"x": 3}}, "the file of tensor 'x' must be a string"),
+    ([1], 'needs a non-empty "weight_map" object'),
+])
+def test_bad_index_names_the_file(tiny, tmp_path, capsys, index, message):
+    ckpt = copy(tiny[1], tmp_path / "ckpt")
+    shard_into_index(ckpt, "a.safetensors")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, err = run(capsys, "eval", ckpt, "--max-windows", "1")
+    assert code == 1 and f"{ckpt / 'model.safetensors.index.json'}" in one_line(err) and message in err
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda p: p.write_text('{"model": 1}'), 'its "model" must be a JSON object'),
+    (lambda p: os.truncate(p, 200 * 2**20), "more than any tokenizer.json file should be"),  # sparse: no disk used
+])
+def test_bad_tokenizer_json_is_named(tiny, tmp_path, capsys, breakage, message):
+    ckpt = copy(tiny[1], tmp_path / "ckpt")
+    breakage(ckpt / "tokenizer.json")
+    code, err = run(capsys, "eval", ckpt, "--max-windows", "1")
+    assert code == 1 and f"{ckpt / 'tokenizer.json'}" in one_line(err) and message in err
+
+
+def test_out_dir_symlink_loop_is_named(tiny, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    code, err = run(capsys, "quantize", tiny[1], loop, *tiny[2])
+    assert code == 1 and "is a symlink loop" in one_line(err)

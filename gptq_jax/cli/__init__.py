@@ -38,7 +38,9 @@ from gptq_jax.cli.common import (  # noqa: F401  (re-exported: commands and test
     DTYPES,
     CommandError,
     add_model_arguments,
+    check_model_config,
     check_model_dir,
+    is_quantized,
     non_negative_float,
     positive_int,
     probability,
@@ -66,6 +68,7 @@ def load_model(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any
     from gptq_jax.models import load_pretrained, load_tokenizer
 
     path = check_model_dir(args.model_dir)
+    check_model_config(path)
     tok = load_tokenizer(path) if tokenizer else None
     logger.info("loading %s (%s)", path, args.dtype)
     if is_quantized(path):  # a GPTQ checkpoint: ours from `quantize`, or one written by the PyTorch tools
@@ -75,15 +78,6 @@ def load_model(args: argparse.Namespace, *, tokenizer: bool = True) -> tuple[Any
     else:
         model, config = load_pretrained(path, dtype=jnp.dtype(DTYPES[args.dtype]))
     return model, config, tok
-
-
-def is_quantized(path: Path) -> bool:
-    """Whether a checkpoint directory holds a GPTQ model (``quantization_config`` or ``quantize_config.json``)."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False  # the loader reports what is wrong with it
-    return "quantization_config" in config or (path / "quantize_config.json").is_file()
 
 
 def _strict(obj: Any) -> Any:

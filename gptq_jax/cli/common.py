@@ -7,6 +7,7 @@ at module level.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
@@ -67,3 +68,24 @@ def check_model_dir(path: Path) -> Path:
     if not (path / "config.json").is_file():
         raise CommandError(f"{path} is not a model directory: it has no config.json")
     return path
+
+
+def check_model_config(path: Path) -> None:
+    """config.json (and a GPTQ checkpoint's quantization config) checked field by field before anything reads it:
+    transformers reads config.json too when it loads the tokenizer, and fails on a bad field with a traceback."""
+    from gptq_jax.models import ModelConfig
+
+    ModelConfig.from_json(path)
+    if is_quantized(path):
+        from gptq_jax.io.checkpoint import read_quantization_config
+
+        read_quantization_config(path)
+
+
+def is_quantized(path: Path) -> bool:
+    """Whether a checkpoint directory holds a GPTQ model (``quantization_config`` or ``quantize_config.json``)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False  # the loader reports what is wrong with it
+    return isinstance(config, dict) and "quantization_config" in config or (path / "quantize_config.json").is_file()

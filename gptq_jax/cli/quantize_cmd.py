@@ -36,6 +36,7 @@ from gptq_jax.cli.common import (
     CommandError,
     Interrupted,
     add_model_arguments,
+    check_model_config,
     check_model_dir,
     positive_int,
     probability,
@@ -288,6 +289,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         fp16_scales=not args.fp32_scales,
     )
     mesh, batch_size = _mesh_and_batch(args)
+    check_model_config(args.model_dir)  # before transformers reads config.json for the tokenizer
     tok = load_tokenizer(args.model_dir)
     dtype = jnp.dtype(DTYPES[args.dtype])
     load = None
@@ -300,7 +302,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
 
     if args.method == "gptq":
         text = data.load_text(args.calib) if args.calib is not None else data.default_calibration_text()
-        ids = data.tokenize(tok, text)
+        ids = data.check_token_ids(data.tokenize(tok, text), config.vocab_size, source="the calibration text's tokens")
         calib = random_windows(ids, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         logger.info("calibration: %d windows of %d tokens from %d tokens of text", args.nsamples, args.seqlen, ids.size)
     else:  # round-to-nearest reads no data: short windows only show the engine the model's matmuls

@@ -33,12 +33,14 @@ from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.quantizer import QuantizedWeight
 from gptq_jax.models.checkpoint_dir import (
     check_out_dir,
+    read_json_file,
     shard_names,
     staging,
     swap_into_place,
     weight_files,
     write_index,
 )
+from gptq_jax.models.config_schema import MODEL_CONFIG, QUANT_CONFIG, check_config
 from gptq_jax.models.llama import Linear, LlamaForCausalLM, ModelConfig
 from gptq_jax.models.params import check_finite, hf_to_nnx, nnx_to_hf
 from gptq_jax.models.qlinear import QuantLinear, module_at, quantized_linears
@@ -313,31 +315,32 @@ def _write_files(directory: str, shards: Iterable[dict[str, np.ndarray]], n: int
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
-    """``quantization_config`` from ``config.json``, or ``quantize_config.json`` beside it (AutoGPTQ era), checked."""
+    """``quantization_config`` from ``config.json``, or ``quantize_config.json`` beside it (AutoGPTQ era), checked
+    field by field (``config_schema.QUANT_CONFIG``); errors name the file."""
     path = os.fspath(path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path} has no config.json")
-    with open(cfg_file, encoding="utf-8") as f:
-        try:
-            qc = json.load(f).get("quantization_config")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    config = check_config(read_json_file(cfg_file, max_bytes=16 * 2**20, what="config.json"), MODEL_CONFIG, cfg_file)
+    qc, source = config.get("quantization_config"), f"{cfg_file} quantization_config"
     side = os.path.join(path, "quantize_config.json")
     if qc is None and os.path.isfile(side):
-        with open(side, encoding="utf-8") as f:
-            qc = json.load(f)
-        qc.setdefault("quant_method", "gptq")
+        qc, source = read_json_file(side, max_bytes=2**20, what="quantize_config.json"), side
+        if isinstance(qc, dict):
+            qc.setdefault("quant_method", "gptq")
     if qc is None:
         raise ValueError(f"{path} is not a quantized checkpoint: config.json has no quantization_config")
+    qc = dict(check_config(qc, QUANT_CONFIG, source))
     if qc.get("quant_method", "gptq") != "gptq":
-        raise ValueError(f"{path}: quant_method={qc.get('quant_method')!r} is not supported (only 'gptq')")
+        raise ValueError(f"{source}: quant_method={qc.get('quant_method')!r} is not supported (only 'gptq')")
     for key in ("bits", "group_size"):
         if key not in qc:
-            raise ValueError(f"{path}: quantization_config has no {key!r}")
-    fmt = qc.get("checkpoint_format", "gptq")
+            raise ValueError(f"{source} has no {key!r}")
+    if qc["group_size"] == 0:
+        raise ValueError(f"{source}: group_size 0 is not a group size (-1 for one group per row, else positive)")
+    fmt = qc.get("checkpoint_format") or "gptq"
     if fmt not in CHECKPOINT_FORMATS:
-        raise ValueError(f"{path}: checkpoint_format={fmt!r} is not one of {CHECKPOINT_FORMATS}")
+        raise ValueError(f"{source}: checkpoint_format={fmt!r} is not one of {CHECKPOINT_FORMATS}")
     qc["checkpoint_format"] = fmt
     return qc
 

@@ -87,3 +87,19 @@ def tokenize(tokenizer: Any, text: str) -> np.ndarray:
     """
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return np.asarray(ids, dtype=np.int32)
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int | None, *, source: str = "the tokenizer") -> np.ndarray:
+    """Raise ``ValueError`` if any id of ``ids`` is outside ``[0, vocab_size)``: an embedding lookup past the table
+    gives NaN or garbage silently (NaN perplexity, empty text, a NaN Hessian blamed on the weights)."""
+    ids = np.asarray(ids)
+    if vocab_size is None or ids.size == 0:
+        return ids
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        raise ValueError(
+            f"{source} produced token id {bad}, outside the model's vocabulary of {vocab_size} (config.json "
+            "vocab_size): the tokenizer does not belong to this model"
+        )
+    return ids

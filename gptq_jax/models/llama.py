@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -45,6 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gptq_jax.models.checkpoint_dir import read_json_file
+from gptq_jax.models.config_schema import MODEL_CONFIG, check_config
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
@@ -162,8 +164,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Reads a transformers ``config.json`` dict (v4 ``rope_scaling``/``rope_theta`` or v5 ``rope_parameters``)."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"config must be a JSON object, got {type(d).__name__}")
+        check_config(d, MODEL_CONFIG, "")
         arch = _architecture_of(d)
 
         def get(key: str, default: Any = ..., kind: type | tuple[type, ...] = int) -> Any:
@@ -252,11 +253,7 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        d = read_json_file(path, max_bytes=16 * 2**20, what="config.json")
         try:
             return cls.from_hf_dict(d)
         except ValueError as e:

@@ -33,7 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptq_jax.models.checkpoint_dir import shard_names, staging, swap_into_place, weight_files, write_index
+from gptq_jax.models.checkpoint_dir import (
+    read_json_file,
+    shard_names,
+    staging,
+    swap_into_place,
+    weight_files,
+    write_index,
+)
 from gptq_jax.models.llama import LlamaForCausalLM, ModelConfig
 from gptq_jax.models.safetensors_file import SafetensorsFile
 
@@ -277,6 +284,7 @@ def open_pretrained(
     return abstract, config, load
 
 
+MAX_TOKENIZER_JSON_BYTES = 128 * 2**20  # the largest real tokenizer.json files are a few tens of MB
 _TOKENIZER_JSON = ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
 # Any one of these sets of files is a tokenizer transformers can load without the network.
 _TOKENIZER_SETS = ({"tokenizer.json"}, {"tokenizer.model"}, {"vocab.json", "merges.txt"}, {"vocab.txt"})
@@ -294,11 +302,12 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     for fname in _TOKENIZER_JSON:
         file = os.path.join(path, fname)
         if os.path.isfile(file):
-            try:
-                with open(file, encoding="utf-8") as f:
-                    json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{file} is not valid JSON: {e}") from None
+            data = read_json_file(file, max_bytes=MAX_TOKENIZER_JSON_BYTES, what=fname)
+            if not isinstance(data, dict):
+                raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+            if fname == "tokenizer.json" and not isinstance(data.get("model"), dict):
+                raise ValueError(f"{file} is not a tokenizers file: its \"model\" must be a JSON object, "
+                                 f"got {str(data.get('model'))[:40]!r}")
     present = set(os.listdir(path))
     if not any(need <= present for need in _TOKENIZER_SETS):
         if "vocab.json" in present and "merges.txt" not in present:
@@ -308,8 +317,8 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         )
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
+    except Exception as e:  # transformers and tokenizers raise many types (and Rust panics) on a malformed file
+        raise ValueError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptq_jax.io.text import check_token_ids
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEQLEN = 2048  # the GPTQ paper's evaluation length
@@ -114,6 +116,7 @@ def perplexity(
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"tokens must be a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}")
+    check_token_ids(tokens, getattr(getattr(model, "config", None), "vocab_size", None), source="the text's tokens")
     if not isinstance(seqlen, int) or seqlen < 2:
         raise ValueError(f"seqlen={seqlen!r} must be an integer >= 2")
     if not isinstance(batch_size, int) or batch_size < 1:

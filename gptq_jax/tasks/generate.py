@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptq_jax.io.text import check_token_ids
+
 log = logging.getLogger(__name__)
 
 # The cache length is rounded up to a multiple of this, so prompts of similar length reuse compiled decode steps.
@@ -230,7 +232,8 @@ def generate(
     seed: int = 0,
 ) -> GenerationResult:
     """Generate a continuation of the text `prompt` (or a chat reply with `chat=True`); see `generate_tokens`."""
-    ids = encode_prompt(tokenizer, prompt, chat=chat)
+    ids = check_token_ids(encode_prompt(tokenizer, prompt, chat=chat), model.config.vocab_size,
+                          source="the tokenizer (on the prompt)")
     result = generate_tokens(
         model,
         ids,
