@@ -453,11 +453,12 @@ def test_kill_during_save_leaves_nothing_behind(tiny, tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, *argv], env=env, stderr=subprocess.PIPE)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
-    left = [p.name for p in tmp_path.iterdir()]
-    assert len(left) == 1 and left[0].startswith(f".q.partial-{proc.pid}-"), left
+    left = sorted(p.name for p in tmp_path.iterdir())  # the half-written output, and the lock the run held
+    assert len(left) == 2 and left[1].startswith(f".q.partial-{proc.pid}-") and left[0] == ".q.gptq-lock", left
     code, _, err = run(capsys, *argv)
     assert code == 0, err
-    assert f"removed {tmp_path / left[0]}, left by a run that was killed while saving" in err
+    assert f"removed {tmp_path / left[1]}, left by a run that was killed while saving" in err
+    assert f"left by process {proc.pid}, which is gone" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
