@@ -316,3 +316,73 @@ def test_out_dir_symlink_loop_is_named(tiny, tmp_path, capsys):
     os.symlink(loop, loop)
     code, err = run(capsys, "quantize", tiny[1], loop, *tiny[2])
     assert code == 1 and "is a symlink loop" in one_line(err)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Case 12: every package the code imports (or makes transformers import) is declared
+
+
+# What our calls make other packages import lazily: the call in our source -> the distribution it needs.
+INDIRECT = {"apply_chat_template": "jinja2"}  # transformers renders chat templates with jinja2 and does not need it
+
+
+def test_every_imported_package_is_declared():
+    import ast
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    repo = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in project["dependencies"]}
+    dists = md.packages_distributions()
+    needed: dict[str, str] = {}
+    for file in [*(repo / "gptq_jax").rglob("*.py"), *(repo / "pallas_kernels").rglob("*.py")]:
+        source = file.read_text()
+        for node in ast.walk(ast.parse(source)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("gptq_jax", "pallas_kernels"):
+                    continue
+                for dist in dists.get(top, [top]):
+                    needed.setdefault(dist.lower().replace("_", "-"), str(file.relative_to(repo)))
+        for call, dist in INDIRECT.items():
+            if call in source:
+                needed.setdefault(dist, str(file.relative_to(repo)))
+    # jaxlib comes with jax; the GPU toolchains are optional and imported only where present.
+    optional = {"jax-cuda12-plugin", "jax-cuda13-plugin", "triton", "nvidia-cuda-nvcc-cu12"}
+    missing = {d: f for d, f in needed.items() if d not in declared and d not in optional}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Case 6: token ids checked against the vocabulary
+
+
+@pytest.fixture()
+def big_tokenizer_model(tiny, tmp_path):
+    """The tiny model (vocab_size 128) with a tokenizer of 200 words: `w150` encodes to an id past the embedding."""
+    from helpers_models import write_tiny_tokenizer
+
+    ckpt = copy(tiny[1], tmp_path / "ckpt")
+    write_tiny_tokenizer(ckpt, vocab_size=200)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(0, 200, 3)) * 20)
+    return ckpt, text
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "quantize"])
+def test_token_id_past_the_vocabulary_is_named(big_tokenizer_model, tiny, tmp_path, capsys, command):
+    ckpt, text = big_tokenizer_model
+    argv = {
+        "eval": ["eval", ckpt, "--text", text, "--seqlen", "16"],
+        "generate": ["generate", ckpt, "--prompt", "w1 w150", "--max-new-tokens", "2"],
+        "quantize": ["quantize", ckpt, tmp_path / "q", *Q_ARGS, "--calib", text],
+    }[command]
+    code, err = run(capsys, *argv)
+    assert code == 1
+    line = one_line(err)
+    assert "outside the model's vocabulary of 128" in line and "does not belong to this model" in line, line
+    assert not (tmp_path / "q").exists()

@@ -20,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 # safetensors dtype -> numpy dtype
@@ -28,7 +28,7 @@ DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "BF16": np.dtype(jnp.bfloat16),
     "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
