@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -329,7 +330,6 @@ INDIRECT = {"apply_chat_template": "jinja2"}  # transformers renders chat templa
 def test_every_imported_package_is_declared():
     import ast
     import importlib.metadata as md
-    import re
     import tomllib
 
     repo = Path(__file__).resolve().parent.parent
@@ -386,3 +386,44 @@ def test_token_id_past_the_vocabulary_is_named(big_tokenizer_model, tiny, tmp_pa
     line = one_line(err)
     assert "outside the model's vocabulary of 128" in line and "does not belong to this model" in line, line
     assert not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cases 8 and 9: a quantized checkpoint is checked for consistency
+
+
+def relabel(tiny, tmp_path, edit) -> Path:
+    ckpt = copy(tiny[3], tmp_path / "ckpt")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    edit(cfg)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt
+
+
+def test_quantized_linear_missing_a_bias_the_architecture_needs(tiny, tmp_path, capsys):
+    """Case 8: a Llama GPTQ checkpoint relabelled Qwen2 loaded without Qwen2's q/k/v biases."""
+    ckpt = relabel(tiny, tmp_path, lambda c: c.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2"))
+    code, err = run(capsys, "eval", ckpt, "--max-windows", "1", "--seqlen", "16")
+    assert code == 1
+    assert re.search(r"model.layers.0.self_attn.[qkv]_proj has no bias, but a Qwen2ForCausalLM model has one",
+                     one_line(err))
+
+
+def test_group_size_against_g_idx(tiny, tmp_path, capsys):
+    """Case 9: group_size 48 on a file made at 32 (the group counts of K=64 still match: 2 and 2)."""
+    ckpt = relabel(tiny, tmp_path, lambda c: c["quantization_config"].update(group_size=48))
+    code, err = run(capsys, "eval", ckpt, "--max-windows", "1", "--seqlen", "16")
+    assert code == 1 and "g_idx does not give groups of group_size=48" in one_line(err)
+
+
+def test_v1_file_labelled_v2(tiny, tmp_path, capsys):
+    """Case 9: a symmetric v1 file (stored zero - 1) labelled gptq_v2 ran with every zero off by one."""
+    ckpt = relabel(tiny, tmp_path, lambda c: c["quantization_config"].update(checkpoint_format="gptq_v2"))
+    code, err = run(capsys, "eval", ckpt, "--max-windows", "1", "--seqlen", "16")
+    assert code == 1 and "qzeros all hold 7, the symmetric zero as gptq stores it" in one_line(err)
+
+
+def test_consistent_checkpoint_still_loads(tiny):
+    from gptq_jax.io.checkpoint import load_quantized
+
+    load_quantized(tiny[3])

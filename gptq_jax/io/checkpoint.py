@@ -345,6 +345,37 @@ def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
     return qc
 
 
+def _check_consistency(path: str, name: str, raw: Mapping[str, np.ndarray], lin: Linear, qc: Mapping[str, Any],
+                       arch: str) -> None:
+    """What the loader can tell about one quantized linear beyond shapes, before it is used: a bias the
+    architecture needs, ``g_idx`` against the group size, and, for a symmetric grid, the stored zeros against the
+    checkpoint format (v1 stores zero - 1, v2 the zero itself). Each is a checkpoint that would load and run with
+    wrong values."""
+    if getattr(lin, "bias", None) is not None and f"{name}.bias" not in raw:
+        raise ValueError(f"{path}: {name} has no bias, but a {arch} model has one there (config.json's "
+                         "architectures); the checkpoint was made for another architecture")
+    bits, group_size, fmt = int(qc["bits"]), int(qc["group_size"]), qc["checkpoint_format"]
+    k = int(lin.in_features)
+    g_idx = raw.get(f"{name}.g_idx")
+    if g_idx is not None and group_size != -1 and g_idx.shape == (k,) and np.issubdtype(g_idx.dtype, np.integer):
+        groups = -(-k // group_size)
+        want = np.minimum(group_size, k - group_size * np.arange(groups))
+        if g_idx.min(initial=0) < 0 or g_idx.max(initial=0) >= groups or not np.array_equal(
+            np.bincount(g_idx.astype(np.int64), minlength=groups), want
+        ):
+            raise ValueError(f"{path}: {name}.g_idx does not give groups of group_size={group_size} over {k} "
+                             "inputs; the checkpoint was made with another group size")
+    qzeros = raw.get(f"{name}.qzeros")
+    if qc.get("sym") is True and bits in (2, 4, 8) and qzeros is not None and qzeros.dtype == np.int32:
+        shifts = np.arange(32 // bits, dtype=np.uint32) * bits
+        stored = (qzeros.view(np.uint32)[..., None] >> shifts) & (2**bits - 1)
+        v1, v2 = 2 ** (bits - 1) - 1, 2 ** (bits - 1)  # a symmetric grid's zero, as each format stores it
+        other = {"gptq": ("gptq_v2", v2), "gptq_v2": ("gptq", v1)}[fmt]
+        if stored.size and np.all(stored == other[1]):
+            raise ValueError(f"{path}: {name}.qzeros all hold {other[1]}, the symmetric zero as {other[0]} stores "
+                             f"it, but checkpoint_format is {fmt!r}: the file is labelled with the wrong format")
+
+
 def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Load a GPTQ checkpoint (ours or the PyTorch tools') as a model whose quantized linears are ``QuantLinear``.
 
@@ -392,6 +423,7 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
         missing = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales") if f"{name}.{s}" not in raw]
         if missing:
             raise ValueError(f"{path}: missing tensor(s) {missing}")
+        _check_consistency(path, name, raw, old, qc, config.architecture)
         lin = QuantLinear.from_hf_tensors(
             name,
             {s: raw.pop(f"{name}.{s}") for s in (*_QUANT_SUFFIXES, "bias") if f"{name}.{s}" in raw},
