@@ -427,3 +427,86 @@ def test_consistent_checkpoint_still_loads(tiny):
     from gptq_jax.io.checkpoint import load_quantized
 
     load_quantized(tiny[3])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cases 10, 13 and 14: GGUF counts against the file size, metadata against the tensors
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A tiny Llama GGUF file (F32) with an int32 array field `test.array`, as llama.cpp would write it."""
+    import gguf
+    from helpers_models import build_torch_model, tiny_config
+    from test_gguf import write_tiny_gguf
+
+    root = tmp_path_factory.mktemp("gguf")
+    config = tiny_config("llama")
+    tensors = {k: v.numpy() for k, v in build_torch_model(config, seed=0).state_dict().items()}
+    path = root / "tiny.gguf"
+    real = gguf.GGUFWriter.write_header_to_file
+
+    def with_array(self, *a, **k):
+        self.add_array("test.array", [1, 2, 3])
+        return real(self, *a, **k)
+
+    gguf.GGUFWriter.write_header_to_file = with_array
+    try:
+        write_tiny_gguf(path, config, tensors)
+    finally:
+        gguf.GGUFWriter.write_header_to_file = real
+    return path
+
+
+def patch_field(path: Path, key: str, after_type: int, fmt: str, value: int) -> None:
+    """Overwrite the value of metadata field ``key`` (``after_type`` bytes past its type: 4 for a scalar, 8 for an
+    array's count) with ``value`` packed as ``fmt``."""
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    name = struct.pack("<Q", len(key)) + key.encode()
+    at = raw.index(name) + len(name) + after_type
+    raw[at:at + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    path.write_bytes(bytes(raw))
+
+
+GGUF_CASES = {
+    # Case 10: memory grew without bound. The message names the entry and the bytes its count needs against those left.
+    "array count 2^40": ("test.array", 8, "<Q", 2**40, "is corrupt: metadata entry"),
+    "head_count 0": ("llama.attention.head_count", 4, "<I", 0, "field 'llama.attention.head_count' must be >= 1"),
+    "embedding_length 0": ("llama.embedding_length", 4, "<I", 0, "field 'llama.embedding_length' must be >= 1"),
+    "block_count 10^9": ("llama.block_count", 4, "<I", 10**9, "field 'llama.block_count' must be >= 1 and <= 4096"),
+    "block_count 3": ("llama.block_count", 4, "<I", 3, "llama.block_count is 3, the tensors hold 2 block(s)"),
+    "context_length 0": ("llama.context_length", 4, "<I", 0, "field 'llama.context_length' must be >= 1"),
+    "feed_forward_length 8": ("llama.feed_forward_length", 4, "<I", 8, "the metadata implies"),
+    "head_count_kv 3": ("llama.attention.head_count_kv", 4, "<I", 3, "must be a multiple of num_key_value_heads=3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_CASES))
+def test_gguf_metadata_is_checked_before_anything_is_allocated(tiny_gguf, tmp_path, capsys, case):
+    key, after, fmt, value, message = GGUF_CASES[case]
+    path = tmp_path / "x.gguf"
+    shutil.copy(tiny_gguf, path)
+    patch_field(path, key, after, fmt, value)
+    code, err = run(capsys, "convert-gguf", path, tmp_path / "out")
+    assert code == 1
+    line = one_line(err)
+    assert str(path) in line and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_gguf_onto_a_full_disk(tiny_gguf, tmp_path, capsys, monkeypatch):
+    """Case 13: safetensors' own error type for ENOSPC came out as a traceback naming the staging directory."""
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, file, metadata=None):
+        Path(file).write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", full_disk)
+    out = tmp_path / "out"
+    code, err = run(capsys, "convert-gguf", tiny_gguf, out)
+    line = one_line(err)
+    assert code == 1 and "No space left on device" in line and f"cannot write {out / 'model.safetensors'}" in line
+    assert ".partial-" not in line and sorted(p.name for p in tmp_path.iterdir()) == []

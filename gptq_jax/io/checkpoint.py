@@ -14,7 +14,6 @@ asymmetric ones as ``gptq_v2`` (true zeros), since v1 cannot store a zero of 0. 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -27,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.quantizer import QuantizedWeight
 from gptq_jax.models.checkpoint_dir import (
     check_out_dir,
+    naming,
     read_json_file,
+    save_safetensors,
     shard_names,
     staging,
     swap_into_place,
@@ -176,43 +176,16 @@ def save_quantized(
             _write_shards(tmp, tensors, max_shard_bytes, final_dir=out_dir)
         texts = {"config.json": json.dumps(hf_config, indent=2), "quantize_config.json": json.dumps(qconf, indent=2)}
         for fname, text in {**texts, **(extra_files or {})}.items():
-            with _naming(os.path.join(out_dir, fname)), open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+            with naming(os.path.join(out_dir, fname)), open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
                 f.write(text)
         if tokenizer_dir is not None:
             for fname in TOKENIZER_FILES:
                 src = os.path.join(tokenizer_dir, fname)
                 if os.path.isfile(src):
-                    with _naming(os.path.join(out_dir, fname)):
+                    with naming(os.path.join(out_dir, fname)):
                         shutil.copy2(src, os.path.join(tmp, fname))
         swap_into_place(tmp, out_dir)
     return out_dir
-
-
-@contextlib.contextmanager
-def _naming(final: str) -> Iterator[None]:
-    """Raise an ``OSError`` (a full disk) again naming ``final``, the path the file will have once the save is
-    complete, rather than the hidden temporary directory it is written in."""
-    try:
-        yield
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write {final}: {e.strerror or e}") from e
-
-
-def _save_file(shard: dict[str, np.ndarray], file: str, final: str) -> None:
-    """``safetensors.numpy.save_file``, its I/O errors (a full disk) raised as ``OSError`` naming ``final``, the
-    path the file will have once the save is complete."""
-    try:
-        with _naming(final):
-            save_file(shard, file, metadata={"format": "pt"})
-    except OSError:
-        raise
-    except Exception as e:  # safetensors' SafetensorError: "I/O error: No space left on device (os error 28)"
-        m = re.search(r"os error (\d+)", str(e))
-        if m is None:
-            raise
-        code = int(m.group(1))
-        need = sum(a.nbytes for a in shard.values())
-        raise OSError(code, f"cannot write {final} ({_size(need)}): {os.strerror(code)}") from e
 
 
 def _size(n: int) -> str:
@@ -301,7 +274,7 @@ def _write_files(directory: str, shards: Iterable[dict[str, np.ndarray]], n: int
     for i, shard in enumerate(shards):  # noqa: B007 - i is checked below
         if i >= n:
             raise ValueError(f"more than the {n} shards announced")
-        _save_file(shard, os.path.join(directory, names[i]), os.path.join(final_dir or directory, names[i]))
+        save_safetensors(shard, os.path.join(directory, names[i]), os.path.join(final_dir or directory, names[i]))
         weight_map.update(dict.fromkeys(shard, names[i]))
         total += sum(a.nbytes for a in shard.values())
     if i + 1 != n:

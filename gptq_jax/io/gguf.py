@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from gptq_jax.models.checkpoint_dir import CheckpointDirError, staging, swap_into_place
+from gptq_jax.models.checkpoint_dir import CheckpointDirError, naming, save_safetensors, staging, swap_into_place
 from gptq_jax.models.checkpoint_dir import check_out_dir as check_out_dir_rules
+from gptq_jax.models.config_schema import Field, check_config
+from gptq_jax.models.llama import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +119,8 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _open(path: Path):
-    """A `gguf.GGUFReader` for `path`, after checking that it is a GGUF file at all."""
+    """A `gguf.GGUFReader` for `path`, after checking that it is a GGUF file at all and that its header's counts
+    fit in the file (`check_header`): the reader allocates what a count says before it finds out."""
     import gguf
 
     if not path.is_file():
@@ -125,10 +129,105 @@ def _open(path: Path):
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    check_header(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises bare ValueError/IndexError on corrupt files
         raise GGUFError(f"{path} could not be read as GGUF: {e}") from e
+
+
+# GGUF value type -> size in bytes (strings: 8 + length; arrays: 12 + their elements)
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_MAX_NESTING = 4
+
+
+class _Cursor:
+    """Reads a GGUF header from a file, every length and count checked against the bytes left before it is used."""
+
+    def __init__(self, f, size: int, path: Path):
+        self.f, self.size, self.path, self.pos = f, size, path, 0
+
+    def fail(self, what: str) -> GGUFError:
+        return GGUFError(f"{self.path} is corrupt: {what} (at byte {self.pos:,} of {self.size:,})")
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise self.fail(f"{what} needs {n:,} bytes, {self.size - self.pos:,} are left")
+
+    def unpack(self, fmt: str, what: str) -> int:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        self.f.seek(self.pos)
+        self.pos += n
+        return struct.unpack(fmt, self.f.read(n))[0]
+
+    def skip(self, n: int, what: str) -> None:
+        self.need(n, what)
+        self.pos += n
+
+    def string(self, what: str) -> None:
+        self.skip(self.unpack("<Q", f"the length of {what}"), what)
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> None:
+        if vtype in _SCALAR_SIZES:
+            self.skip(_SCALAR_SIZES[vtype], what)
+        elif vtype == _STRING:
+            self.string(what)
+        elif vtype == _ARRAY:
+            etype = self.unpack("<I", f"the element type of {what}")
+            count = self.unpack("<Q", f"the element count of {what}")
+            smallest = _SCALAR_SIZES.get(etype, 8 if etype == _STRING else 12)
+            self.need(count * smallest, f"{what}'s {count:,} elements")  # before any element is read
+            if etype in _SCALAR_SIZES:
+                self.skip(count * smallest, what)
+            elif depth >= _MAX_NESTING:
+                raise self.fail(f"{what} nests arrays more than {_MAX_NESTING} deep")
+            else:
+                for _ in range(count):
+                    self.value(etype, what, depth + 1)
+        else:
+            raise self.fail(f"{what} has an unknown value type {vtype}")
+
+
+def check_header(path: Path) -> None:
+    """Walk the GGUF header (metadata and tensor infos) without keeping any of it, checking that every string
+    length, array count and tensor count fits in the bytes that are left, and every tensor's data lies in the
+    file; a `GGUFError` naming the file otherwise."""
+    import gguf
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        c = _Cursor(f, size, path)
+        c.skip(4, "the magic")
+        version = c.unpack("<I", "the version")
+        if version not in (2, 3):
+            raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors = c.unpack("<Q", "the tensor count")
+        n_kv = c.unpack("<Q", "the metadata count")
+        c.need(n_kv * 13 + n_tensors * 24, f"{n_kv:,} metadata entries and {n_tensors:,} tensor infos")
+        for i in range(n_kv):
+            c.string(f"metadata key {i}")
+            c.value(c.unpack("<I", f"the type of metadata entry {i}"), f"metadata entry {i}")
+        infos = []
+        for i in range(n_tensors):
+            c.string(f"the name of tensor {i}")
+            n_dims = c.unpack("<I", f"the rank of tensor {i}")
+            if not 1 <= n_dims <= 4:
+                raise c.fail(f"tensor {i} has {n_dims} dimensions (1 to 4)")
+            dims = [c.unpack("<Q", f"a dimension of tensor {i}") for _ in range(n_dims)]
+            qtype = c.unpack("<I", f"the type of tensor {i}")
+            offset = c.unpack("<Q", f"the data offset of tensor {i}")
+            infos.append((i, dims, qtype, offset))
+        data_start = -(-c.pos // 32) * 32  # the default alignment; the reader checks a declared one itself
+        for i, dims, qtype, offset in infos:
+            try:
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+            except (ValueError, KeyError):
+                raise c.fail(f"tensor {i} has an unknown type {qtype}") from None
+            n = int(np.prod(dims, dtype=object))
+            if n % block or data_start + offset + n // block * type_size > size:
+                raise c.fail(f"tensor {i} ({' x '.join(map(str, dims))}) does not fit in the file")
 
 
 def _metadata(reader) -> dict[str, Any]:
@@ -220,6 +319,61 @@ def _check_dequantizable(reader, path: Path) -> None:
             ) from None
 
 
+_2_31 = 2**31 - 1
+METADATA = {  # the GGUF fields config.json is made from, with the bounds config_schema.MODEL_CONFIG sets there
+    "llama.embedding_length": Field(kind="int", lo=1, hi=2**17),
+    "llama.attention.head_count": Field(kind="int", lo=1, hi=4096),
+    "llama.attention.head_count_kv": Field(kind="int", lo=1, hi=4096),
+    "llama.attention.key_length": Field(kind="int", lo=2, hi=4096),
+    "llama.block_count": Field(kind="int", lo=1, hi=4096),
+    "llama.feed_forward_length": Field(kind="int", lo=1, hi=2**20),
+    "llama.context_length": Field(kind="int", lo=1, hi=2**26),
+    "llama.attention.layer_norm_rms_epsilon": Field(kind="number", lo=0, lo_open=True, hi=1),
+    "llama.rope.freq_base": Field(kind="number", lo=0, lo_open=True, hi=1e12),
+    "llama.rope.scaling.factor": Field(kind="number", lo=0, lo_open=True, hi=1e6),
+    "llama.rope.scaling.type": Field(kind="str"),
+    "tokenizer.ggml.bos_token_id": Field(kind="int", lo=0, hi=_2_31),
+    "tokenizer.ggml.eos_token_id": Field(kind="int", lo=0, hi=_2_31),
+    "tokenizer.ggml.padding_token_id": Field(kind="int", lo=0, hi=_2_31),
+}
+
+
+def check_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """The metadata config.json is made from, checked by type and bounds, then against the tensors' shapes (from
+    the tensor infos: no data is read), so that a file whose metadata contradicts its tensors is refused instead of
+    converted into a checkpoint that fails, hangs or divides by zero later."""
+    try:
+        check_config(meta, METADATA, f"{path}: GGUF metadata")
+    except ValueError as e:
+        raise GGUFError(str(e)) from None
+    hf = {hf_tensor_name(n): s for n, s in shapes.items() if n != "rope_freqs.weight"}
+    if "model.embed_tokens.weight" not in hf or len(hf["model.embed_tokens.weight"]) != 2:
+        raise GGUFError(f"{path}: no 2-D token_embd.weight tensor; not a complete Llama model")
+    config = hf_config(meta, tied="lm_head.weight" not in hf, vocab_size=hf["model.embed_tokens.weight"][0], path=path)
+    try:
+        ModelConfig.from_hf_dict(config)
+    except ValueError as e:
+        raise GGUFError(f"{path}: its metadata makes an invalid config.json: {e}") from None
+    layers = {int(m.group(1)) for n in shapes if (m := _LAYER_RE.match(n))}
+    if layers != set(range(config["num_hidden_layers"])):
+        raise GGUFError(f"{path}: llama.block_count is {config['num_hidden_layers']}, the tensors hold "
+                        f"{len(layers)} block(s) (blk.{min(layers, default=0)}..blk.{max(layers, default=-1)})")
+    h, i, hd, v = config["hidden_size"], config["intermediate_size"], config["head_dim"], config["vocab_size"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    want = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,)}
+    per_layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q), "self_attn.q_proj.bias": (q,),
+                 "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (h,),
+                 "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
+    for name, shape in hf.items():
+        m = re.match(r"model\.layers\.\d+\.(.+)", name)
+        expect = per_layer.get(m.group(1)) if m else want.get(name)
+        if expect is not None and tuple(shape) != expect:
+            raise GGUFError(f"{path}: tensor {name} has shape {tuple(shape)}, the metadata implies {expect} "
+                            "(embedding_length, head counts, key_length, feed_forward_length)")
+
+
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """All tensors of a Llama GGUF file as float32 numpy arrays under HF names, and its metadata.
 
@@ -234,6 +388,7 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     meta = _metadata(reader)
     _check_architecture(meta, path)
     _check_dequantizable(reader, path)
+    check_metadata(meta, {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}, path)
     n_head = int(_required(meta, "llama.attention.head_count", path))
     n_head_kv = int(meta.get("llama.attention.head_count_kv", n_head))
 
@@ -306,8 +461,6 @@ def convert_gguf(
       GGUFError: not a GGUF file, not the llama architecture, a tensor type the `gguf` package
         cannot dequantize, an unknown tensor name, or a non-empty `out_dir` without `overwrite`.
     """
-    from safetensors.numpy import save_file
-
     gguf_path = Path(gguf_path)
     out_dir = check_out_dir(out_dir, gguf_path=gguf_path, overwrite=overwrite, option=overwrite_option)
     tensors, meta = read_tensors(gguf_path)
@@ -320,10 +473,12 @@ def convert_gguf(
 
     with staging(out_dir) as tmp_name:
         tmp = Path(tmp_name)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", generation)
-        wrote_tokenizer = _write_tokenizer(gguf_path, tmp, meta) if tokenizer else False
+        save_safetensors(tensors, str(tmp / "model.safetensors"), str(out_dir / "model.safetensors"))
+        for name, obj in (("config.json", config), ("generation_config.json", generation)):
+            with naming(str(out_dir / name)):
+                _write_json(tmp / name, obj)
+        with naming(str(out_dir)):
+            wrote_tokenizer = _write_tokenizer(gguf_path, tmp, meta) if tokenizer else False
         swap_into_place(tmp_name, out_dir)
     logger.info("converted %s -> %s (%d tensors)", gguf_path, out_dir, len(tensors))
     return ConversionReport(

@@ -23,10 +23,12 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from gptq_jax.engine.resume import pid_alive
 
@@ -116,6 +118,35 @@ def write_index(directory: str, weight_map: Mapping[str, str], total_size: int) 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing a directory
+
+
+@contextlib.contextmanager
+def naming(final: str) -> Iterator[None]:
+    """Raise an ``OSError`` (a full disk) again naming ``final``, the path the file will have once the directory is
+    complete, rather than the hidden staging directory it is written in."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {final}: {e.strerror or e}") from e
+
+
+def save_safetensors(tensors: Mapping[str, Any], file: str, final: str) -> None:
+    """``safetensors.numpy.save_file`` with metadata ``{"format": "pt"}``, its I/O errors (a full disk: safetensors
+    raises its own error type for them) raised as ``OSError`` naming ``final``."""
+    from safetensors.numpy import save_file
+
+    try:
+        with naming(final):
+            save_file(dict(tensors), file, metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as e:  # SafetensorError: "I/O error: No space left on device (os error 28)"
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        need = sum(a.nbytes for a in tensors.values())
+        raise OSError(code, f"cannot write {final} ({need / 2**20:,.1f} MiB): {os.strerror(code)}") from e
 
 
 def partial_prefix(out_dir: str | os.PathLike) -> str:
