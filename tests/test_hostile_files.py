@@ -510,3 +510,207 @@ def test_convert_gguf_onto_a_full_disk(tiny_gguf, tmp_path, capsys, monkeypatch)
     line = one_line(err)
     assert code == 1 and "No space left on device" in line and f"cannot write {out / 'model.safetensors'}" in line
     assert ".partial-" not in line and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fuzzing: every parser we own, on random inputs. Each must return or raise one of the errors the CLI reports on one
+# line (ValueError, OSError), with a one-line message naming the file, within a time bound (hypothesis' deadline)
+# and a memory bound (tracemalloc's peak), never reading outside the directory. Bounded so the whole runs in CI
+# in well under a minute.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+MEMORY_BOUND = 64 * 2**20
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def expect_clean(fn, file: str | Path):
+    """``fn()``'s value, or None if it raised a clean error: ValueError or OSError, one line, naming ``file``."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return fn()
+    except (ValueError, OSError) as e:
+        text = str(e)
+        assert "\n" not in " ".join(text.split()) and text, text
+        assert str(file) in text or os.path.basename(str(file)) in text, f"{text!r} does not name {file}"
+        return None
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < MEMORY_BOUND, f"{peak / 2**20:.0f} MiB allocated"
+
+
+@pytest.fixture(scope="module")
+def valid_config() -> dict:
+    from helpers_models import tiny_config
+
+    return tiny_config("llama")
+
+
+@FUZZ
+@given(edits=st.dictionaries(st.sampled_from(sorted(__import__("gptq_jax.models.config_schema",
+                                                                 fromlist=["x"]).MODEL_CONFIG)), json_values,
+                             min_size=1, max_size=3))
+def test_fuzz_config_json(valid_config, edits):
+    import tempfile
+
+    from gptq_jax.models import ModelConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        file = Path(d) / "config.json"
+        file.write_text(json.dumps({**valid_config, **edits}))
+        expect_clean(lambda: ModelConfig.from_json(d), file)
+
+
+@FUZZ
+@given(doc=json_values, text=st.text(max_size=40))
+def test_fuzz_config_json_documents(doc, text):
+    import tempfile
+
+    from gptq_jax.models import ModelConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        file = Path(d) / "config.json"
+        for content in (json.dumps(doc), text):
+            file.write_text(content)
+            expect_clean(lambda: ModelConfig.from_json(d), file)
+
+
+@FUZZ
+@given(qc=st.dictionaries(st.sampled_from(["bits", "group_size", "sym", "desc_act", "checkpoint_format",
+                                           "quant_method", "damp_percent", "static_groups"]), json_values),
+       side=st.booleans())
+def test_fuzz_quantization_config(valid_config, qc, side):
+    import tempfile
+
+    from gptq_jax.io.checkpoint import read_quantization_config
+
+    with tempfile.TemporaryDirectory() as d:
+        if side:
+            (Path(d) / "config.json").write_text(json.dumps(valid_config))
+            (Path(d) / "quantize_config.json").write_text(json.dumps(qc))
+            file = Path(d) / "quantize_config.json"
+        else:
+            (Path(d) / "config.json").write_text(json.dumps({**valid_config, "quantization_config": qc}))
+            file = Path(d) / "config.json"
+        got = expect_clean(lambda: read_quantization_config(d), file)
+        if got is not None:
+            assert got["bits"] in (2, 3, 4, 8) and got["checkpoint_format"] in ("gptq", "gptq_v2")
+
+
+shard_names = st.sampled_from(["a.safetensors", "../a.safetensors", "/etc/passwd", "sub/a.safetensors", "..", ".",
+                               "", "a\\..\\b", "b.safetensors"]) | st.text(max_size=12)
+
+
+@FUZZ
+@given(index=json_values | st.fixed_dictionaries({"weight_map": st.dictionaries(st.text(max_size=6), shard_names
+                                                                                | json_values, max_size=4)}))
+def test_fuzz_safetensors_index(index):
+    import tempfile
+
+    from gptq_jax.models.checkpoint_dir import weight_files
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "a.safetensors").write_bytes(b"")
+        file = Path(d) / "model.safetensors.index.json"
+        file.write_text(json.dumps(index))
+        files = expect_clean(lambda: weight_files(d), file)
+        for f in files or []:  # never a file outside the checkpoint
+            assert Path(f).resolve().parent == Path(d).resolve(), f
+
+
+@pytest.fixture(scope="module")
+def valid_safetensors(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("st") / "x.safetensors"
+    save_file({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.int32)}, str(path))
+    return path.read_bytes()
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_safetensors_file(valid_safetensors, data):
+    """Random byte edits, truncations and header rewrites of a valid file."""
+    import tempfile
+
+    from gptq_jax.models.safetensors_file import SafetensorsFile
+
+    raw = bytearray(valid_safetensors)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "cut", "header"]))
+        if kind == "flip" and raw:
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        elif kind == "cut":
+            raw = raw[: data.draw(st.integers(0, len(raw)))]
+        else:
+            header = json.dumps(data.draw(json_values)).encode()
+            raw = bytearray(len(header).to_bytes(8, "little") + header + bytes(raw[8:]))
+    with tempfile.TemporaryDirectory() as d:
+        file = Path(d) / "x.safetensors"
+        file.write_bytes(bytes(raw))
+
+        def read_all():
+            with SafetensorsFile(file) as f:
+                return {k: f.read(k) for k in f.keys()}
+
+        expect_clean(read_all, file)
+
+
+@pytest.fixture(scope="module")
+def transformers_loaded():
+    """Import transformers' tokenizer classes once, outside the memory bound of any example."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+
+@settings(max_examples=12, deadline=5000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(tokenizer=json_values, tokenizer_config=json_values)
+def test_fuzz_tokenizer_files(transformers_loaded, valid_config, tokenizer, tokenizer_config):
+    import tempfile
+
+    from gptq_jax.models import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(valid_config))
+        (Path(d) / "tokenizer.json").write_text(json.dumps(tokenizer))
+        (Path(d) / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        expect_clean(lambda: load_tokenizer(d), d)
+
+
+@settings(max_examples=40, deadline=3000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(data=st.data())
+def test_fuzz_gguf(tiny_gguf, data):
+    """Random byte edits and truncations of a tiny GGUF file, through everything convert-gguf does before writing:
+    the header walk, the reader, the metadata and shape checks."""
+    import tempfile
+
+    from gptq_jax.io.gguf import _metadata, _open, check_metadata
+
+    raw = bytearray(tiny_gguf.read_bytes())
+    header_end = min(len(raw), 4096)  # the edits that matter fall in the header and metadata
+    for _ in range(data.draw(st.integers(1, 4))):
+        if data.draw(st.booleans()):
+            raw[data.draw(st.integers(0, header_end - 1))] = data.draw(st.integers(0, 255))
+        else:
+            raw = raw[: data.draw(st.integers(0, len(raw)))]
+            header_end = min(header_end, len(raw)) or 1
+            if not raw:
+                break
+
+    with tempfile.TemporaryDirectory() as d:
+        file = Path(d) / "x.gguf"
+        file.write_bytes(bytes(raw))
+
+        def convert_checks():
+            reader = _open(file)
+            shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
+            check_metadata(_metadata(reader), shapes, file)
+
+        expect_clean(convert_checks, file)

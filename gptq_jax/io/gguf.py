@@ -346,7 +346,10 @@ def check_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], pat
         check_config(meta, METADATA, f"{path}: GGUF metadata")
     except ValueError as e:
         raise GGUFError(str(e)) from None
-    hf = {hf_tensor_name(n): s for n, s in shapes.items() if n != "rope_freqs.weight"}
+    try:
+        hf = {hf_tensor_name(n): s for n, s in shapes.items() if n != "rope_freqs.weight"}
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
     if "model.embed_tokens.weight" not in hf or len(hf["model.embed_tokens.weight"]) != 2:
         raise GGUFError(f"{path}: no 2-D token_embd.weight tensor; not a complete Llama model")
     config = hf_config(meta, tied="lm_head.weight" not in hf, vocab_size=hf["model.embed_tokens.weight"][0], path=path)
