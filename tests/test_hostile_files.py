@@ -714,3 +714,10 @@ def test_fuzz_gguf(tiny_gguf, data):
             check_metadata(_metadata(reader), shapes, file)
 
         expect_clean(convert_checks, file)
+
+
+def test_model_dir_symlink_loop_is_named(tmp_path, capsys):
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    code, err = run(capsys, "eval", loop)
+    assert code == 1 and "is a symlink that leads nowhere" in one_line(err)

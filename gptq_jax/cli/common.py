@@ -62,6 +62,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def check_model_dir(path: Path) -> Path:
     """Fail fast, before JAX starts, on a path that cannot be a checkpoint directory."""
     if not path.exists():
+        if path.is_symlink():
+            raise CommandError(f"model directory {path} is a symlink that leads nowhere (a loop or a missing target)")
         raise CommandError(f"model directory {path} does not exist")
     if not path.is_dir():
         raise CommandError(f"{path} is not a directory (expected a Hugging Face checkpoint directory)")
