@@ -70,7 +70,7 @@ class SafetensorsFile:
             self.identity = _identity(st)
             self.tensors = self._parse_header(st.st_size)
         except BaseException:
-            os.close(self._fd)
+            self.close()  # and mark it closed, so that __del__ cannot close a descriptor reused since
             raise
 
     def _fail(self, problem: str) -> ValueError:
