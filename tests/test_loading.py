@@ -279,7 +279,7 @@ BAD = {
     "config not object": (
         lambda c: (c / "config.json").write_text("[1, 2]"),
         ValueError,
-        r"config must be a JSON object, got list",
+        r"config.json: must hold a JSON object, got list",
     ),
     "unsupported arch": (
         lambda c: _config(c, architectures=["PhiForCausalLM"]),
