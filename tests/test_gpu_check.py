@@ -40,7 +40,12 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert any(r["impl"] == "pallas" and "interpret" in r["status"] for r in matmul["results"])
     assert json.loads(Path(parts["gptq"]["json"]).read_text())["results"][0]["codes_agree"] >= 0.98
     pipe = parts["pipeline"]
-    assert len(pipe["layer_seconds"]) == 2 and pipe["extrapolated_32_layers_seconds"] > pipe["per_layer_seconds"]
+    layers, total = pipe["layer_seconds"], json.loads(Path(pipe["json"]).read_text())["quantize_seconds"]
+    assert len(layers) == 2 and all(t > 0 for t in layers) and sum(layers) <= total
+    # The extrapolation to 32 layers: the one-off cost (total - the layers), the first layer (compiles), 31 x the last.
+    assert pipe["per_layer_seconds"] == layers[-1]
+    expected = total - sum(layers) + layers[0] + 31 * layers[-1]
+    assert abs(pipe["extrapolated_32_layers_seconds"] - expected) <= 1e-9 * expected, (pipe, total)
     dec = parts["decode"]
     assert dec["float"]["decode_tokens_per_second"] > 0 and dec["packed_4bit_g128"]["decode_tokens_per_second"] > 0
     assert not (REPO / "benchmarks" / "results" / "gpu_check" / "gpu_check_cpu_smoke.json").exists()  # never there

@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax._src import core as jcore
+from jax.extend import core as jcore
 
 # Primitives whose body is a jaxpr that runs once, with the equation's inputs as its inputs: inlined by ``trace``.
 _INLINE = {
