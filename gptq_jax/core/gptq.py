@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -322,64 +322,57 @@ def _gptq(w: jax.Array, h: jax.Array, config: QuantConfig) -> QuantizedWeight:
     return _solver()(w, h, config)[0]
 
 
-def _gptq_impl(
-    w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT
-) -> tuple[QuantizedWeight, jax.Array]:
-    """The solve: the ``QuantizedWeight`` and the proxy loss of each output row ``[N]`` (its ``loss`` is their sum)."""
+class HessianFactor(NamedTuple):
+    """What a solve needs from ``H`` alone (``hessian_factor``), so that solves of several row blocks against one
+    ``H`` (``engine.sharding``) can share one factorization. ``K`` real columns, ``Kp`` padded (see ``_plan``)."""
+
+    dead: jax.Array  # bool [K]: inputs that never fire (zero diagonal)
+    perm: jax.Array  # int32 [K]: visiting order (the identity without act-order)
+    group_order: jax.Array | None  # int32 [ceil(K / g)]: with act_group_aware, the group visited at each position
+    ft: jax.Array  # float32 (Kp, Kp): F^T, lower (see ``_damped_factor``)
+    rdiag: jax.Array  # float32 [Kp]: diag R
+    damp: jax.Array  # float32 []: the damping used
+    ok: jax.Array  # bool []: False where no damping made H positive definite (the solve is then RTN)
+    u_groups: jax.Array | None  # float32 (G, g, g): diagonal blocks of U, for grids fitted during the solve
+    u_fit: jax.Array | None  # float32 (nF, F, F): the same for fit blocks (group_fit "block_start")
+
+
+def hessian_factor(h: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT) -> HessianFactor:
+    """The part of the solve that depends on ``h`` ``[K, K]`` alone: dead inputs, the visiting order, the damped
+    Cholesky factor and, for grids fitted during the solve, the inverses of its diagonal blocks. Every LAPACK call
+    of the solve is here (XLA:CPU runs batched LAPACK kernels on the pool that also runs each device's program, so
+    several devices calling them at once can take every thread and wait forever: ``engine.sharding`` therefore
+    calls this once, on one device, and hands the result to every device)."""
     if group_fit not in GROUP_FITS:
         raise ValueError(f"group_fit={group_fit!r} is not one of {GROUP_FITS}")
-    n, k = w.shape
+    k = h.shape[0]
     plan = _plan(k, config, group_fit)
     g, kp = plan.group, plan.kp
-    maxq = float(config.maxq)
-    w = w.astype(jnp.float32)
     h = h.astype(jnp.float32)
-    idx = jnp.arange(k)
-
-    # Inputs that never fire carry no information: give them a unit diagonal and a zero weight.
     diag = jnp.diagonal(h)
     dead = diag == 0.0
-    h = _set_diagonal(h, jnp.where(dead, 1.0, diag))
-    w_live = jnp.where(dead[None, :], 0.0, w)
-
-    # Grids that are fixed before the solve: per-channel (on the weight as given, as the reference
-    # tools do) or static groups (on the weight after dead inputs are zeroed).
-    if config.group_size == -1:
-        s, z = grid_params(w, config)
-        fixed_scales, fixed_zeros = s[None, :], z[None, :]  # [1, N]
-        col_group = jnp.zeros((kp,), jnp.int32)
-    elif config.static_groups:
-        s, z = group_grid_params(w_live, config)  # [N, G]
-        fixed_scales, fixed_zeros = s.T, z.T  # [G, N]
-    reorder = config.act_order or config.act_group_aware
+    h = _set_diagonal(h, jnp.where(dead, 1.0, diag))  # a dead input gets a unit diagonal
+    group_order = None
     if config.act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True).astype(jnp.int32)
     elif config.act_group_aware:
         perm, group_order = group_aware_perm(jnp.diagonal(h), g)
     else:
-        perm = idx.astype(jnp.int32)
-    if reorder:
-        w_live = w_live[:, perm]
+        perm = jnp.arange(k, dtype=jnp.int32)
+    if config.act_order or config.act_group_aware:
         h = h[perm][:, perm]
-    if config.static_groups and config.group_size != -1:
-        col_group = jnp.pad(perm // g, (0, kp - k))  # grid of each visited column
-
     ft, rdiag, damp, ok = _damped_factor(h, config.damp_percent)  # ft = F^T, lower
-
-    # Padding columns have w = 0 and a unit, uncoupled row in F: they quantize exactly and feed back nothing.
-    wt = jnp.pad(w_live.T, ((0, kp - k), (0, 0)))  # (Kp, N), updated as the solve goes
-    wt0 = wt  # the weights as given: the feedback is driven by wt0 - dequant(q)
     if kp > k:
         ft = jnp.pad(ft, ((0, kp - k), (0, kp - k)))
         ft = jnp.where(jnp.eye(kp, dtype=jnp.bool_) & (jnp.arange(kp) >= k)[None, :], 1.0, ft)
         rdiag = jnp.pad(rdiag, (0, kp - k), constant_values=1.0)
-
-    groups_p = kp // g if plan.dynamic_groups else 1
+    u_groups = u_fit = None
     if plan.dynamic_groups:
         # A group's grid is fitted on its columns as the paper's loop has them at the group's first column:
         # w_G + A U_GG, with A the feedback from earlier columns and U_GG = R_GG^-1 the group's diagonal
         # block of U. The F-form loop holds w_G + A diag(R_GG)^-1 instead (the same numbers by the time
         # each column is quantized, not before), so the diagonal blocks of U are formed here: K g^2 flops.
+        groups_p = kp // g
         ft_blocks = ft.reshape(groups_p, g, groups_p, g)[jnp.arange(groups_p), :, jnp.arange(groups_p)]  # (G, g, g)
         r_blocks = jnp.swapaxes(ft_blocks, 1, 2) * rdiag.reshape(groups_p, 1, g)
         eye_g = jnp.broadcast_to(jnp.eye(g, dtype=jnp.float32), r_blocks.shape)
@@ -393,6 +386,47 @@ def _gptq_impl(
             r_bb = jnp.swapaxes(ft_bb, 1, 2) * rdiag.reshape(nb, 1, fb)
             eye_b = jnp.broadcast_to(jnp.eye(fb, dtype=jnp.float32), r_bb.shape)
             u_fit = jax.scipy.linalg.solve_triangular(r_bb, eye_b, lower=False)  # (nF, F, F)
+    return HessianFactor(dead, perm, group_order, ft, rdiag, damp, ok, u_groups, u_fit)
+
+
+def _gptq_impl(
+    w: jax.Array, h: jax.Array | None, config: QuantConfig, group_fit: str = GROUP_FIT,
+    factor: HessianFactor | None = None,
+) -> tuple[QuantizedWeight, jax.Array]:
+    """The solve: the ``QuantizedWeight`` and the proxy loss of each output row ``[N]`` (its ``loss`` is their sum).
+    ``factor``: ``hessian_factor(h, config, group_fit)`` computed beforehand (``h`` is then not read)."""
+    if group_fit not in GROUP_FITS:
+        raise ValueError(f"group_fit={group_fit!r} is not one of {GROUP_FITS}")
+    n, k = w.shape
+    plan = _plan(k, config, group_fit)
+    g, kp = plan.group, plan.kp
+    maxq = float(config.maxq)
+    w = w.astype(jnp.float32)
+    if factor is None:
+        factor = hessian_factor(h, config, group_fit)
+    perm, ft, rdiag, u_groups, u_fit = factor.perm, factor.ft, factor.rdiag, factor.u_groups, factor.u_fit
+    # Inputs that never fire carry no information: a zero weight (their Hessian row is a unit one).
+    w_live = jnp.where(factor.dead[None, :], 0.0, w)
+
+    # Grids that are fixed before the solve: per-channel (on the weight as given, as the reference
+    # tools do) or static groups (on the weight after dead inputs are zeroed).
+    if config.group_size == -1:
+        s, z = grid_params(w, config)
+        fixed_scales, fixed_zeros = s[None, :], z[None, :]  # [1, N]
+        col_group = jnp.zeros((kp,), jnp.int32)
+    elif config.static_groups:
+        s, z = group_grid_params(w_live, config)  # [N, G]
+        fixed_scales, fixed_zeros = s.T, z.T  # [G, N]
+    reorder = config.act_order or config.act_group_aware
+    if reorder:
+        w_live = w_live[:, perm]
+    if config.static_groups and config.group_size != -1:
+        col_group = jnp.pad(perm // g, (0, kp - k))  # grid of each visited column
+
+    # Padding columns have w = 0 and a unit, uncoupled row in F: they quantize exactly and feed back nothing.
+    wt = jnp.pad(w_live.T, ((0, kp - k), (0, 0)))  # (Kp, N), updated as the solve goes
+    wt0 = wt  # the weights as given: the feedback is driven by wt0 - dequant(q)
+    groups_p = kp // g if plan.dynamic_groups else 1
     grid = (
         jnp.ones((n,), jnp.float32),
         jnp.zeros((n,), jnp.float32),
@@ -520,8 +554,8 @@ def _gptq_impl(
         if config.act_group_aware:
             # Visited group i is the original group group_order[i]: store each grid under its own group, and
             # every column keeps its own group, so g_idx is k // g.
-            scales = jnp.zeros_like(scales).at[group_order].set(scales)
-            zeros = jnp.zeros_like(zeros).at[group_order].set(zeros)
+            scales = jnp.zeros_like(scales).at[factor.group_order].set(scales)
+            zeros = jnp.zeros_like(zeros).at[factor.group_order].set(zeros)
             g_idx_perm = perm // g
         else:
             g_idx_perm = (jnp.arange(k) // g).astype(jnp.int32)
@@ -541,8 +575,8 @@ def _gptq_impl(
         g_idx=g_idx,
         perm=perm if config.act_order else None,
         loss=jnp.sum(loss),
-        damp=damp,
-        fallback=~ok,
+        damp=factor.damp,
+        fallback=~factor.ok,
         bits=config.bits,
         group_size=g,
         sym=config.sym,

@@ -38,6 +38,7 @@ from gptq_jax.core.gptq import (
     check_hessian,
     check_weight,
     fused_parts,
+    hessian_factor,
     log_damping,
     split_rows,
 )
@@ -253,8 +254,8 @@ def replicate(tree, mesh: Mesh):
 def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig):
     rows = P(axes)
 
-    def local(w, h):  # w (N_local, K), h (K, K) the same on every device
-        q, row_loss = _gptq_impl(w, h, config)
+    def local(w, factor):  # w (N_local, K), factor (of H) the same on every device
+        q, row_loss = _gptq_impl(w, None, config, factor=factor)
         loss = lax.psum(q.loss, axes)  # the proxy loss is a sum over rows
         return q.codes, q.scales, q.zeros, q.g_idx, q.perm, loss, q.damp, q.fallback, row_loss
 
@@ -265,6 +266,28 @@ def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig):
     fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, P()), out_specs=out_specs, check_vma=False)
     opts = CPU_SOLVE_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None  # halves the temp buffer
     return jax.jit(fn, compiler_options=opts)
+
+
+@functools.cache
+def _factor_fn(config: QuantConfig):
+    return jax.jit(functools.partial(hessian_factor, config=config))
+
+
+def _shared_factor(h: jax.Array, config: QuantConfig, mesh: Mesh):
+    """``hessian_factor(h)`` computed once, on this process's first device of ``mesh``, then copied to each of the
+    mesh's devices. Not inside the per-device program: there every device would run the same LAPACK kernels at
+    once, and on XLA:CPU, whose batched LAPACK kernels wait for work they queue on the pool that runs the devices'
+    programs, that took every pool thread and hung (SmolLM2 at --mesh data=4,model=2 on 8 host devices)."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if isinstance(h, jax.Array) and not h.is_fully_addressable:
+        h = h.addressable_data(0)  # replicated: any local shard is the whole matrix
+    factor = _factor_fn(config)(jax.device_put(h, local[0]))
+    where = NamedSharding(mesh, P())
+
+    def copy(x):
+        return jax.make_array_from_single_device_arrays(x.shape, where, [jax.device_put(x, d) for d in local])
+
+    return jax.tree.map(copy, factor)
 
 
 def quantize_weight_sharded(
@@ -317,7 +340,8 @@ def _solve_sharded(
     n_pad = padded_rows(n, mesh, axes)
     if n_pad != n:
         w = jnp.pad(jnp.asarray(w), ((0, n_pad - n), (0, 0)))
-    codes, scales, zeros, g_idx, perm, loss, damp, fallback, row_loss = _sharded_solver(mesh, axes, config)(w, h)
+    factor = _shared_factor(h, config, mesh)
+    codes, scales, zeros, g_idx, perm, loss, damp, fallback, row_loss = _sharded_solver(mesh, axes, config)(w, factor)
     if n_pad != n:
         codes, scales, zeros, row_loss = codes[:n], scales[:n], zeros[:n], row_loss[:n]
     out = QuantizedWeight(
