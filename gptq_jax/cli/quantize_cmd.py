@@ -3,7 +3,7 @@
     gptq-jax quantize MODEL_DIR OUT_DIR [--bits 4] [--group-size 128] [--sym|--asym] [--act-order]
         [--act-group-aware] [--static-groups] [--damp 0.01] [--mse] [--nsamples 128] [--seqlen 2048] [--calib FILE]
         [--format gptq|gptq_v2] [--seed 0] [--method gptq|rtn] [--batch-size 1] [--dtype f32]
-        [--save-dtype f16] [--overwrite]
+        [--save-dtype f16] [--overwrite] [--stall-timeout 3600]
 
 Progress: a bar per decoder layer on stderr. Writes OUT_DIR (weights, config with ``quantization_config``, tokenizer,
 ``quant_report.json``) in one rename at the end. ``--overwrite`` replaces only an earlier output of gptq-jax (a
@@ -12,9 +12,11 @@ calibration file; one run at a time holds OUT_DIR's lock. The unquantized tensor
 ``lm_head``) are written in ``--save-dtype``, float16 by default, as the PyTorch GPTQ tools publish them and as vLLM's
 GPTQ kernels expect (``torch_dtype`` in ``config.json`` says which). Each finished decoder layer is kept in a work
 directory beside OUT_DIR (``.OUT_DIR.gptq-work``), so an interrupted run (Ctrl-C, a crash) resumes from the last
-finished layer when run again with the same arguments and model files (their sizes and modification times are part of
-the job's fingerprint); other arguments are refused. The work directory is removed once OUT_DIR is written, and what a
-killed run left beside OUT_DIR (a half-written ``.OUT_DIR.partial-*``) is removed by the next run.
+finished layer when run again with the same arguments and model files (their sizes and modification times are
+part of the job's fingerprint); other arguments are refused. The work directory is removed once OUT_DIR is written,
+and what a killed run left beside OUT_DIR (a half-written ``.OUT_DIR.partial-*``) is removed by the next run. A step
+that makes no progress for ``--stall-timeout`` seconds ends the run with exit status 3 and a line naming the step
+(``cli.watchdog``); the finished layers stay in the work directory.
 """
 
 from __future__ import annotations
@@ -41,9 +43,14 @@ from gptq_jax.cli.common import (
     positive_int,
     probability,
 )
+from gptq_jax.cli.watchdog import EXIT_STALLED, Watchdog
 from gptq_jax.engine.multihost import add_distributed_args
 
 logger = logging.getLogger("gptq_jax.cli")
+# Seconds a step may go without progress before the run ends (--stall-timeout). A step is one stage's solve plus
+# the next stage's calibration pass; on a GPU that is seconds to minutes even for 70B-parameter layers, and a
+# SmolLM2 layer takes about 15 s on a 2-core CPU. An hour leaves room for large models on slow machines.
+DEFAULT_STALL_TIMEOUT = 3600.0
 
 
 def _group_size(text: str) -> int:
@@ -53,6 +60,16 @@ def _group_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected -1 or a positive integer, got {text!r}") from None
     if v == 0 or v < -1:
         raise argparse.ArgumentTypeError(f"expected -1 (per channel) or a positive integer, got {v}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0 (0: no watchdog), got {text}")
     return v
 
 
@@ -92,6 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_distributed_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.add_argument("--stall-timeout", type=_seconds, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
+                   help=f"end the run (exit {EXIT_STALLED}, finished layers kept) when a step makes no progress for "
+                        f"this long (default {DEFAULT_STALL_TIMEOUT:.0f}; 0: wait forever)")
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -308,7 +328,19 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
     else:  # round-to-nearest reads no data: short windows only show the engine the model's matmuls
         calib = np.zeros((batch_size, 8), np.int32)
     t0 = time.perf_counter()
-    with _LayerBar(len(model.layers), f"{args.method} {args.bits}-bit") as bar:
+
+    def advice() -> str:
+        n = _finished_layers(work)
+        return (f"{n} finished layer(s) are kept in {work}; run the same command again to resume after them" if n
+                else "no layer had finished; nothing was kept")
+
+    with _LayerBar(len(model.layers), f"{args.method} {args.bits}-bit") as bar, \
+            Watchdog(args.stall_timeout, advice) as dog:
+
+        def progress(name: str) -> None:
+            dog.progress(name)
+            bar.linear(name)
+
         result = quantize(
             model,
             calib,
@@ -318,7 +350,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
             mesh=mesh,
             work_dir=None if work is None else str(work),
             fingerprint_extra=f"{args.model_dir.resolve()}|{args.dtype}|{_weights_signature(args.model_dir)}",
-            progress=bar.linear,
+            progress=progress,
             load=load,
         )
         bar.done()
