@@ -34,9 +34,16 @@ import traceback
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # on 2 cores it otherwise refuses with a worker-pool error
+# GPTQModel's pure-torch kernel (TorchLinear.post_init -> optimize) wraps its dequantization in torch.compile with
+# the inductor backend, which compiles C++ on first use: minutes on a cold, busy machine (it once took the worker past
+# its whole time budget). Dynamo off runs the same function eagerly; the numbers compared are the same. torch 2.13
+# reads both: TORCH_COMPILE_DISABLE into torch._dynamo.config.disable, TORCHDYNAMO_DISABLE in torch.compile itself.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 
 
 def _peak_rss_mb() -> float:
@@ -166,12 +173,19 @@ def main(argv: list[str]) -> int:
     with open(jobs_file) as f:
         jobs = json.load(f)
     torch.set_num_threads(int(os.environ.get("INTEROP_THREADS", "2")))
+    assert torch._dynamo.config.disable, "TORCH_COMPILE_DISABLE=1 did not turn torch.compile off"
     results = []
-    for job in jobs:
+    progress = results_file + ".progress"  # the job running now, for a caller whose deadline passes
+    for i, job in enumerate(jobs):
+        with open(progress, "w") as f:
+            json.dump({"job": i, "of": len(jobs), "op": job["op"], "route": job.get("route"),
+                       "dir": job.get("dir", job.get("out_dir")), "started": time.time()}, f)
+        t0 = time.perf_counter()
         try:
             res = {"ok": True, **OPS[job["op"]](job)}
         except Exception as e:  # reported per job; the test names the failing checkpoint
             res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        res["job_seconds"] = time.perf_counter() - t0
         results.append(res)
         with open(results_file, "w") as f:
             json.dump(results, f, indent=1)
