@@ -10,7 +10,23 @@ INTEROP_VENV ?= .venv-gptqmodel
 INTEROP_REQS := tests/interop/gptqmodel-cpu-requirements.txt
 INTEROP_STAMP := $(INTEROP_VENV)/.installed
 
-.PHONY: test demo install interop-venv lint bench clean cuda-venv gpu-check hf-flax
+# The compatibility tier (`make test-compat`, part of `make test`): Python 3.12 with the newest jax, flax and orbax
+# that pip resolves, in a venv of its own without torch (the fast tests do not need it, and a plain torch pulls a
+# multi-GB CUDA build). COMPAT_PYTHON is found by tools/find-python unless given; its stamp names the interpreter, so
+# naming another one rebuilds the venv. Delete the venv (or `make clean`) to pick up newer releases.
+COMPAT_VERSION ?= 3.12
+COMPAT_PYTHON ?= $(shell tools/find-python $(COMPAT_VERSION))
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.installed-$(COMPAT_VERSION)
+
+# The fast tier: unit tests of the solver, quantizer, packing, trace, plan and rules, without the slow ones.
+FAST_TESTS := tests/test_quantizer.py tests/test_gptq.py tests/test_packing.py tests/test_engine.py \
+	tests/test_layout.py tests/test_watchdog.py
+PYTEST_FAST := -m pytest -q -n 2 -m "not slow" $(FAST_TESTS)
+
+.PHONY: test test-main test-fast test-compat compat-venv demo install interop-venv lint bench clean cuda-venv \
+	gpu-check hf-flax
 
 # Hugging Face's Flax Llama (transformers 4.x; 5.x has no Flax models), for tests/test_engine_hf_flax.py: installed
 # with --no-deps into a directory put first on the path of that test's child process only, beside the pinned
@@ -65,9 +81,35 @@ hf-flax: $(HF_FLAX_STAMP)
 # SM90_COMPILE_VENV makes the sm_90a compile check mandatory (it fails, not skips, if that venv is broken), and
 # GPTQ_JAX_REQUIRE_INTEROP the GPTQModel interop tests. loadgroup keeps each xdist_group (the GPTQModel interop
 # module) on one worker, so its fixture runs once.
-test: $(STAMP) $(CUDA_STAMP) $(INTEROP_STAMP) $(HF_FLAX_STAMP)
+test: test-main test-compat
+
+test-main: $(STAMP) $(CUDA_STAMP) $(INTEROP_STAMP) $(HF_FLAX_STAMP)
 	SM90_COMPILE_VENV=$(CUDA_VENV) GPTQ_JAX_REQUIRE_INTEROP=1 GPTQ_JAX_HF_FLAX=$(HF_FLAX_DIR) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 \
 		--dist loadgroup --durations=15 tests
+
+test-fast: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) $(PYTEST_FAST)
+
+$(COMPAT_STAMP): pyproject.toml
+	@test -n "$(COMPAT_PYTHON)" || { echo "no Python $(COMPAT_VERSION) for the compatibility tier:" \
+		"name one with make COMPAT_PYTHON=/path/to/python$(COMPAT_VERSION)"; exit 1; }
+	rm -rf $(COMPAT_VENV)
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q --upgrade -e '.[test-core]'
+	$(COMPAT_PY) -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|orbax-checkpoint|numpy) '
+	touch $(COMPAT_STAMP)
+
+compat-venv: $(COMPAT_STAMP)
+
+# The fast tests, the two small examples, and the demo at quick settings: a whole-model GPTQ of SmolLM2 (2 windows
+# of 64 tokens), packed, saved, loaded back and evaluated and sampled.
+test-compat: $(COMPAT_STAMP)
+	JAX_PLATFORMS=cpu $(COMPAT_PY) $(PYTEST_FAST)
+	JAX_PLATFORMS=cpu $(COMPAT_PY) examples/own_nnx_model.py
+	JAX_PLATFORMS=cpu $(COMPAT_PY) examples/linen_model.py
+	JAX_PLATFORMS=cpu $(COMPAT_PY) examples/demo.py --nsamples 2 --seqlen 64 --eval-windows 2 \
+		--out $(COMPAT_VENV)/demo-out
 
 # Fetches and converts SmolLM2-135M-Instruct, then float vs RTN vs GPTQ at 4-bit group 128 (see examples/demo.py).
 demo: $(STAMP)
@@ -87,4 +129,4 @@ gpu-check:
 	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) $(INTEROP_VENV) .pytest_cache
+	rm -rf $(VENV) $(CUDA_VENV) $(INTEROP_VENV) $(COMPAT_VENV) .pytest_cache
