@@ -211,6 +211,7 @@ def test_group_aware_lowers_the_objective(bits, sym):
     assert np.mean(ratios) < 0.95, ratios
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_size", [-1, 48])  # per channel; groups that straddle 128-column blocks
 def test_block_size_changes_nothing(group_size):
     w, h, x = _problem(seed=3, k=300)
@@ -363,6 +364,7 @@ def test_bad_configs_are_named(kwargs, match):
         QuantConfig(**kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [
     QuantConfig(bits=4, group_size=128),
     QuantConfig(bits=3, group_size=32, sym=False, act_order=True),

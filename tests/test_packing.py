@@ -50,7 +50,8 @@ def test_three_bit_codes_straddle_words_at_10_and_21():
 
 @pytest.mark.parametrize(
     "bits,k,n",
-    [*[(b, k, n) for b in BITS for k, n in ((96, 32), (576, 192), (4096, 4096))], (4, 11008, 4096)],
+    [*[(b, k, n) for b in BITS for k, n in ((96, 32), (576, 192), (4096, 4096))],
+     pytest.param(4, 11008, 4096, marks=pytest.mark.slow)],
 )
 def test_rows_round_trip_bit_exact_numpy_and_jnp(bits, k, n):
     rng = np.random.default_rng(k + n + bits)
