@@ -49,15 +49,17 @@ def test_progress_keeps_it_alive_and_zero_turns_it_off():
 # once did, so that layer 0 is finished and kept.
 _HANG = """
 import sys, time
-from gptq_jax.engine import driver
+import dataclasses
+from gptq_jax.engine import solve as engine_solve
 calls = [0]
-solve = driver.quantize_weights
+gptq = engine_solve.GPTQ
 def hang(*a, **k):
     calls[0] += 1
     if calls[0] == 5:
         time.sleep(10**6)
-    return solve(*a, **k)
-driver.quantize_weights = hang
+    return gptq.solve(*a, **k)
+# The default solver the CLI's quantize picks (engine.solve.as_solver), made to hang in its 5th solve.
+engine_solve.GPTQ = dataclasses.replace(gptq, solve=hang)
 from gptq_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
