@@ -29,7 +29,7 @@ import numpy as np
 import provenance
 
 from gptq_jax import QuantConfig, accumulate_hessian, init_hessian
-from gptq_jax.core.gptq import _solver
+from gptq_jax.core.gptq import jitted_solver
 
 SHAPES = [(576, 576), (1536, 576), (4096, 4096), (11008, 4096)]  # (out N, in K)
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         w = jax.random.normal(jax.random.PRNGKey(1), (n, k), jnp.float32) * 0.02
 
         t0 = time.perf_counter()
-        compiled = _solver().lower(w, h, config).compile()
+        compiled = jitted_solver().lower(w, h, config).compile()
         compile_s = time.perf_counter() - t0
         run = functools.partial(lambda c, a, b: jax.block_until_ready(c(a, b)), compiled, w, h)
         jax_s, jax_all = time_fn(run, args.repeats)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gptq_jax import QuantConfig, accumulate_hessian, init_hessian, quantize_weight, rtn_quantize
-from gptq_jax.core.gptq import GROUP_FIT, GROUP_FITS, _solver, fused_parts, quantize_weights
+from gptq_jax.core.gptq import GROUP_FIT, GROUP_FITS, fused_parts, jitted_solver, quantize_weights
 
 N, K = 24, 160  # K is not a multiple of 128: a partial last group
 
@@ -99,7 +99,7 @@ def test_group_fit_choices_match_the_reference(bits, group_size, sym, group_fit)
     "block_start" is the paper's blocked loop (blocksize 128), which fits on W as it was at its block's start."""
     w, h, x = _problem(seed=bits + group_size, k=300)
     config = QuantConfig(bits=bits, group_size=group_size, sym=sym)
-    out, _ = _solver()(jnp.asarray(w), jnp.asarray(h), config, group_fit)
+    out, _ = jitted_solver()(jnp.asarray(w), jnp.asarray(h), config, group_fit)
     codes, _, _, _, deq = gptq_reference.gptq(
         w, h, bits=bits, group_size=group_size, sym=sym, fit_block=128 if group_fit == "block_start" else None,
         fp16_scales=True,
@@ -228,10 +228,10 @@ def test_block_size_changes_nothing(group_size):
 def test_feedback_factor_is_the_papers_u():
     """The solve's F^T and diag R (one Cholesky of H, no inverse) give back the paper's U = chol(H^-1)^T:
     U = R^-1 with R = F diag(R), and the damping lands on the diagonal only."""
-    from gptq_jax.core.gptq import _damped_factor
+    from gptq_jax.core.gptq import damped_factor
 
     _, h, _ = _problem(seed=5, k=96)
-    ft, rd, damp, ok = _damped_factor(jnp.asarray(h), 0.01)
+    ft, rd, damp, ok = damped_factor(jnp.asarray(h), 0.01)
     assert bool(ok) and float(damp) == pytest.approx(0.01)
     ft, rd = np.asarray(ft, np.float64), np.asarray(rd, np.float64)
     assert np.allclose(np.triu(ft, 1), 0.0) and np.allclose(np.diag(ft), 1.0)  # F^T: lower, unit diagonal

@@ -30,7 +30,7 @@ from flax import nnx
 
 from gptq_jax import QuantConfig
 from gptq_jax.core.calibration import random_windows
-from gptq_jax.core.gptq import GROUP_FITS, _solver
+from gptq_jax.core.gptq import GROUP_FITS, jitted_solver
 from gptq_jax.core.hessian import accumulate_hessian, init_hessian
 from gptq_jax.io.default_model import fetch_smollm2
 from gptq_jax.io.text import default_calibration_text, tokenize
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         layers = cached_hessians(args.cache, model_dir, calib, keep)
     else:
         layers = float_hessians(load_pretrained(model_dir)[0], calib, keep)
-    solve = _solver()
+    solve = jitted_solver()
     rows = []
     t0 = time.perf_counter()
     for li, weights, hs in layers:

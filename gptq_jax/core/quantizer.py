@@ -48,7 +48,7 @@ def grid_params(w: jax.Array, config: QuantConfig) -> tuple[jax.Array, jax.Array
     return scale, zero
 
 
-def _true_div(a: jax.Array, b: jax.Array) -> jax.Array:
+def true_div(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a / b`` rounded as IEEE division, even where ``b`` broadcasts.
 
     XLA on CPU divides by a broadcast operand as multiplication by its reciprocal, which is 1 ulp off for
@@ -67,13 +67,13 @@ _F16_MAX = float(jnp.finfo(jnp.float16).max)
 
 
 def _scale_zero(xmin: jax.Array, xmax: jax.Array, config: QuantConfig) -> tuple[jax.Array, jax.Array]:
-    scale = _true_div(xmax - xmin, jnp.float32(config.maxq))
+    scale = true_div(xmax - xmin, jnp.float32(config.maxq))
     if config.fp16_scales:
         scale = jnp.clip(scale, _F16_TINY, _F16_MAX).astype(jnp.float16).astype(jnp.float32)
     if config.sym:
         zero = jnp.full_like(scale, (config.maxq + 1) / 2)
     else:
-        zero = jnp.round(_true_div(-xmin, scale))
+        zero = jnp.round(true_div(-xmin, scale))
     return scale, zero
 
 
@@ -107,7 +107,7 @@ def _mse_search(
 
 def quantize(w: jax.Array, scale: jax.Array, zero: jax.Array, maxq: int) -> jax.Array:
     """Integer codes (as f32) ``clamp(round(w / scale) + zero, 0, maxq)``; broadcasting."""
-    return jnp.clip(jnp.round(_true_div(w, scale)) + zero, 0.0, float(maxq))
+    return jnp.clip(jnp.round(true_div(w, scale)) + zero, 0.0, float(maxq))
 
 
 def dequantize(q: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
@@ -187,7 +187,7 @@ def _nonfinite(x):
     return jnp.sum(~jnp.isfinite(x))
 
 
-def _count_nonfinite(x) -> int:
+def count_nonfinite(x) -> int:
     return int(_nonfinite(jnp.asarray(x)))
 
 
@@ -203,7 +203,7 @@ def check_weight(w, config: QuantConfig) -> None:
     if min(shape) == 0:
         raise ValueError(f"weight has an empty dimension: shape {tuple(shape)}")
     config.check_in_features(shape[1])
-    bad = _count_nonfinite(w)
+    bad = count_nonfinite(w)
     if bad:
         raise ValueError(f"weight of shape {tuple(shape)} holds {bad} NaN or Inf values")
 

@@ -34,10 +34,10 @@ from jax.sharding import PartitionSpec as P
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.gptq import (
     CPU_SOLVE_OPTIONS,
-    _gptq_impl,
     check_hessian,
     check_weight,
     fused_parts,
+    gptq_solve,
     hessian_factor,
     log_damping,
     split_rows,
@@ -255,7 +255,7 @@ def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig):
     rows = P(axes)
 
     def local(w, factor):  # w (N_local, K), factor (of H) the same on every device
-        q, row_loss = _gptq_impl(w, None, config, factor=factor)
+        q, row_loss = gptq_solve(w, None, config, factor=factor)
         loss = lax.psum(q.loss, axes)  # the proxy loss is a sum over rows
         return q.codes, q.scales, q.zeros, q.g_idx, q.perm, loss, q.damp, q.fallback, row_loss
 
