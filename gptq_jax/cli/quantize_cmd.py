@@ -2,8 +2,8 @@
 
     gptq-jax quantize MODEL_DIR OUT_DIR [--bits 4] [--group-size 128] [--sym|--asym] [--act-order]
         [--act-group-aware] [--static-groups] [--damp 0.01] [--mse] [--nsamples 128] [--seqlen 2048] [--calib FILE]
-        [--format gptq|gptq_v2] [--seed 0] [--method gptq|rtn] [--batch-size 1] [--dtype f32]
-        [--save-dtype f16] [--overwrite] [--stall-timeout 3600]
+        [--format gptq|gptq_v2] [--seed 0] [--method gptq|gptaq|qronos|rtn] [--gptaq-alpha 0.25] [--batch-size 1]
+        [--dtype f32] [--save-dtype f16] [--overwrite] [--stall-timeout 3600]
 
 Progress: a bar per decoder layer on stderr. Writes OUT_DIR (weights, config with ``quantization_config``, tokenizer,
 ``quant_report.json``) in one rename at the end. ``--overwrite`` replaces only an earlier output of gptq-jax (a
@@ -98,7 +98,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", type=Path, help="UTF-8 calibration text (default: Python's docs, minus the eval tail)")
     p.add_argument("--format", choices=("gptq", "gptq_v2"), help="checkpoint format (default: gptq if --sym)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
-    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn: round-to-nearest baseline")
+    p.add_argument("--method", choices=("gptq", "gptaq", "qronos", "rtn"), default="gptq",
+                   help="gptaq/qronos: fit each layer to the float model's outputs (docs/methods.md); "
+                        "rtn: round-to-nearest baseline")
+    p.add_argument("--gptaq-alpha", type=probability, default=0.25,
+                   help="GPTAQ's scale of the float/quantized cross term, in (0, 1] (default 0.25)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="calibration windows per pass (default: the mesh's data axis; 1 on one device)")
     p.add_argument(
@@ -227,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_locked(args: argparse.Namespace) -> int:
     _clean_leftovers(args.out_dir)  # first: it may put back a previous OUT_DIR, which the checks must then see
     _check_options(args)
-    work = work_dir_for(args.out_dir) if args.method == "gptq" else None
+    work = work_dir_for(args.out_dir) if args.method != "rtn" else None
     try:
         return _run(args, work)
     except KeyboardInterrupt:
@@ -277,7 +281,7 @@ def _mesh_and_batch(args: argparse.Namespace) -> tuple[object, int]:
     if batch % data:
         raise CommandError(f"--batch-size {batch} does not split over the mesh's data axis of {data} devices; "
                            f"use a multiple of {data}")
-    if args.method == "gptq" and args.nsamples % batch:
+    if args.method != "rtn" and args.nsamples % batch:
         logger.info("the last calibration batch has %d windows", args.nsamples % batch)
         if (args.nsamples % batch) % data:
             raise CommandError(f"--nsamples {args.nsamples} leaves a last batch of {args.nsamples % batch} windows, "
@@ -317,10 +321,10 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         model, config, load = open_pretrained(args.model_dir, dtype=dtype, check_values=True)
     else:
         model, config = load_pretrained(args.model_dir, dtype=dtype)
-    if args.method == "gptq" and args.seqlen > config.max_position_embeddings:
+    if args.method != "rtn" and args.seqlen > config.max_position_embeddings:
         raise CommandError(f"--seqlen {args.seqlen} exceeds the model's context of {config.max_position_embeddings}")
 
-    if args.method == "gptq":
+    if args.method != "rtn":
         text = data.load_text(args.calib) if args.calib is not None else data.default_calibration_text()
         ids = data.check_token_ids(data.tokenize(tok, text), config.vocab_size, source="the calibration text's tokens")
         calib = random_windows(ids, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
@@ -345,7 +349,7 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
             model,
             calib,
             quant_config=qc,
-            method=args.method,
+            method=args.method, gptaq_alpha=args.gptaq_alpha,
             batch_size=batch_size,
             mesh=mesh,
             work_dir=None if work is None else str(work),

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from gptq_jax.core.config import QuantConfig
+from gptq_jax.core.methods import GPTAQ_ALPHA
 from gptq_jax.engine import blocks as blocks_mod
 from gptq_jax.engine import regions
 from gptq_jax.engine.batches import calibration_batches
@@ -36,8 +37,10 @@ from gptq_jax.engine.placement import batches_on_mesh
 from gptq_jax.engine.plan import (
     Plan,
     empty_hessians,
+    empty_stats,
     float_outputs_fn,
-    lookahead_fn,
+    run_lookahead,
+    run_slice,
     slice_fn,
     squared_error,
 )
@@ -52,7 +55,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_QUANT_CONFIG", "METHODS", "QuantReport", "QuantizeResult", "Rule", "Solver", "quantize"]
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "gptaq", "qronos", "rtn")
 DEFAULT_QUANT_CONFIG = QuantConfig()  # 4-bit, group 128, symmetric: the common published setting
 # A block's relative output error (a diagnostic in the report) is measured on the first calibration batches up to
 # this many tokens: the float reference pass it needs would otherwise cost a third of every block's compute. One
@@ -69,6 +72,7 @@ def quantize(
     blocks: str | bool | None = None,
     quant_config: Rules = DEFAULT_QUANT_CONFIG,
     method: str = "gptq",
+    gptaq_alpha: float = GPTAQ_ALPHA,
     solver: Solver | Callable[..., Any] | None = None,
     true_sequential: bool = True,
     batch_size: int = 1,
@@ -88,7 +92,8 @@ def quantize(
     ``blocks``: None finds the repeated blocks (an ``nnx.List`` of layers; parameters under ``layers_0 ..
     layers_N`` or ``layers.0 .. N``); a pattern such as ``"layers.*"`` names them; False is the one-shot mode.
     ``quant_config``: a ``QuantConfig``, or rules ``[Rule(regex on the whole path, QuantConfig | None)]``
-    (``engine.rules``). ``method``: ``"gptq"`` or ``"rtn"``; ``solver``: replaces GPTQ's per-weight solve
+    (``engine.rules``). ``method``: ``"gptq"``, ``"gptaq"`` (``gptaq_alpha`` in [0, 1]), ``"qronos"`` (both fit
+    to the float model's outputs: docs/methods.md) or ``"rtn"``; ``solver``: replaces GPTQ's per-weight solve
     (``engine.solve.Solver``, or a callable ``solve(ws, h, config)``). The other options (``true_sequential``,
     ``batch_size``, ``work_dir`` to resume, ``mesh``, ``load`` to stream an abstract NNX model, ``progress``)
     are described in docs/engine.md.
@@ -97,7 +102,7 @@ def quantize(
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-    rules, the_solver = compile_rules(quant_config), as_solver(solver, method)
+    rules, the_solver = compile_rules(quant_config), as_solver(solver, method, gptaq_alpha)
     if calib is None:
         raise ValueError("calib is required: at least one batch, to find the model's matmuls (and, for GPTQ, "
                          "their Hessians)")
@@ -123,7 +128,8 @@ def quantize(
     else:
         fp = None
         if work_dir is not None:
-            fp = fingerprint((subject.name, repr(report.quant_config), method, str(true_sequential),
+            tag = method + (f":{gptaq_alpha!r}" if method == "gptaq" else "")
+            fp = fingerprint((subject.name, repr(report.quant_config), tag, str(true_sequential),
                               fingerprint_extra, subject.shapes), calib_leaves)
         stored = _by_blocks(job, subject, batches, masks, WorkDir(work_dir, fp) if fp else None, bar)
         if stored is not None:
@@ -172,6 +178,7 @@ def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list
                bar: Any) -> StoredWeights | None:
     """Quantize the blocks in order; a streamed run returns its weights as a ``StoredWeights`` (else None)."""
     values = subject.catch_inputs(batches)
+    float_values = list(values) if job.solver.needs_cross else None  # the float model's stream (GPTAQ, Qronos)
     if bar is not None:
         bar.total = len(subject.blocks)
         bar.refresh()
@@ -180,6 +187,8 @@ def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list
         t0 = time.perf_counter()
         opened = block.open()
         params = opened.params
+        # The block's float parameters, taken before a resumed block's quantized weights are put back.
+        float_leaves = None if float_values is None else [*params.leaves, *opened.extra]
         plans = [job.plan(opened.call, params, opened.extra, opened.inputs(v), opened.key) for v in values]
         for p, why in plans[0].skipped.items():
             job.note_unquantized(params.paths[p], why)
@@ -191,7 +200,8 @@ def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list
             job.report.linears.extend(saved[1]["linears"])
             job.report.layers.append(saved[1]["layer"])
             job.report.resumed_layers += 1
-        outs, num, den = _quantize_block(job, plans, opened, values, masks, replay=saved is not None)
+        outs, float_outs, num, den = _quantize_block(job, plans, opened, values, masks, saved is not None,
+                                                     float_leaves, float_values)
         if saved is None:
             err = num / max(den, 1e-30) if job.solver.needs_calibration else None
             rec = {"layer": i, "path": block.path, "relative_output_error": err, "seconds": time.perf_counter() - t0}
@@ -202,6 +212,8 @@ def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list
                           {"linears": done, "layer": rec, "weights_digest": digest})
         values = [opened.next_inputs(None if outs is None else o, v)
                   for o, v in zip(outs or [None] * len(values), values, strict=True)]
+        if float_values is not None:
+            float_values = [opened.next_inputs(o, v) for o, v in zip(float_outs, float_values, strict=True)]
         drop = [n for n in params.paths if n in job.weights] if subject.streamed else []
         stored.update(dict.fromkeys(drop, i))
         for n in drop:
@@ -223,11 +235,14 @@ def _restore(job: Job, plan: Plan, params: Params, weights: dict[str, Any]) -> N
 
 
 def _quantize_block(job: Job, plans: list[Plan], opened: blocks_mod.OpenBlock, inputs: list[list[Any]],
-                    masks: list[Any], replay: bool) -> tuple[list | None, float, float]:
+                    masks: list[Any], replay: bool, float_leaves: list[Any] | None = None,
+                    float_inputs: list[list[Any]] | None = None) -> tuple[list | None, list | None, float, float]:
     """Quantize one block (or replay a finished one, whose ``params`` already hold its dequantized weights).
 
     ``plans[b]`` is the block's plan for batch b's shapes (one per distinct shape; their stages are the same).
-    Returns (the block's outputs per batch, or None when nothing ran, and over the first batches
+    ``float_leaves`` and ``float_inputs``: the block's float parameters and the float model's stream, for a solver
+    that needs the cross term (each slice then runs on both streams). Returns (the block's outputs per batch, or
+    None when nothing ran; the float stream's outputs, or None; and over the first batches
     (``ERROR_SAMPLE_TOKENS``) the squared error of the watched outputs vs float and their squared norm)."""
     plan, params = plans[0], opened.params
     leaves = [*params.leaves, *opened.extra]
@@ -236,51 +251,52 @@ def _quantize_block(job: Job, plans: list[Plan], opened: blocks_mod.OpenBlock, i
         if not replay:
             job.quantize_stages(plan, params, leaves, range(len(plan.stages)), None)
             params.leaves[:] = leaves[:n_p]
-        return None, 0.0, 0.0
+        return None, None, 0.0, 0.0
     watch = opened.watch(plan.traced.jaxpr.out_avals, inputs[0])
-    batches = list(zip(plans, inputs, masks, strict=True))
-    float_out = None if replay else [float_outputs_fn(pl)(leaves, x) for pl, x, _ in batches[: _error_sample(inputs)]]
-    if not plan.stages:
-        outs = [float_outputs_fn(pl)(leaves, x) for pl, x, _ in batches]
-    elif job.true_sequential:
-        outs = _true_sequential(job, plan, params, leaves, batches, replay)
+    batches = list(zip(plans, inputs, float_inputs or [None] * len(inputs), masks, strict=True))
+    float_out = None if replay else [float_outputs_fn(b[0])(leaves, b[1]) for b in batches[: _error_sample(inputs)]]
+    if plan.stages and job.true_sequential:
+        outs, float_outs = _true_sequential(job, plan, params, leaves, float_leaves, batches, replay)
     else:
-        hess = empty_hessians(plan, range(len(plan.stages)))
-        for pl, x, m in [] if replay else batches:
-            _, _, hess = slice_fn(pl, None)(leaves, x, hess, m)
-        if not replay:
-            job.quantize_stages(plan, params, leaves, range(len(plan.stages)), hess)
-        del hess
-        outs = [float_outputs_fn(pl)(leaves, x) for pl, x, _ in batches]
+        stats = empty_stats(plan, range(len(plan.stages)), float_leaves is not None)
+        for pl, x, fx, m in [] if replay or not plan.stages else batches:
+            stats = run_slice(pl, None, leaves, float_leaves, x, fx, stats, m)[4]
+        if plan.stages and not replay:
+            job.quantize_stages(plan, params, leaves, range(len(plan.stages)), *stats)
+        del stats
+        outs = [float_outputs_fn(pl)(leaves, x) for pl, x, _, _ in batches]
+        float_outs = None if float_leaves is None else [float_outputs_fn(pl)(float_leaves, fx)
+                                                        for pl, _, fx, _ in batches]  # fmt: skip
     params.leaves[:] = leaves[:n_p]
     num = den = 0.0
     for a, b, m in zip(outs, float_out or [], masks, strict=False):
         for k in watch:
             e, s = squared_error(a[k], b[k], m)
             num, den = num + float(e), den + float(s)
-    return outs, num, den
+    return outs, float_outs, num, den
 
 
-def _true_sequential(job: Job, plan: Plan, params: Params, leaves: list[Any], batches: list, replay: bool) -> list:
-    """Run the block slice by slice (``plan.schedule``), quantizing stage j once slice j has folded its Hessian.
-    A replay folds (and drops) the same Hessians, so it runs the very programs of the first run and a resumed job
-    is bit-identical to an uninterrupted one."""
-    schedule = plan.schedule
-    values = [x for _, x, _ in batches]
+def _true_sequential(job: Job, plan: Plan, params: Params, leaves: list[Any], float_leaves: list[Any] | None,
+                     batches: list, replay: bool) -> tuple[list, list | None]:
+    """Run the block slice by slice (``plan.schedule``), quantizing stage j once slice j has folded its statistics
+    (with a float stream, both streams run each slice). A replay folds (and drops) the same statistics, so it runs
+    the very programs of the first run and a resumed job is bit-identical to an uninterrupted one."""
+    schedule, n = plan.schedule, len(plan.stages)
+    values = [(x, fx) for _, x, fx, _ in batches]
     for j in range(len(schedule)):
-        hess = empty_hessians(plan, schedule.window(j).stages)
+        stats = empty_stats(plan, schedule.window(j).stages, float_leaves is not None)
         outs = []
-        for (pl, _, m), v in zip(batches, values, strict=True):
-            out, carry, hess = slice_fn(pl, j)(leaves, v, hess, m)
-            outs.append(out if j == len(plan.stages) else carry)
+        for (pl, _, _, m), (v, fv) in zip(batches, values, strict=True):
+            out, carry, f_out, f_carry, stats = run_slice(pl, j, leaves, float_leaves, v, fv, stats, m)
+            outs.append((out, f_out) if j == n else (carry, f_carry))
         values = outs
-        if j < len(plan.stages) and plan.stages[j].lookahead > plan.stages[j].cut:
-            for (pl, _, m), v in zip(batches, values, strict=True):
-                hess = lookahead_fn(pl, j)(leaves, v, hess, m)
-        if j < len(plan.stages) and not replay:
-            job.quantize_stages(plan, params, leaves, [j], hess)
-        del hess
-    return values
+        if j < n and plan.stages[j].lookahead > plan.stages[j].cut:
+            for (pl, _, _, m), (v, fv) in zip(batches, values, strict=True):
+                stats = run_lookahead(pl, j, leaves, float_leaves, v, fv, stats, m)
+        if j < n and not replay:
+            job.quantize_stages(plan, params, leaves, [j], *stats)
+        del stats
+    return [v for v, _ in values], None if float_leaves is None else [fv for _, fv in values]
 
 
 def _error_sample(inputs: list[list[Any]]) -> int:
@@ -298,6 +314,8 @@ def _one_shot(job: Job, subject: blocks_mod.Subject, batches: list, masks: list)
     """All Hessians from the float model in one pass over the calibration data, then every weight. No pass runs
     when nothing can be quantized."""
     call, params = subject.one_shot()
+    if job.solver.needs_cross:
+        log.info("method %s in one-shot mode: every input comes from the float model, so it is GPTQ", job.report.method)
 
     def f(params_and_extra, batch):
         return call(params_and_extra[0], batch)

@@ -59,11 +59,12 @@ class Job:
             self.report.unquantized.append({"path": path, "reason": reason})
 
     def quantize_stages(self, plan: Plan, params: Params, leaves: list[Any], stages: Sequence[int],
-                        hess: dict[int, Any] | None) -> None:
+                        hess: dict[int, Any] | None, cross: dict[int, Any] | None = None) -> None:
         """Solve the parameters of ``stages`` in ``leaves`` in place. A stage's weights with the same config share
-        its Hessian and are solved together (their rows stacked)."""
+        its Hessian (and cross term, for a solver that needs one) and are solved together (their rows stacked)."""
         for s in stages:
             h = None if hess is None else hess[s][0]
+            d = None if cross is None else cross[s][0]
             if h is not None:
                 jax.block_until_ready(h)  # charge the calibration pass to the block, not to the first solve
             by_config: dict[QuantConfig, list[int]] = {}
@@ -72,6 +73,6 @@ class Job:
             for qc, ps in by_config.items():
                 names = [params.paths[p] for p in ps]
                 self.say(", ".join(names))
-                for done in solve_group(self.solver, names, leaves, ps, plan.w_axes, h, qc, self.mesh):
+                for done in solve_group(self.solver, names, leaves, ps, plan.w_axes, h, qc, self.mesh, d):
                     self.weights[done.name], self.axes[done.name] = done.weight, done.axes
                     self.report.linears.append(done.record)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from gptq_jax.core.config import QuantConfig
-from gptq_jax.core.hessian import accumulate_hessian, init_hessian
+from gptq_jax.core.hessian import accumulate_cross, accumulate_hessian, init_cross, init_hessian
 from gptq_jax.engine.trace import Traced, Use, activation_rows, find_uses, live_at, matrix_shape, run
 
 
@@ -228,8 +228,128 @@ def lookahead_fn(plan: Plan, j: int) -> Any:
     return plan.fns[key]
 
 
+def _pair_hooks(plan: Plan, stage_ids: Sequence[int], lo: int, hi: int, hess: dict, cross: dict, mask: Any):
+    """Hooks for a float run and a quantized run of the same equations: the float run records each activation at
+    ``[lo, hi]``, the quantized run folds its own into the Hessians and the pair into the cross terms (GPTAQ,
+    Qronos). The float run must go first."""
+    by_eqn: dict[int, list[tuple[int, Use]]] = {}
+    for s in stage_ids:
+        for u in plan.stages[s].captures:
+            if lo <= u.eqn <= hi:
+                by_eqn.setdefault(u.eqn, []).append((s, u))
+    seen: dict[int, Any] = {}
+    float_hooks, quant_hooks = {}, {}
+    for e, items in by_eqn.items():
+
+        def record(use, x, e=e):
+            seen[e] = activation_rows(x, use.x_axes)
+
+        def fold(use, x, e=e, items=items):
+            rows = activation_rows(x, use.x_axes)
+            m = _token_mask(x.shape, use, mask)
+            m = None if m is None else m.reshape(-1)
+            for s, _ in items:
+                hess[s] = accumulate_hessian(*hess[s], rows, m)
+                cross[s] = accumulate_cross(*cross[s], seen[e], rows, m)
+
+        float_hooks[e] = (items[0][1], record)
+        quant_hooks[e] = (items[0][1], fold)
+    return float_hooks, quant_hooks
+
+
+def pair_slice_fn(plan: Plan, j: int | None) -> Any:
+    """``slice_fn`` for a float stream beside the quantized one: ``fn(params, float_params, values, float_values,
+    hess, cross, mask) -> (outputs, carry, float_outputs, float_carry, hess, cross)``. Each slice runs the float
+    parameters on the float stream and the current ones on the quantized stream, folding ``H`` from the quantized
+    activations and the cross term ``D`` from the pair (``hess``, ``cross``: stage -> ``(matrix, n)``)."""
+    key = ("pair", j)
+    if key in plan.fns:
+        return plan.fns[key]
+    traced = plan.traced
+    start, stop, lo, hi, _ = plan.schedule.window(j)
+    end = stop if stop is not None else len(traced.eqns)
+    keep = live_at(traced, stop) if stop is not None else []
+    first = start == 0
+    start_vars = None if first else live_at(traced, start)
+
+    def go(params, values, hooks):
+        out, kept = run(traced, params, inputs=values if first else None,
+                        carry=None if first else dict(zip(start_vars, values, strict=True)),
+                        start=start, stop=end, keep=keep, on_use=hooks)  # fmt: skip
+        return out, [kept[v] for v in keep]
+
+    def fn(params, float_params, values, float_values, hess, cross, mask):
+        hess, cross = dict(hess), dict(cross)
+        f_hooks, q_hooks = _pair_hooks(plan, [s for s in range(len(plan.stages)) if s in hess], lo, hi, hess, cross,
+                                       mask)  # fmt: skip
+        f_out, f_carry = go(float_params, float_values, f_hooks)
+        out, carry = go(params, values, q_hooks)
+        return out, carry, f_out, f_carry, hess, cross
+
+    plan.fns[key] = jax.jit(fn)
+    return plan.fns[key]
+
+
+def pair_lookahead_fn(plan: Plan, j: int) -> Any:
+    """``lookahead_fn`` for the pair of streams: ``fn(params, float_params, carry, float_carry, hess, cross, mask)
+    -> (hess, cross)``."""
+    key = ("pair-lookahead", j)
+    if key in plan.fns:
+        return plan.fns[key]
+    traced, st = plan.traced, plan.stages[j]
+    start_vars = live_at(traced, st.cut)
+
+    def fn(params, float_params, values, float_values, hess, cross, mask):
+        hess, cross = dict(hess), dict(cross)
+        f_hooks, q_hooks = _pair_hooks(plan, [j], st.cut + 1, st.lookahead, hess, cross, mask)
+        for p, v, hooks in ((float_params, float_values, f_hooks), (params, values, q_hooks)):
+            run(traced, p, carry=dict(zip(start_vars, v, strict=True)), start=st.cut, stop=st.lookahead,
+                on_use=hooks)
+        return hess, cross
+
+    plan.fns[key] = jax.jit(fn)
+    return plan.fns[key]
+
+
+def empty_cross(plan: Plan, stage_ids: Sequence[int]) -> dict[int, Any]:
+    return {s: init_cross(plan.stages[s].k) for s in stage_ids}
+
+
 def empty_hessians(plan: Plan, stage_ids: Sequence[int]) -> dict[int, Any]:
     return {s: init_hessian(plan.stages[s].k) for s in stage_ids}
+
+
+class Stats(NamedTuple):
+    """What a pass folds per stage: ``hess`` (stage -> ``(H, n)``) and, with a float stream, ``cross`` (stage ->
+    ``(D, n)``, see ``pair_slice_fn``; None without one)."""
+
+    hess: dict[int, Any]
+    cross: dict[int, Any] | None
+
+
+def empty_stats(plan: Plan, stage_ids: Sequence[int], cross: bool) -> Stats:
+    return Stats(empty_hessians(plan, stage_ids), empty_cross(plan, stage_ids) if cross else None)
+
+
+def run_slice(plan: Plan, j: int | None, leaves: list[Any], float_leaves: list[Any] | None, values: list[Any],
+              float_values: list[Any] | None, stats: Stats, mask: Any) -> tuple[Any, Any, Any, Any, Stats]:
+    """Slice ``j`` on one batch: ``(outputs, carry, float outputs, float carry, stats)``. Without a float stream
+    (``float_values`` None) it is ``slice_fn`` and the float parts are None; with one, ``pair_slice_fn``."""
+    if float_values is None:
+        out, carry, hess = slice_fn(plan, j)(leaves, values, stats.hess, mask)
+        return out, carry, None, None, Stats(hess, None)
+    out, carry, f_out, f_carry, hess, cross = pair_slice_fn(plan, j)(leaves, float_leaves, values, float_values,
+                                                                     stats.hess, stats.cross, mask)  # fmt: skip
+    return out, carry, f_out, f_carry, Stats(hess, cross)
+
+
+def run_lookahead(plan: Plan, j: int, leaves: list[Any], float_leaves: list[Any] | None, values: list[Any],
+                  float_values: list[Any] | None, stats: Stats, mask: Any) -> Stats:
+    """Stage j's lookahead on one batch (``lookahead_fn``, or ``pair_lookahead_fn`` with a float stream)."""
+    if float_values is None:
+        return Stats(lookahead_fn(plan, j)(leaves, values, stats.hess, mask), None)
+    return Stats(*pair_lookahead_fn(plan, j)(leaves, float_leaves, values, float_values, stats.hess, stats.cross,
+                                             mask))  # fmt: skip
 
 
 def float_outputs_fn(plan: Plan) -> Any:

@@ -6,10 +6,11 @@ and written back (dequantized) into the model, so the next stages and blocks see
 ``core.gptq.quantize_weights`` is the default; round-to-nearest (``RTN``) needs no statistics, so the engine runs
 no calibration pass for it.
 
-A method that needs more than the Hessian of the quantized model's inputs declares it in ``Solver.statistics``:
-each name beyond ``"hessian"`` would arrive as a keyword argument of ``solve``. The engine gathers only the
-Hessian today and refuses other names with a clear error, so a new method (for instance one that also needs the
-float model's inputs to the same stage) adds its statistic to the engine's passes, not a patch of the driver.
+A method that needs more than the Hessian of the quantized model's inputs declares it in ``Solver.statistics``;
+each name beyond ``"hessian"`` arrives as a keyword argument of ``solve``. The engine gathers ``"cross"``:
+``D = 2/n (X_fp - X_q) X_q^T`` per stage, from the float model's inputs to the stage beside the quantized ones.
+For it the engine carries the float model's stream beside the quantized one and runs each slice on both
+(``plan.pair_slice_fn``). GPTAQ and Qronos (``core.methods``, ``method_solver``) are such solvers.
 """
 
 from __future__ import annotations
@@ -25,17 +26,20 @@ import jax.numpy as jnp
 
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.gptq import quantize_weights
+from gptq_jax.core.methods import GPTAQ_ALPHA, Method, objective_terms, quantize_weights_method
 from gptq_jax.core.quantizer import QuantizedWeight, rtn_quantize
 from gptq_jax.engine import placement, sharding
 from gptq_jax.engine.trace import from_matrix, to_matrix
 
-STATISTICS = ("hessian",)  # what the engine's passes gather
+STATISTICS = ("hessian", "cross")  # what the engine's passes gather
 
 
-def dequantized(qw: QuantizedWeight, scale_dtype: Any = jnp.float16) -> jax.Array:
-    """``[N, K]`` f32 weight a quantized weight stands for, with scales rounded to ``scale_dtype`` as checkpoints
-    store them (so calibration sees exactly what inference computes)."""
-    qw = dataclasses.replace(qw, scales=qw.scales.astype(scale_dtype).astype(jnp.float32))
+def dequantized(qw: QuantizedWeight, scale_dtype: Any = None) -> jax.Array:
+    """``[N, K]`` f32 weight a quantized weight stands for, with its scales as the solver fitted them (float16
+    values under ``QuantConfig.fp16_scales``, as checkpoints store them, so calibration then sees exactly what
+    inference computes; float32 without it, as the paper's code writes back), or rounded to ``scale_dtype``."""
+    if scale_dtype is not None:
+        qw = dataclasses.replace(qw, scales=qw.scales.astype(scale_dtype).astype(jnp.float32))
     return qw.dequantize()
 
 
@@ -43,35 +47,74 @@ def _rtn(ws: Sequence[jax.Array], h: Any, config: QuantConfig) -> list[Quantized
     return [rtn_quantize(w, config) for w in ws]
 
 
+def _gptq_sharded(ws: Sequence[jax.Array], h: Any, config: QuantConfig, mesh: Any) -> list[QuantizedWeight]:
+    return sharding.quantize_weights_sharded(ws, h, config, mesh=mesh)
+
+
 @dataclasses.dataclass(frozen=True)
 class Solver:
     """``solve(ws, h, config) -> [QuantizedWeight]``: the weights of one stage (f32 ``[N, K]`` each, same ``K``),
     the stage's Hessian ``h`` ``[K, K]`` (None when ``statistics`` is empty) and their config; one result per weight.
-    ``write(qw) -> [N, K]``: the value the model computes with afterwards (default: ``dequantized``, scales rounded
-    to float16 as checkpoints store them). ``statistics``: what ``solve`` needs (see module docstring)."""
+    With ``"cross"`` in ``statistics`` it is called ``solve(ws, h, config, cross=D)``, or without ``cross`` where
+    there is no quantized stream yet (one-shot mode: every input comes from the float model, ``D = 0``).
+    ``write(qw) -> [N, K]``: the value the model computes with afterwards (default: ``dequantized``, the scales as
+    fitted). ``statistics``: what ``solve`` needs (see module docstring). ``sharded(ws, h, config, mesh, **stats)``:
+    the same solve with the rows split over the mesh (None: ``solve`` on one device; GPTQ's own solve gets the
+    sharded GPTQ)."""
 
     solve: Callable[..., list[QuantizedWeight]] = quantize_weights
     write: Callable[[QuantizedWeight], jax.Array] | None = None
-    statistics: tuple[str, ...] = STATISTICS
+    statistics: tuple[str, ...] = ("hessian",)
+    sharded: Callable[..., list[QuantizedWeight]] | None = None
 
     def __post_init__(self) -> None:
+        if self.sharded is None and self.solve is quantize_weights:
+            object.__setattr__(self, "sharded", _gptq_sharded)
         unknown = [s for s in self.statistics if s not in STATISTICS]
         if unknown:
             raise NotImplementedError(f"solver statistics {unknown} are not gathered by the engine (it gathers "
                                       f"{list(STATISTICS)})")
+        if self.statistics and "hessian" not in self.statistics:
+            raise ValueError(f"solver statistics {list(self.statistics)}: every statistic comes with the Hessian; "
+                             "add 'hessian'")
 
     @property
     def needs_calibration(self) -> bool:
         return bool(self.statistics)
+
+    @property
+    def needs_cross(self) -> bool:
+        """Whether the engine carries the float model's stream for this solver (``"cross"``)."""
+        return "cross" in self.statistics
 
 
 GPTQ = Solver()
 RTN = Solver(solve=_rtn, statistics=())
 
 
-def as_solver(solver: Solver | Callable[..., Any] | None, method: str) -> Solver:
+@functools.cache
+def method_solver(method: Method) -> Solver:
+    """The ``Solver`` of GPTAQ or Qronos (``core.methods``): it needs the cross term; without one (one-shot mode)
+    it is GPTQ."""
+
+    def solve(ws: Sequence[jax.Array], h: Any, config: QuantConfig, cross: Any = None) -> list[QuantizedWeight]:
+        if cross is None:
+            return quantize_weights(ws, h, config)
+        return quantize_weights_method(ws, h, config, method, cross)
+
+    def sharded(ws: Sequence[jax.Array], h: Any, config: QuantConfig, mesh: Any, cross: Any = None
+                ) -> list[QuantizedWeight]:
+        return sharding.quantize_weights_sharded(ws, h, config, mesh=mesh, method=method if cross is not None
+                                                 else Method(), d=cross)  # fmt: skip
+
+    return Solver(solve=solve, statistics=("hessian", "cross"), sharded=sharded)
+
+
+def as_solver(solver: Solver | Callable[..., Any] | None, method: str, alpha: float = GPTAQ_ALPHA) -> Solver:
     """The ``Solver`` of ``quantize(method=..., solver=...)``: a callable is ``Solver(solve=callable)``."""
     if solver is None:
+        if method in ("gptaq", "qronos"):
+            return method_solver(Method(name=method, alpha=alpha))
         return RTN if method == "rtn" else GPTQ
     if method != "gptq":
         raise ValueError(f"solver= replaces GPTQ's solve; it cannot be combined with method={method!r}")
@@ -119,17 +162,20 @@ class Solved(NamedTuple):
 
 
 def solve_group(solver: Solver, names: Sequence[str], leaves: list[Any], ps: Sequence[int],
-                w_axes: dict[int, tuple[int, ...]], h: Any, qc: QuantConfig, mesh: Any) -> list[Solved]:
+                w_axes: dict[int, tuple[int, ...]], h: Any, qc: QuantConfig, mesh: Any, cross: Any = None
+                ) -> list[Solved]:
     """Solve parameters ``ps`` (one stage, one config) of ``leaves``, write them back in place, and report.
 
-    Each record gives the solve's time shared out by rows."""
+    Each record gives the solve's time shared out by rows; with a cross term ``D`` also the objective GPTQ
+    minimises and the one GPTAQ and Qronos minimise (``core.methods.cross_objective``)."""
     t0 = time.perf_counter()
     wms = [as_matrix(jnp.asarray(leaves[p]), w_axes[p]) for p in ps]  # (N, K)
-    if mesh is not None and solver == GPTQ:
+    stats = {} if cross is None else {"cross": cross}
+    if mesh is not None and solver.sharded is not None:
         # Gathered, so that every process can store, digest and pack the whole weight.
-        qws = [sharding.replicate(qw, mesh) for qw in sharding.quantize_weights_sharded(wms, h, qc, mesh=mesh)]
+        qws = [sharding.replicate(qw, mesh) for qw in solver.sharded(wms, h, qc, mesh, **stats)]
     else:
-        qws = list(solver.solve(wms, h, qc))
+        qws = list(solver.solve(wms, h, qc, **stats))
     if len(qws) != len(wms):
         raise ValueError(f"the solver returned {len(qws)} results for {len(wms)} weights ({', '.join(names)})")
     for p, qw in zip(ps, qws, strict=True):
@@ -137,8 +183,12 @@ def solve_group(solver: Solver, names: Sequence[str], leaves: list[Any], ps: Seq
     jax.block_until_ready([leaves[p] for p in ps])
     seconds = time.perf_counter() - t0
     rows = sum(int(wm.shape[0]) for wm in wms)
-    return [Solved(name, qw, w_axes[p], {
+    out = [Solved(name, qw, w_axes[p], {
         "name": name, "shape": [int(d) for d in wm.shape], "bits": qc.bits, "group_size": qc.group_size,
         "loss": float(qw.loss), "damp": float(qw.damp), "fallback": bool(qw.fallback),
         "seconds": seconds * int(wm.shape[0]) / rows,
     }) for p, name, wm, qw in zip(ps, names, wms, qws, strict=True)]
+    for done, wm in zip(out, wms, strict=True) if cross is not None else ():
+        quad, lin = objective_terms(wm, done.weight.dequantize(), h, cross)
+        done.record.update(gptq_objective=float(quad), cross_objective=float(quad - 2.0 * lin))
+    return out
