@@ -45,3 +45,42 @@ def test_paired_method_one_shot_is_gptq_and_bad_options_are_named():
         _run("gptaq", gptaq_alpha=1.5)
     with pytest.raises(ValueError, match="not one of"):
         _run("awq")
+
+
+_MESH_SCRIPT = """
+import json
+import numpy as np
+from flax import nnx
+from test_engine import QC, TinyModel, _tokens
+import gptq_jax
+from gptq_jax.engine.sharding import make_mesh
+
+out = {}
+for method in ("qronos", "gptaq"):
+    one = gptq_jax.quantize(TinyModel(nnx.Rngs(0)), _tokens(), quant_config=QC, method=method, batch_size=2)
+    mesh = gptq_jax.quantize(TinyModel(nnx.Rngs(0)), _tokens(), quant_config=QC, method=method, batch_size=2,
+                             mesh=make_mesh("data=2,model=2"))
+    out[method] = min(float(np.mean(np.asarray(one.weights[n].codes) == np.asarray(mesh.weights[n].codes)))
+                      for n in one.weights)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_paired_methods_on_a_mesh_match_one_device():
+    """4 CPU devices (a subprocess: XLA_FLAGS must be set before JAX starts): the cross term summed over the data
+    axis and the solve split over the model axis give the codes of one device."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    equal = json.loads(proc.stdout.strip().splitlines()[-1])
+    # summation order of H and D over the data axis can move a near-tied code; a wrong D moves many
+    assert equal["qronos"] > 0.97 and equal["gptaq"] > 0.97, equal

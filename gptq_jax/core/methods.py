@@ -146,7 +146,8 @@ def qronos_solve(
     return assemble(codes, grid, loss, damp, ok, prep, plan, config)
 
 
-def _solve(w, h, d, config: QuantConfig, method: Method, group_fit: str = GROUP_FIT):
+def method_solve(w, h, d, config: QuantConfig, method: Method, group_fit: str = GROUP_FIT):
+    """The traceable solve of any ``Method``: ``(QuantizedWeight, loss per row)``; ``d`` is unused for GPTQ."""
     if method.name == "gptaq":
         return gptaq_solve(w, h, d, config, method.alpha, group_fit)
     if method.name == "qronos":
@@ -156,12 +157,12 @@ def _solve(w, h, d, config: QuantConfig, method: Method, group_fit: str = GROUP_
 
 def _stacked(ws, h, d, config: QuantConfig, method: Method) -> list[QuantizedWeight]:
     w = ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=0)
-    return split_rows(*_solve(w, h, d, config, method), [int(x.shape[0]) for x in ws])
+    return split_rows(*method_solve(w, h, d, config, method), [int(x.shape[0]) for x in ws])
 
 
 _STATIC = ("config", "method", "group_fit")
-_solve_jit = jax.jit(_solve, static_argnames=_STATIC)
-_solve_cpu = jax.jit(_solve, static_argnames=_STATIC, compiler_options=CPU_SOLVE_OPTIONS)
+_solve_jit = jax.jit(method_solve, static_argnames=_STATIC)
+_solve_cpu = jax.jit(method_solve, static_argnames=_STATIC, compiler_options=CPU_SOLVE_OPTIONS)
 _stacked_jit = jax.jit(_stacked, static_argnames=("config", "method"))
 _stacked_cpu = jax.jit(_stacked, static_argnames=("config", "method"), compiler_options=CPU_SOLVE_OPTIONS)
 

@@ -43,9 +43,11 @@ from gptq_jax.core.gptq import (
     split_rows,
 )
 from gptq_jax.core.hessian import token_xtx
+from gptq_jax.core.methods import Method, check_cross, method_solve
 from gptq_jax.core.quantizer import QuantizedWeight
 
 MESH_AXES = ("data", "model")
+GPTQ = Method()
 DATA, MODEL = MESH_AXES
 
 
@@ -251,11 +253,14 @@ def replicate(tree, mesh: Mesh):
 
 
 @functools.cache
-def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig):
+def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig, method: Method = GPTQ):
     rows = P(axes)
 
-    def local(w, factor):  # w (N_local, K), factor (of H) the same on every device
-        q, row_loss = gptq_solve(w, None, config, factor=factor)
+    def local(w, factor, h, d):  # w (N_local, K); factor (of H), h and d (K, K): the same on every device
+        if method.needs_cross:  # GPTAQ, Qronos: their factorizations also need D, so each device forms them
+            q, row_loss = method_solve(w, h, d, config, method)
+        else:
+            q, row_loss = gptq_solve(w, None, config, factor=factor)
         loss = lax.psum(q.loss, axes)  # the proxy loss is a sum over rows
         return q.codes, q.scales, q.zeros, q.g_idx, q.perm, loss, q.damp, q.fallback, row_loss
 
@@ -263,7 +268,7 @@ def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig):
     out_specs = (rows, rows, rows, P(), perm_spec, P(), P(), P(), rows)
     # check_vma=False: g_idx, perm, damp and fallback depend on h alone, which every device holds whole, so they
     # are the same on every device; the type system cannot see that through the solver's loops.
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, P()), out_specs=out_specs, check_vma=False)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), P(), P()), out_specs=out_specs, check_vma=False)
     opts = CPU_SOLVE_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None  # halves the temp buffer
     return jax.jit(fn, compiler_options=opts)
 
@@ -315,33 +320,43 @@ def quantize_weight_sharded(
 
 
 def quantize_weights_sharded(
-    ws: Sequence[jax.Array], h: jax.Array, config: QuantConfig, *, mesh: Mesh, axes: str | Sequence[str] = (MODEL,)
-) -> list[QuantizedWeight]:
+    ws: Sequence[jax.Array], h: jax.Array, config: QuantConfig, *, mesh: Mesh, axes: str | Sequence[str] = (MODEL,),
+    method: Method = GPTQ, d: jax.Array | None = None,
+) -> list[QuantizedWeight]:  # fmt: skip
     """``gptq_jax.core.gptq.quantize_weights`` (weights sharing a Hessian, solved stacked) with the stacked rows
-    split over the mesh axes ``axes``, as ``quantize_weight_sharded`` does for one weight."""
+    split over the mesh axes ``axes``, as ``quantize_weight_sharded`` does for one weight; ``method`` and the cross
+    term ``d`` as in ``core.methods.quantize_weights_method``."""
     if not ws:
         return []
     for w in ws:
         check_weight(w, config)
         check_hessian(w, h)
+    if method.needs_cross:
+        check_cross(h, d)
+    else:
+        d = jnp.zeros((), jnp.float32)  # unused
     out: list[QuantizedWeight] = []
     for part in fused_parts([int(w.shape[0]) for w in ws], int(h.shape[0])):
         w = ws[part[0]] if len(part) == 1 else jnp.concatenate([jnp.asarray(ws[i]) for i in part], axis=0)
-        out.extend(split_rows(*_solve_sharded(w, h, config, mesh, axes), [int(ws[i].shape[0]) for i in part]))
+        out.extend(split_rows(*_solve_sharded(w, h, config, mesh, axes, method, d),
+                              [int(ws[i].shape[0]) for i in part]))  # fmt: skip
     return out
 
 
 def _solve_sharded(
-    w: jax.Array, h: jax.Array, config: QuantConfig, mesh: Mesh, axes: str | Sequence[str]
-) -> tuple[QuantizedWeight, jax.Array]:
+    w: jax.Array, h: jax.Array, config: QuantConfig, mesh: Mesh, axes: str | Sequence[str], method: Method = GPTQ,
+    d: jax.Array | None = None,
+) -> tuple[QuantizedWeight, jax.Array]:  # fmt: skip
     """The checked solve of ``quantize_weight_sharded``: the weight and the loss of each of its rows."""
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     n = w.shape[0]
     n_pad = padded_rows(n, mesh, axes)
     if n_pad != n:
         w = jnp.pad(jnp.asarray(w), ((0, n_pad - n), (0, 0)))
-    factor = _shared_factor(h, config, mesh)
-    codes, scales, zeros, g_idx, perm, loss, damp, fallback, row_loss = _sharded_solver(mesh, axes, config)(w, factor)
+    none = jnp.zeros((), jnp.float32)  # an input the method does not read
+    factor = none if method.needs_cross else _shared_factor(h, config, mesh)
+    codes, scales, zeros, g_idx, perm, loss, damp, fallback, row_loss = _sharded_solver(mesh, axes, config, method)(
+        w, factor, h if method.needs_cross else none, none if d is None else d)
     if n_pad != n:
         codes, scales, zeros, row_loss = codes[:n], scales[:n], zeros[:n], row_loss[:n]
     out = QuantizedWeight(
