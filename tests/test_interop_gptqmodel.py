@@ -52,7 +52,8 @@ ROUTES = tuple(TOLERANCE)
 # down K = 256. k/v have N = 64: whole 32-bit words of packed zeros at every bit width.
 WIDE = {"hidden_size": 576, "head_dim": 32, "intermediate_size": 256}
 
-# name -> (arch, QuantConfig, how it is written). "cli" goes through `gptq-jax quantize` (GPTQ, fp16 float tensors).
+# name -> (arch, QuantConfig, how it is written). "cli" goes through `gptq-jax quantize` (GPTQ, fp16 float tensors);
+# "rtn", "gptaq", "qronos" name the engine's method.
 OURS = {
     "4bit_g128_sym_v1_cli": ("llama", QuantConfig(bits=4, group_size=128), "cli"),
     "3bit_g128_asym_v2_actorder": ("llama", QuantConfig(bits=3, group_size=128, sym=False, act_order=True), "gptq"),
@@ -64,6 +65,9 @@ OURS = {
         "gptq_sharded",
     ),
     "3bit_perchannel_sym_v1": ("llama", QuantConfig(bits=3, group_size=-1), "gptq"),
+    # GPTAQ and Qronos (docs/methods.md) write the same kind of file: codes, scales and zeros on GPTQ's grids.
+    "3bit_g128_asym_v2_gptaq": ("llama", QuantConfig(bits=3, group_size=128, sym=False), "gptaq"),
+    "4bit_g128_sym_v1_qronos_actorder": ("llama", QuantConfig(bits=4, group_size=128, act_order=True), "qronos"),
 }
 MISLABELLED = "4bit_v1_labelled_v2"  # the sym v1 CLI checkpoint with checkpoint_format changed to gptq_v2
 
@@ -99,7 +103,7 @@ def _write_ours(root: Path, name: str, arch: str, qc: QuantConfig, how: str, cal
         assert cli_main(["quantize", str(float_dir), str(out), *args, "--calib", str(text)]) == 0
         return out, float_dir
     model, _ = load_pretrained(float_dir)
-    method = "rtn" if how == "rtn" else "gptq"
+    method = how if how in ("rtn", "gptaq", "qronos") else "gptq"
     res = quantize(model, calib, quant_config=qc, method=method)
     pack_model(model, res.weights)
     shard = 60_000 if how == "gptq_sharded" else 5 * 2**30
