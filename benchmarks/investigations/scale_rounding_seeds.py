@@ -52,8 +52,9 @@ def run_variant(args) -> list[dict]:
     from gptq_jax.models.qlinear import pack_model
     from gptq_jax.tasks.eval import perplexity
 
-    # writeback_f32: the engine writes back float32 scales, so the next block sees what the solver fitted.
-    solver = Solver(write=lambda qw: dequantized(qw, jnp.float32)) if args.variant == "writeback_f32" else None
+    # The write-back names its scale dtype: the engine's default keeps the scales as fitted (float32 here).
+    write_dtype = {"writeback_f32": jnp.float32, "writeback_f16": jnp.float16}.get(args.variant)
+    solver = None if write_dtype is None else Solver(write=lambda qw: dequantized(qw, write_dtype))
     model_dir = fetch_smollm2()
     tok = load_tokenizer(model_dir)
     ids = tokenize(tok, default_calibration_text())
