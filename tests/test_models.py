@@ -215,14 +215,14 @@ def test_config_fields_per_architecture():
         ({"architectures": None, "model_type": "gemma"}, r"unsupported model_type 'gemma'; supported: llama"),
         ({"architectures": None, "model_type": None}, r"neither 'architectures' nor 'model_type'"),
         ({"hidden_size": None}, r"lacks required field 'hidden_size'"),
-        ({"vocab_size": "128"}, r"config field 'vocab_size' must be int, got '128'"),
+        ({"vocab_size": "128"}, r"field 'vocab_size' must be an integer, got '128'"),
         ({"num_key_value_heads": 3}, r"num_attention_heads=4 must be a multiple of num_key_value_heads=3"),
-        ({"num_hidden_layers": 0}, r"num_hidden_layers must be a positive integer, got 0"),
+        ({"num_hidden_layers": 0}, r"field 'num_hidden_layers' must be >= 1 and <= \d+, got 0"),
         ({"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_scaling type 'yarn' is not supported"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"lacks \['low_freq_factor', 'high_freq_factor'\]"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, r"rope_scaling fields \['factor'\] must be positive"),
-        ({"tie_word_embeddings": "yes"}, r"'tie_word_embeddings' must be bool"),
+        ({"tie_word_embeddings": "yes"}, r"field 'tie_word_embeddings' must be true or false, got 'yes'"),
     ],
 )
 def test_config_errors(change, message):

@@ -285,7 +285,9 @@ def _shared_factor(h: jax.Array, config: QuantConfig, mesh: Mesh):
     programs, that took every pool thread and hung (SmolLM2 at --mesh data=4,model=2 on 8 host devices)."""
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     if isinstance(h, jax.Array) and not h.is_fully_addressable:
-        h = h.addressable_data(0)  # replicated: any local shard is the whole matrix
+        # Over several processes H may be split over the mesh: gathered whole first (every process runs this
+        # solve, so the all-gather is collective), then any local shard is the whole matrix.
+        h = replicate(h, mesh).addressable_data(0)
     factor = _factor_fn(config)(jax.device_put(h, local[0]))
     where = NamedSharding(mesh, P())
 
