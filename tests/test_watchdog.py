@@ -59,7 +59,7 @@ def hang(*a, **k):
         time.sleep(10**6)
     return gptq.solve(*a, **k)
 # The default solver the CLI's quantize picks (engine.solve.as_solver), made to hang in its 5th solve.
-engine_solve.GPTQ = dataclasses.replace(gptq, solve=hang)
+engine_solve.GPTQ = dataclasses.replace(gptq, solve=hang, sharded=None)  # the CLI may pass a 1x1 mesh
 from gptq_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
