@@ -163,16 +163,18 @@ def test_batch_and_rows_validation():
 
 
 @pytest.mark.slow
-def test_sharded_solve_with_many_groups_finishes():
+@pytest.mark.parametrize("method", ["gptq", "gptaq", "qronos"])
+def test_sharded_solve_with_many_groups_finishes(method):
     """SmolLM2's q/k/v solve (K = 576, 5 groups of 128) at 4x2 on 8 host devices, six times: the solver's LAPACK
     calls once ran on every device at once and hung forever (the SmolLM2 CLI run at --mesh data=4,model=2; this
     worker hung within 240 s on that code every time it was tried). A hang is a timeout here, with the child's
-    stack in the failure."""
+    stack in the failure. GPTAQ and Qronos factor H and D the same way, once, outside the devices' programs."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_PLATFORMS": "cpu", "PYTHONFAULTHANDLER": "1"}
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-X", "faulthandler", "-c",
            "import faulthandler, runpy, sys; faulthandler.dump_traceback_later(240, exit=True); "
-           f"sys.argv = ['w', '6']; runpy.run_path({str(HERE / 'mesh_solve_worker.py')!r}, run_name='__main__')"]
+           f"sys.argv = ['w', '{6 if method == 'gptq' else 2}', '{method}']; "
+           f"runpy.run_path({str(HERE / 'mesh_solve_worker.py')!r}, run_name='__main__')"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, "the sharded solve did not finish in 240 s:\n" + proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -409,15 +409,6 @@ def prepare(w: jax.Array, h: jax.Array | None, config: QuantConfig, plan: SolveP
     return Prepared(w_live, h, dead, perm, group_order, fixed_scales, fixed_zeros, col_group)
 
 
-def permute_square(a: jax.Array, prep: Prepared, config: QuantConfig) -> jax.Array:
-    """A ``[K, K]`` input statistic (such as the cross term of ``core.methods``) in visiting order, f32, with the
-    rows and columns of dead inputs zeroed."""
-    a = a.astype(jnp.float32)
-    if config.act_order or config.act_group_aware:
-        a = a[prep.perm][:, prep.perm]
-    return jnp.where(prep.dead[:, None] | prep.dead[None, :], 0.0, a)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # What the sweep feeds back
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,7 +479,8 @@ def make_feedback(
 
 
 def group_inverses(gt: jax.Array, plan: SolvePlan) -> tuple[jax.Array | None, jax.Array | None]:
-    """``(Minv^T`` of each group's diagonal block of ``gt`` (``[Kp, Kp]``, padded), the same for fit blocks``)``;
+    """``(Minv^T`` of each group's diagonal block of ``gt`` (``[K, K]``, or already padded to ``[Kp, Kp]``), the same
+    for fit blocks``)``;
     None where the grids are not fitted during the sweep.
 
     A group's grid is fitted on its columns as the paper's loop has them at the group's first column. The F-form
@@ -496,6 +488,7 @@ def group_inverses(gt: jax.Array, plan: SolvePlan) -> tuple[jax.Array | None, ja
     diagonal blocks that map one to the other are formed here: K g^2 flops."""
     if not plan.dynamic_groups:
         return None, None
+    gt = _pad_square(gt, plan.kp, unit=True)  # a no-op when already padded
     return _block_inverses_t(gt, plan.group), _block_inverses_t(gt, plan.fit_block) if plan.fit_block else None
 
 
@@ -520,7 +513,7 @@ def hessian_factor(h: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT
     plan = solve_plan(h.shape[0], config, group_fit)
     order = visiting_order(h, config, plan)
     ft, rdiag, damp, ok = damped_factor(order.h, config.damp_percent)  # ft = F^T, lower
-    return HessianFactor(order, ft, rdiag, damp, ok, group_inverses(_pad_square(ft, plan.kp, unit=True), plan))
+    return HessianFactor(order, ft, rdiag, damp, ok, group_inverses(ft, plan))
 
 
 def _paper_state(w0: jax.Array, wt: jax.Array, minv_t: jax.Array, pg_t: jax.Array | None) -> jax.Array:
@@ -706,14 +699,13 @@ def assemble(
 
 
 def gptq_solve(
-    w: jax.Array, h: jax.Array | None, config: QuantConfig, group_fit: str = GROUP_FIT,
-    factor: HessianFactor | None = None,
-) -> tuple[QuantizedWeight, jax.Array]:  # fmt: skip
+    w: jax.Array, h: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT
+) -> tuple[QuantizedWeight, jax.Array]:
     """The solve: the ``QuantizedWeight`` and the proxy loss of each output row ``[N]`` (its ``loss`` is their sum).
-    Traceable (``jitted_solver`` is its jitted form); ``quantize_weight`` is the checked entry. ``factor``:
-    ``hessian_factor(h, config, group_fit)`` computed beforehand (``h`` is then not read)."""
+    Traceable (``jitted_solver`` is its jitted form); ``quantize_weight`` is the checked entry. The part that reads
+    ``h`` alone is ``hessian_factor`` (``core.methods.method_factor`` shares it between row blocks on a mesh)."""
     plan = solve_plan(w.shape[1], config, group_fit)
-    f = hessian_factor(h, config, group_fit) if factor is None else factor
+    f = hessian_factor(h, config, group_fit)
     prep = prepare(w, None, config, plan, f.order)
     wt = prep.w.T  # (K, N)
     codes, grid, loss = sweep(make_feedback(wt, wt, f.ft, f.rdiag, plan, minv=f.minv), prep, plan, config)

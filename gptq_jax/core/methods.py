@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,19 +49,22 @@ from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.gptq import (
     CPU_SOLVE_OPTIONS,
     GROUP_FIT,
+    Order,
     assemble,
     check_hessian,
     check_weight,
     damped_factor,
     fused_parts,
     gptq_solve,
+    group_inverses,
+    hessian_factor,
     log_damping,
     make_feedback,
-    permute_square,
     prepare,
     solve_plan,
     split_rows,
     sweep,
+    visiting_order,
 )
 from gptq_jax.core.quantizer import QuantizedWeight, count_nonfinite
 
@@ -90,69 +94,124 @@ class Method:
         return self.name != "gptq"
 
 
-def gptaq_solve(
-    w: jax.Array, h: jax.Array, d: jax.Array, config: QuantConfig, alpha: float = GPTAQ_ALPHA,
-    group_fit: str = GROUP_FIT,
-) -> tuple[QuantizedWeight, jax.Array]:  # fmt: skip
-    """GPTAQ of ``w`` ``[N, K]`` given ``H`` and the cross term ``D`` (``[K, K]`` each): the ``QuantizedWeight``
-    and the sweep's proxy loss per row. Traceable; see the module docstring for the algebra."""
-    plan = solve_plan(w.shape[1], config, group_fit)
-    prep = prepare(w, h, config, plan)
-    ft, rdiag, damp, ok = damped_factor(prep.h, config.damp_percent)
-    k = plan.k
-    eye = jnp.eye(k, dtype=jnp.float32)
+class MethodFactor(NamedTuple):
+    """What a method's solve takes from ``H`` and ``D`` alone (``method_factor``): every factorization and
+    triangular solve, so that several row blocks solved against one ``H`` (``engine.sharding``) share it and the
+    per-device programs run only matmuls and the sweep. Fields a method does not use are None."""
+
+    order: Order
+    damp: jax.Array  # f32 []: the damping used
+    ok: jax.Array  # bool []: False where no damping made H positive definite (the solve is then RTN)
+    rdiag: jax.Array  # (K,) diag R, H + damping = R R^T
+    ft: jax.Array  # (K, K) the feedback matrix transposed: F^T (GPTQ, Qronos), (G - PG)^T (GPTAQ)
+    minv: tuple  # ``group_inverses`` of G^T (F^T for GPTQ and Qronos)
+    gt: jax.Array | None = None  # GPTAQ: G^T
+    pgt: jax.Array | None = None  # GPTAQ: (P G)^T; the start is W0 (I + P G)
+    d: jax.Array | None = None  # Qronos: D in visiting order, dead inputs zeroed
+    h0: jax.Array | None = None  # Qronos: row 0 of the damped H in visiting order
+    hinv_f: jax.Array | None = None  # Qronos: H_FF^-1 of the damped H (F: every column after the first)
+
+
+def _visiting(a: jax.Array, order: Order, config: QuantConfig) -> jax.Array:
+    """A ``[K, K]`` statistic in visiting order, f32, with the rows and columns of dead inputs zeroed."""
+    a, dead = a.astype(jnp.float32), order.dead
+    if config.act_order or config.act_group_aware:
+        a, dead = a[order.perm][:, order.perm], dead[order.perm]
+    return jnp.where(dead[:, None] | dead[None, :], 0.0, a)
+
+
+def gptaq_factor(h: jax.Array, d: jax.Array, config: QuantConfig, alpha: float = GPTAQ_ALPHA,
+                 group_fit: str = GROUP_FIT) -> MethodFactor:  # fmt: skip
+    """GPTAQ's ``G``, ``P G`` and feedback ``(I - P) G`` from ``H`` and ``D``; see the module docstring."""
+    plan = solve_plan(h.shape[0], config, group_fit)
+    order = visiting_order(h, config, plan)
+    ft, rdiag, damp, ok = damped_factor(order.h, config.damp_percent)
+    eye = jnp.eye(plan.k, dtype=jnp.float32)
     r = ft.T * rdiag[None, :]  # (K, K) upper, H + damping = R R^T
     u = jax.scipy.linalg.solve_triangular(r, eye, lower=False)  # U = R^-1
     a = jnp.where(ok, jnp.float32(alpha), 0.0)  # round-to-nearest fallback: no feedback at all
-    t = jnp.triu(jnp.matmul(permute_square(d, prep, config), u.T, precision=_HIGHEST), 1)  # (K, K)
+    t = jnp.triu(jnp.matmul(_visiting(d, order, config), u.T, precision=_HIGHEST), 1)  # (K, K)
     udiag = 1.0 / rdiag
     n_mat = jax.scipy.linalg.solve_triangular(eye - a * udiag[:, None] * t, eye, lower=False, unit_diagonal=True)
     g = jnp.matmul(r, n_mat, precision=_HIGHEST) * udiag[None, :]  # G = M^-1, unit upper
     pg = a * jnp.matmul(t, n_mat, precision=_HIGHEST) * udiag[None, :]  # P G, strictly upper
-    wt0 = prep.w.T  # (K, N)
-    wt = wt0 + jnp.matmul(pg.T, wt0, precision=_HIGHEST)  # (W0 (I + P G))^T
-    fb = make_feedback(wt, wt0, (g - pg).T, rdiag, plan, gt=g.T, pgt=pg.T)
-    codes, grid, loss = sweep(fb, prep, plan, config)
-    return assemble(codes, grid, loss, damp, ok, prep, plan, config)
+    return MethodFactor(order, damp, ok, rdiag, (g - pg).T, group_inverses(g.T, plan), gt=g.T, pgt=pg.T)
 
 
-def qronos_start(w: jax.Array, h_damped: jax.Array, r: jax.Array, d: jax.Array) -> jax.Array:
-    """Qronos' starting weights ``(N, K)`` from ``w`` ``(N, K)``, damped ``H`` and its factor ``R`` (``H = R R^T``),
-    and ``D``, all in visiting order: the first column corrected, the rest refitted to it by least squares."""
+def qronos_factor(h: jax.Array, d: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT) -> MethodFactor:
+    """GPTQ's factor of ``H``, with what Qronos' starting weights need: ``D``, the damped ``H``'s first row and
+    ``H_FF^-1`` (formed once here, so the start is two matmuls per row block)."""
+    plan = solve_plan(h.shape[0], config, group_fit)
+    f = hessian_factor(h, config, group_fit)
+    diag = jnp.diagonal(f.order.h)
+    h_damped = f.order.h + jnp.diag(jnp.where(f.ok, f.damp, 0.0) * jnp.mean(diag) * jnp.ones_like(diag))
+    hinv_f = None
+    if plan.k > 1:
+        r_f = (f.ft.T * f.rdiag[None, :])[1:, 1:]  # H_FF = R_FF R_FF^T (R upper)
+        rinv = jax.scipy.linalg.solve_triangular(r_f, jnp.eye(plan.k - 1, dtype=jnp.float32), lower=False)
+        hinv_f = jnp.matmul(rinv.T, rinv, precision=_HIGHEST)
+    return MethodFactor(f.order, f.damp, f.ok, f.rdiag, f.ft, f.minv, d=_visiting(d, f.order, config),
+                        h0=h_damped[0], hinv_f=hinv_f)  # fmt: skip
+
+
+def qronos_start(w: jax.Array, d: jax.Array, h0: jax.Array, hinv_f: jax.Array | None) -> jax.Array:
+    """Qronos' starting weights ``(N, K)`` from ``w`` ``(N, K)``, ``D``, the damped ``H``'s first row ``h0`` and
+    ``H_FF^-1``, all in visiting order: the first column corrected, the rest refitted to it by least squares."""
     e = jnp.matmul(w, d, precision=_HIGHEST)  # (N, K) = W D
-    c1 = e[:, 0] / h_damped[0, 0]  # (N,)
-    if w.shape[1] == 1:
+    c1 = e[:, 0] / h0[0]  # (N,)
+    if hinv_f is None:
         return w + c1[:, None]
-    rhs = e[:, 1:] - c1[:, None] * h_damped[0, 1:][None, :]  # (N, K-1)
-    r_f = r[1:, 1:]  # H_FF = R_FF R_FF^T
-    z = jax.scipy.linalg.solve_triangular(r_f, rhs.T, lower=False)
-    x = jax.scipy.linalg.solve_triangular(r_f.T, z, lower=True)  # (K-1, N) = H_FF^-1 rhs^T
-    return w + jnp.concatenate([c1[:, None], x.T], axis=1)
+    rhs = e[:, 1:] - c1[:, None] * h0[1:][None, :]  # (N, K-1)
+    return w + jnp.concatenate([c1[:, None], jnp.matmul(rhs, hinv_f, precision=_HIGHEST)], axis=1)
 
 
-def qronos_solve(
-    w: jax.Array, h: jax.Array, d: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT
-) -> tuple[QuantizedWeight, jax.Array]:
-    """Qronos of ``w`` ``[N, K]`` given ``H`` and the cross term ``D``: GPTQ's sweep from ``qronos_start``."""
+def method_factor(h: jax.Array, d: jax.Array | None, config: QuantConfig, method: Method,
+                  group_fit: str = GROUP_FIT) -> MethodFactor:  # fmt: skip
+    """The part of ``method``'s solve that depends on ``H`` and ``D`` alone (``d`` is unused for GPTQ)."""
+    if method.name == "gptaq":
+        return gptaq_factor(h, d, config, method.alpha, group_fit)
+    if method.name == "qronos":
+        return qronos_factor(h, d, config, group_fit)
+    f = hessian_factor(h, config, group_fit)
+    return MethodFactor(f.order, f.damp, f.ok, f.rdiag, f.ft, f.minv)
+
+
+def method_sweep(w: jax.Array, f: MethodFactor, config: QuantConfig, group_fit: str = GROUP_FIT
+                 ) -> tuple[QuantizedWeight, jax.Array]:  # fmt: skip
+    """The part of the solve that reads ``w`` ``[N, K]``: its start, the blocked sweep and the assembled
+    ``QuantizedWeight``, with the loss per row. Matmuls only: the factorizations are in ``f``."""
     plan = solve_plan(w.shape[1], config, group_fit)
-    prep = prepare(w, h, config, plan)
-    ft, rdiag, damp, ok = damped_factor(prep.h, config.damp_percent)
-    diag = jnp.diagonal(prep.h)
-    h_damped = prep.h + jnp.diag(jnp.where(ok, damp, 0.0) * jnp.mean(diag) * jnp.ones_like(diag))
-    r = ft.T * rdiag[None, :]
-    start = jnp.where(ok, qronos_start(prep.w, h_damped, r, permute_square(d, prep, config)), prep.w)
-    wt = start.T  # (K, N)
-    codes, grid, loss = sweep(make_feedback(wt, wt, ft, rdiag, plan), prep, plan, config)
-    return assemble(codes, grid, loss, damp, ok, prep, plan, config)
+    prep = prepare(w, None, config, plan, f.order)
+    wt0 = prep.w.T  # (K, N)
+    if f.pgt is not None:  # GPTAQ: W0 (I + P G)
+        wt = wt0 + jnp.matmul(f.pgt, wt0, precision=_HIGHEST)
+    elif f.d is not None:  # Qronos
+        wt = jnp.where(f.ok, qronos_start(prep.w, f.d, f.h0, f.hinv_f), prep.w).T
+        wt0 = wt
+    else:
+        wt = wt0
+    fb = make_feedback(wt, wt0, f.ft, f.rdiag, plan, gt=f.gt, pgt=f.pgt, minv=f.minv)
+    codes, grid, loss = sweep(fb, prep, plan, config)
+    return assemble(codes, grid, loss, f.damp, f.ok, prep, plan, config)
 
 
 def method_solve(w, h, d, config: QuantConfig, method: Method, group_fit: str = GROUP_FIT):
     """The traceable solve of any ``Method``: ``(QuantizedWeight, loss per row)``; ``d`` is unused for GPTQ."""
-    if method.name == "gptaq":
-        return gptaq_solve(w, h, d, config, method.alpha, group_fit)
-    if method.name == "qronos":
-        return qronos_solve(w, h, d, config, group_fit)
-    return gptq_solve(w, h, config, group_fit)
+    if method.name == "gptq":
+        return gptq_solve(w, h, config, group_fit)
+    return method_sweep(w, method_factor(h, d, config, method, group_fit), config, group_fit)
+
+
+def gptaq_solve(w: jax.Array, h: jax.Array, d: jax.Array, config: QuantConfig, alpha: float = GPTAQ_ALPHA,
+                group_fit: str = GROUP_FIT) -> tuple[QuantizedWeight, jax.Array]:  # fmt: skip
+    """GPTAQ of ``w`` ``[N, K]`` given ``H`` and the cross term ``D``: the ``QuantizedWeight`` and the loss per row."""
+    return method_sweep(w, gptaq_factor(h, d, config, alpha, group_fit), config, group_fit)
+
+
+def qronos_solve(w: jax.Array, h: jax.Array, d: jax.Array, config: QuantConfig, group_fit: str = GROUP_FIT
+                 ) -> tuple[QuantizedWeight, jax.Array]:  # fmt: skip
+    """Qronos of ``w`` ``[N, K]`` given ``H`` and the cross term ``D``: GPTQ's sweep from ``qronos_start``."""
+    return method_sweep(w, qronos_factor(h, d, config, group_fit), config, group_fit)
 
 
 def _stacked(ws, h, d, config: QuantConfig, method: Method) -> list[QuantizedWeight]:

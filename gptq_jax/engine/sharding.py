@@ -37,13 +37,11 @@ from gptq_jax.core.gptq import (
     check_hessian,
     check_weight,
     fused_parts,
-    gptq_solve,
-    hessian_factor,
     log_damping,
     split_rows,
 )
 from gptq_jax.core.hessian import token_xtx
-from gptq_jax.core.methods import Method, check_cross, method_solve
+from gptq_jax.core.methods import Method, check_cross, method_factor, method_sweep
 from gptq_jax.core.quantizer import QuantizedWeight
 
 MESH_AXES = ("data", "model")
@@ -253,46 +251,47 @@ def replicate(tree, mesh: Mesh):
 
 
 @functools.cache
-def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig, method: Method = GPTQ):
+def _sharded_solver(mesh: Mesh, axes: tuple[str, ...], config: QuantConfig):
     rows = P(axes)
 
-    def local(w, factor, h, d):  # w (N_local, K); factor (of H), h and d (K, K): the same on every device
-        if method.needs_cross:  # GPTAQ, Qronos: their factorizations also need D, so each device forms them
-            q, row_loss = method_solve(w, h, d, config, method)
-        else:
-            q, row_loss = gptq_solve(w, None, config, factor=factor)
+    def local(w, factor):  # w (N_local, K); the factor of H (and D) is the same on every device
+        q, row_loss = method_sweep(w, factor, config)
         loss = lax.psum(q.loss, axes)  # the proxy loss is a sum over rows
         return q.codes, q.scales, q.zeros, q.g_idx, q.perm, loss, q.damp, q.fallback, row_loss
 
     perm_spec = P() if config.act_order else None
     out_specs = (rows, rows, rows, P(), perm_spec, P(), P(), P(), rows)
-    # check_vma=False: g_idx, perm, damp and fallback depend on h alone, which every device holds whole, so they
-    # are the same on every device; the type system cannot see that through the solver's loops.
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), P(), P()), out_specs=out_specs, check_vma=False)
+    # check_vma=False: g_idx, perm, damp and fallback depend on the factor alone, which every device holds whole,
+    # so they are the same on every device; the type system cannot see that through the solver's loops.
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, P()), out_specs=out_specs, check_vma=False)
     opts = CPU_SOLVE_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None  # halves the temp buffer
     return jax.jit(fn, compiler_options=opts)
 
 
 @functools.cache
-def _factor_fn(config: QuantConfig):
-    return jax.jit(functools.partial(hessian_factor, config=config))
+def _factor_fn(config: QuantConfig, method: Method):
+    return jax.jit(functools.partial(method_factor, config=config, method=method))
 
 
-def _shared_factor(h: jax.Array, config: QuantConfig, mesh: Mesh):
-    """``hessian_factor(h)`` computed once, on this process's first device of ``mesh``, then copied to each of the
-    mesh's devices. Not inside the per-device program: there every device would run the same LAPACK kernels at
+def _shared_factor(h: jax.Array, d: jax.Array | None, config: QuantConfig, method: Method, mesh: Mesh):
+    """``method_factor(h, d)`` computed once, on this process's first device of ``mesh``, then copied to each of
+    the mesh's devices. Not inside the per-device program: there every device would run the same LAPACK kernels at
     once, and on XLA:CPU, whose batched LAPACK kernels wait for work they queue on the pool that runs the devices'
     programs, that took every pool thread and hung (SmolLM2 at --mesh data=4,model=2 on 8 host devices)."""
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    if isinstance(h, jax.Array) and not h.is_fully_addressable:
-        # Over several processes H may be split over the mesh: gathered whole first (every process runs this
-        # solve, so the all-gather is collective), then any local shard is the whole matrix.
-        h = replicate(h, mesh).addressable_data(0)
-    factor = _factor_fn(config)(jax.device_put(h, local[0]))
+    local = [dev for dev in mesh.devices.flat if dev.process_index == jax.process_index()]
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            # Over several processes H may be split over the mesh: gathered whole first (every process runs this
+            # solve, so the all-gather is collective), then any local shard is the whole matrix.
+            x = replicate(x, mesh).addressable_data(0)
+        return jax.device_put(x, local[0])
+
+    factor = _factor_fn(config, method)(whole(h), None if d is None else whole(d))
     where = NamedSharding(mesh, P())
 
     def copy(x):
-        return jax.make_array_from_single_device_arrays(x.shape, where, [jax.device_put(x, d) for d in local])
+        return jax.make_array_from_single_device_arrays(x.shape, where, [jax.device_put(x, dev) for dev in local])
 
     return jax.tree.map(copy, factor)
 
@@ -335,8 +334,6 @@ def quantize_weights_sharded(
         check_hessian(w, h)
     if method.needs_cross:
         check_cross(h, d)
-    else:
-        d = jnp.zeros((), jnp.float32)  # unused
     out: list[QuantizedWeight] = []
     for part in fused_parts([int(w.shape[0]) for w in ws], int(h.shape[0])):
         w = ws[part[0]] if len(part) == 1 else jnp.concatenate([jnp.asarray(ws[i]) for i in part], axis=0)
@@ -355,10 +352,9 @@ def _solve_sharded(
     n_pad = padded_rows(n, mesh, axes)
     if n_pad != n:
         w = jnp.pad(jnp.asarray(w), ((0, n_pad - n), (0, 0)))
-    none = jnp.zeros((), jnp.float32)  # an input the method does not read
-    factor = none if method.needs_cross else _shared_factor(h, config, mesh)
-    codes, scales, zeros, g_idx, perm, loss, damp, fallback, row_loss = _sharded_solver(mesh, axes, config, method)(
-        w, factor, h if method.needs_cross else none, none if d is None else d)
+    factor = _shared_factor(h, d if method.needs_cross else None, config, method, mesh)
+    codes, scales, zeros, g_idx, perm, loss, damp, fallback, row_loss = _sharded_solver(mesh, axes, config)(
+        w, factor)
     if n_pad != n:
         codes, scales, zeros, row_loss = codes[:n], scales[:n], zeros[:n], row_loss[:n]
     out = QuantizedWeight(
