@@ -50,10 +50,12 @@ def test_streamed_run_equals_the_whole_model_run_and_holds_one_block(tmp_path):
         np.testing.assert_array_equal(np.asarray(res.weights[name].scales), np.asarray(qw.scales), err_msg=name)
     assert [r["relative_output_error"] for r in res.report.layers] == pytest.approx(
         [r["relative_output_error"] for r in whole.report.layers], rel=1e-6)
-    # Quantized weights are dropped again; what was not quantized (the expert and integer tensors) stays loaded.
+    # Quantized weights (a stack of experts too) are dropped again; what was not quantized (the integer tensor)
+    # stays loaded.
     assert isinstance(model.blocks[1].q.w.get_value(), jax.ShapeDtypeStruct)
     assert isinstance(model.blocks[1].down.kernel.get_value(), jax.ShapeDtypeStruct)
-    assert not isinstance(model.blocks[1].experts.get_value(), jax.ShapeDtypeStruct)
+    assert isinstance(model.blocks[1].experts.get_value(), jax.ShapeDtypeStruct)
+    assert not isinstance(model.blocks[1].table.get_value(), jax.ShapeDtypeStruct)
     assert not isinstance(model.embed.embedding.get_value(), jax.ShapeDtypeStruct)
 
 

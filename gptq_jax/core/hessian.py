@@ -91,3 +91,23 @@ def accumulate_cross(
     denom = jnp.maximum(n_new, 1).astype(jnp.float32)
     dxx = jnp.matmul(dx.T, xq, precision=lax.Precision.HIGHEST)  # (K, K)
     return d * (n.astype(jnp.float32) / denom) + (2.0 / denom) * dxx, n_new
+
+
+def init_expert_hessians(experts: int, in_features: int) -> tuple[jax.Array, jax.Array]:
+    """Empty accumulator of ``accumulate_expert_hessians``: f32 ``[E, K, K]`` zeros and int32 ``[E]`` counts."""
+    return jnp.zeros((experts, in_features, in_features), jnp.float32), jnp.zeros((experts,), jnp.int32)
+
+
+@jax.jit
+def accumulate_expert_hessians(
+    h: jax.Array, n: jax.Array, x: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``accumulate_hessian`` for each of E experts (MoE), each over the tokens routed to it only.
+
+    Args:
+      h: f32 ``[E, K, K]``; n: int32 ``[E]``, tokens each expert has seen so far.
+      x: ``[E, T, K]`` (expert e's slots) or ``[T, K]`` (tokens shared by every expert, as in a grouped matmul).
+      mask: ``[E, T]``, nonzero where slot t of expert e holds a token routed to it (padding and unrouted slots
+        count in neither the sum nor ``n``).
+    """
+    return jax.vmap(accumulate_hessian, in_axes=(0, 0, 0 if x.ndim == 3 else None, 0))(h, n, x, mask)

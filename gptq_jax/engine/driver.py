@@ -25,12 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.methods import GPTAQ_ALPHA
 from gptq_jax.engine import blocks as blocks_mod
 from gptq_jax.engine import regions
 from gptq_jax.engine.batches import calibration_batches
+from gptq_jax.engine.experts import slice_axes, split_expert
 from gptq_jax.engine.job import Job
 from gptq_jax.engine.memory import release_freed_memory
 from gptq_jax.engine.placement import batches_on_mesh
@@ -214,9 +216,11 @@ def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list
                   for o, v in zip(outs or [None] * len(values), values, strict=True)]
         if float_values is not None:
             float_values = [opened.next_inputs(o, v) for o, v in zip(float_outs, float_values, strict=True)]
-        drop = [n for n in params.paths if n in job.weights] if subject.streamed else []
-        stored.update(dict.fromkeys(drop, i))
-        for n in drop:
+        mine = set(params.paths)
+        names = [n for n in job.weights if (split_expert(n) or (n,))[0] in mine] if subject.streamed else []
+        drop = [n for n in params.paths if n in {(split_expert(m) or (m,))[0] for m in names}]
+        stored.update(dict.fromkeys(names, i))
+        for n in names:
             del job.weights[n]
         opened.close(drop)
         release_freed_memory()
@@ -229,9 +233,17 @@ def _restore(job: Job, plan: Plan, params: Params, weights: dict[str, Any]) -> N
     """Put a finished block's stored weights back (dequantized) into ``params``."""
     index = {path: i for i, path in enumerate(params.paths)}
     for name, qw in weights.items():
-        p = index[name]
-        params.leaves[p] = write_back(job.solver, qw, params.leaves[p], plan.w_axes[p], job.mesh)
-        job.weights[name], job.axes[name] = qw, plan.w_axes[p]
+        expert = split_expert(name)
+        if expert is None:
+            p = index[name]
+            params.leaves[p] = write_back(job.solver, qw, params.leaves[p], plan.w_axes[p], job.mesh)
+            job.weights[name], job.axes[name] = qw, plan.w_axes[p]
+            continue
+        path, axis, e = expert
+        p, axes = index[path], slice_axes(plan.w_axes[index[path]], axis)
+        part = write_back(job.solver, qw, lax.index_in_dim(params.leaves[p], e, axis, keepdims=False), axes, job.mesh)
+        params.leaves[p] = lax.dynamic_update_index_in_dim(params.leaves[p], part, e, axis)
+        job.weights[name], job.axes[name] = qw, axes
 
 
 def _quantize_block(job: Job, plans: list[Plan], opened: blocks_mod.OpenBlock, inputs: list[list[Any]],

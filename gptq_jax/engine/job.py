@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from gptq_jax.core.config import QuantConfig
+from gptq_jax.engine.experts import solve_experts
 from gptq_jax.engine.plan import Plan, make_plan
 from gptq_jax.engine.report import QuantReport
 from gptq_jax.engine.rules import Rule, config_for
@@ -73,6 +74,11 @@ class Job:
             for qc, ps in by_config.items():
                 names = [params.paths[p] for p in ps]
                 self.say(", ".join(names))
-                for done in solve_group(self.solver, names, leaves, ps, plan.w_axes, h, qc, self.mesh, d):
+                if plan.stages[s].experts:
+                    solved = solve_experts(self.solver, names, leaves, ps, plan.w_axes, plan.expert_axis, h,
+                                           None if hess is None else hess[s][1], qc, self.mesh)
+                else:
+                    solved = solve_group(self.solver, names, leaves, ps, plan.w_axes, h, qc, self.mesh, d)
+                for done in solved:
                     self.weights[done.name], self.axes[done.name] = done.weight, done.axes
                     self.report.linears.append(done.record)

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from gptq_jax.core.quantizer import QuantizedWeight
+from gptq_jax.engine.experts import dequantized_stack, split_expert, stack_packed
 from gptq_jax.engine.subject import Params
 from gptq_jax.engine.trace import CASTS, activation_rows, run, trace
 from pallas_kernels import PackedWeight, gptq_matmul, packing
@@ -126,6 +127,17 @@ class _PackedParam:
     shape: tuple[int, ...]
     w_axes: tuple[int, ...]
     axes: tuple[int, ...]
+    expert_axis: int | None = None  # a stack of experts: ``packed`` is stacked on a leading expert axis
+
+
+def _expert_matmul(eqn: Any, invals: list[Any], side: int) -> list[Any]:
+    """A matmul on a stack of experts (batched ``dot_general`` or ``ragged_dot``), from the experts dequantized
+    (pure jnp; the Pallas kernel is per matrix)."""
+    ref: _PackedParam = invals[side]
+    w = dequantized_stack(ref.packed, ref.shape, ref.w_axes, ref.expert_axis)
+    invals = list(invals)
+    invals[side] = jnp.transpose(w, ref.axes).astype(eqn.invars[side].aval.dtype)
+    return [eqn.primitive.bind(*invals, **eqn.params)]
 
 
 def _packed_matmul(eqn: Any, invals: list[Any], side: int) -> list[Any]:
@@ -168,6 +180,8 @@ def _replacer(traced: Any) -> Callable[[int, list[Any]], list[Any] | None]:
             return [ref]
         if name == "transpose":
             return [dataclasses.replace(ref, axes=tuple(ref.axes[p] for p in eqn.params["permutation"]))]
+        if name in ("dot_general", "ragged_dot_general") and len(sides) == 1 and ref.expert_axis is not None:
+            return _expert_matmul(eqn, invals, sides[0])
         if name == "dot_general" and len(sides) == 1:
             return _packed_matmul(eqn, invals, sides[0])
         raise NotImplementedError(f"a quantized weight is used by '{name}', which packed inference cannot compute")
@@ -180,9 +194,10 @@ class PackedModel:
     (NNX: ``model(*args, **kwargs)``; Linen: ``apply_fn({"params": params}, *args, **kwargs)``), jitted."""
 
     def __init__(self, call: Callable[[Any, tuple, dict], Any], params: Params, packed: dict[str, PackedWeight],
-                 w_axes: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any]):
+                 w_axes: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any],
+                 experts: dict[str, int] | None = None):
         self._call, self.params, self.packed, self.w_axes = call, params, packed, w_axes
-        self.shapes, self.dtypes = shapes, dtypes
+        self.shapes, self.dtypes, self.experts = shapes, dtypes, dict(experts or {})
         self._jit = jax.jit(self._run)
 
     def _run(self, float_leaves: list[Any], packed: dict[str, PackedWeight], args: tuple, kwargs: dict) -> Any:
@@ -193,7 +208,8 @@ class PackedModel:
         ]
         traced = trace(lambda params, a, k: self._call(params, a, k), avals, self.params.tree, args, kwargs)
         leaves = [
-            _PackedParam(packed[p], self.shapes[p], self.w_axes[p], tuple(range(len(self.shapes[p]))))
+            _PackedParam(packed[p], self.shapes[p], self.w_axes[p], tuple(range(len(self.shapes[p]))),
+                         self.experts.get(p))
             if p in packed else x
             for p, x in zip(paths, float_leaves, strict=True)
         ]
@@ -235,14 +251,36 @@ def pack(model: Any, result: Any, *, apply_fn: Callable[..., Any] | None = None,
     else:
         raise TypeError(f"pack expects an nnx.Module, or Linen params with apply_fn=; got {type(model).__name__}")
     known = set(params.paths)
-    missing = [p for p in result.weights if p not in known]
+    packed, w_axes, experts = _packed_params(result, scale_dtype, params)
+    missing = [p for p in packed if p not in known]
     if missing:
         raise ValueError(f"quantized weights {missing[:5]} are not parameters of this model")
     index = {p: i for i, p in enumerate(params.paths)}
-    shapes = {p: tuple(jnp.shape(params.leaves[index[p]])) for p in result.weights}
-    dtypes = {p: jnp.result_type(params.leaves[index[p]]) for p in result.weights}
-    packed = {p: packed_weight(qw, scale_dtype, pad=True) for p, qw in result.weights.items()}
-    return PackedModel(call, params, packed, dict(result.axes), shapes, dtypes)
+    shapes = {p: tuple(jnp.shape(params.leaves[index[p]])) for p in packed}
+    dtypes = {p: jnp.result_type(params.leaves[index[p]]) for p in packed}
+    return PackedModel(call, params, packed, w_axes, shapes, dtypes, experts)
+
+
+def _packed_params(result: Any, scale_dtype: Any, params: Params) -> tuple[dict, dict, dict]:
+    """Parameter path -> ``PackedWeight`` (experts' slices ``path[e]`` stacked on a leading axis), its contracting
+    axes, and, for a stack of experts, its expert axis."""
+    packed, w_axes, experts, slices = {}, {}, {}, {}
+    for name, qw in result.weights.items():
+        found = split_expert(name)
+        if found is None:
+            packed[name], w_axes[name] = packed_weight(qw, scale_dtype, pad=True), tuple(result.axes[name])
+            continue
+        path, axis, e = found
+        slices.setdefault(path, {})[e] = packed_weight(qw, scale_dtype, pad=True)
+        experts[path] = axis
+        w_axes[path] = tuple(a + (a >= axis) for a in result.axes[name])
+    shapes = dict(zip(params.paths, (jnp.shape(x) for x in params.leaves), strict=True))
+    for path, by_e in slices.items():
+        num = shapes[path][experts[path]] if path in shapes else len(by_e)
+        if sorted(by_e) != list(range(num)):
+            raise ValueError(f"{path}: quantized experts {sorted(by_e)} do not cover its {num} experts")
+        packed[path] = stack_packed([by_e[e] for e in range(num)])
+    return packed, w_axes, experts
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -262,6 +300,7 @@ class _Record:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, Any]
     w_axes: dict[str, tuple[int, ...]]
+    experts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _quant_linears(model: nnx.Module) -> dict[str, QuantLinear]:
@@ -271,7 +310,8 @@ def _quant_linears(model: nnx.Module) -> dict[str, QuantLinear]:
 def _record(obj: PackedModel | nnx.Module) -> _Record:
     if isinstance(obj, PackedModel):
         floats = {p: x for p, x in zip(obj.params.paths, obj.params.leaves, strict=True) if p not in obj.packed}
-        return _Record(floats, dict(obj.packed), dict(obj.shapes), dict(obj.dtypes), dict(obj.w_axes))
+        return _Record(floats, dict(obj.packed), dict(obj.shapes), dict(obj.dtypes), dict(obj.w_axes),
+                       dict(obj.experts))
     if not isinstance(obj, nnx.Module):
         raise TypeError(f"save_packed expects a PackedModel or an nnx.Module, got {type(obj).__name__}")
     linears = _quant_linears(obj)
@@ -300,7 +340,7 @@ def save_packed(packed: PackedModel | nnx.Module, directory: str | os.PathLike) 
     meta = {
         p: {"bits": w.bits, "group_size": w.group_size, "in_features": w.in_features, "out_features": w.out_features,
             "shape": list(rec.shapes[p]), "dtype": jnp.dtype(rec.dtypes[p]).name, "w_axes": list(rec.w_axes[p]),
-            "fields": sorted(_fields(w))}
+            "fields": sorted(_fields(w)), **({"expert_axis": rec.experts[p]} if p in rec.experts else {})}
         for p, w in rec.packed.items()
     }
     tmp = os.path.join(directory, _META + ".tmp")
@@ -332,7 +372,8 @@ def _read(directory: str) -> _Record:
                                  out_features=m["out_features"])
     return _Record(restored.get("float", {}), packed, {p: tuple(m["shape"]) for p, m in meta.items()},
                    {p: jnp.dtype(m["dtype"]) for p, m in meta.items()},
-                   {p: tuple(m["w_axes"]) for p, m in meta.items()})
+                   {p: tuple(m["w_axes"]) for p, m in meta.items()},
+                   {p: m["expert_axis"] for p, m in meta.items() if "expert_axis" in m})
 
 
 def _float_leaves(params: Params, rec: _Record, directory: str) -> list[Any]:
@@ -388,7 +429,7 @@ def load_packed(model_like: Any, directory: str | os.PathLike, *, apply_fn: Call
     if missing:
         raise ValueError(f"{directory} holds quantized weights {missing[:5]} that this model does not have")
     params.leaves[:] = _float_leaves(params, rec, directory)
-    return PackedModel(call, params, rec.packed, rec.w_axes, rec.shapes, rec.dtypes)
+    return PackedModel(call, params, rec.packed, rec.w_axes, rec.shapes, rec.dtypes, rec.experts)
 
 
 __all__ = ["PackedModel", "QuantLinear", "load_packed", "pack", "packed_weight", "save_packed"]

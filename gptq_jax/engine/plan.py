@@ -23,7 +23,15 @@ import jax
 import jax.numpy as jnp
 
 from gptq_jax.core.config import QuantConfig
-from gptq_jax.core.hessian import accumulate_cross, accumulate_hessian, init_cross, init_hessian
+from gptq_jax.core.hessian import (
+    accumulate_cross,
+    accumulate_expert_hessians,
+    accumulate_hessian,
+    init_cross,
+    init_expert_hessians,
+    init_hessian,
+)
+from gptq_jax.engine.experts import expert_rows
 from gptq_jax.engine.trace import Traced, Use, activation_rows, find_uses, live_at, matrix_shape, run
 
 
@@ -33,6 +41,7 @@ class Stage:
     captures: list[Use]  # one matmul per distinct activation the stage's Hessian sums over
     cut: int  # equation of the stage's first matmul: everything before it runs with the stage's weights unused
     k: int  # Hessian width
+    experts: int = 0  # E: a stack of experts, one Hessian each (engine.experts); 0 for plain weights
 
     @property
     def lookahead(self) -> int:
@@ -84,6 +93,7 @@ class Plan:
     w_axes: dict[int, tuple[int, ...]]  # contracting axes of every quantized parameter
     configs: dict[int, QuantConfig]
     skipped: dict[int, str]  # parameter -> why it stays float
+    expert_axis: dict[int, int] = dataclasses.field(default_factory=dict)  # stacked experts: their axis
     fns: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -118,7 +128,7 @@ def make_plan(
                 )
             configs[p] = qc
     alias = _cast_roots(traced)
-    key_of = lambda u: (alias.get(u.x, u.x), u.x.aval.dtype, u.x_axes)  # noqa: E731
+    key_of = lambda u: (alias.get(u.x, u.x), u.x.aval.dtype, u.x_axes, u.x_batch, u.groups)  # noqa: E731
     groups: dict[frozenset, list[int]] = {}
     for p in configs:
         groups.setdefault(frozenset(key_of(u) for u in uses.matmuls[p]), []).append(p)
@@ -133,10 +143,18 @@ def make_plan(
         cut = min(u.eqn for p in params for u in uses.matmuls[p])
         caps = sorted((first_use[k] for k in keys), key=lambda u: u.eqn)
         k = math.prod(caps[0].x.aval.shape[a] for a in caps[0].x_axes)
-        stages.append(Stage(sorted(params), caps, cut, k))
+        stages.append(Stage(sorted(params), caps, cut, k, _experts(caps[0])))
     stages.sort(key=lambda s: s.cut)
     w_axes = {p: uses.matmuls[p][0].w_axes for p in configs}
-    return Plan(traced, stages, w_axes, configs, skipped)
+    axis = {p: uses.matmuls[p][0].w_batch for p in configs if uses.matmuls[p][0].experts}
+    return Plan(traced, stages, w_axes, configs, skipped, axis)
+
+
+def _experts(use: Use) -> int:
+    """How many experts a stack read by ``use`` holds (0: not a stack)."""
+    if not use.experts:
+        return 0
+    return int(use.groups.aval.shape[0] if use.groups is not None else use.x.aval.shape[use.x_batch])
 
 
 def _cast_roots(traced: Traced) -> dict[Any, Any]:
@@ -170,6 +188,11 @@ def _hooks(plan: Plan, stage_ids: Sequence[int], lo: int, hi: int, hess: dict[in
     for e, items in by_eqn.items():
 
         def fold(use, x, items=items):
+            if use.experts:
+                rows, m = expert_rows(use, x, mask)
+                for s, _ in items:
+                    hess[s] = accumulate_expert_hessians(*hess[s], rows, m)
+                return
             rows = activation_rows(x, use.x_axes)
             m = _token_mask(x.shape, use, mask)
             for s, _ in items:
@@ -245,6 +268,11 @@ def _pair_hooks(plan: Plan, stage_ids: Sequence[int], lo: int, hi: int, hess: di
             seen[e] = activation_rows(x, use.x_axes)
 
         def fold(use, x, e=e, items=items):
+            if use.experts:  # routing differs between the streams: experts get their Hessians, no cross term
+                rows, m = expert_rows(use, x, mask)
+                for s, _ in items:
+                    hess[s] = accumulate_expert_hessians(*hess[s], rows, m)
+                return
             rows = activation_rows(x, use.x_axes)
             m = _token_mask(x.shape, use, mask)
             m = None if m is None else m.reshape(-1)
@@ -252,7 +280,8 @@ def _pair_hooks(plan: Plan, stage_ids: Sequence[int], lo: int, hi: int, hess: di
                 hess[s] = accumulate_hessian(*hess[s], rows, m)
                 cross[s] = accumulate_cross(*cross[s], seen[e], rows, m)
 
-        float_hooks[e] = (items[0][1], record)
+        if not items[0][1].experts:
+            float_hooks[e] = (items[0][1], record)
         quant_hooks[e] = (items[0][1], fold)
     return float_hooks, quant_hooks
 
@@ -316,7 +345,9 @@ def empty_cross(plan: Plan, stage_ids: Sequence[int]) -> dict[int, Any]:
 
 
 def empty_hessians(plan: Plan, stage_ids: Sequence[int]) -> dict[int, Any]:
-    return {s: init_hessian(plan.stages[s].k) for s in stage_ids}
+    """Stage -> ``(H, n)``: ``[K, K]`` and ``[]``, or ``[E, K, K]`` and ``[E]`` for a stack of experts."""
+    return {s: init_expert_hessians(plan.stages[s].experts, plan.stages[s].k) if plan.stages[s].experts
+            else init_hessian(plan.stages[s].k) for s in stage_ids}
 
 
 class Stats(NamedTuple):

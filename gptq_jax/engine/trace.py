@@ -131,11 +131,20 @@ class Use:
     x: Any
     x_axes: tuple[int, ...]
     param_is_lhs: bool
+    # MoE experts: the parameter's expert axis and, for a batched ``dot_general``, the activation's matching batch
+    # axis; for ``ragged_dot``, the group sizes (a var) and the activation's ragged (row) axis instead.
+    w_batch: int | None = None
+    x_batch: int | None = None
+    groups: Any = None
 
     @property
     def key(self) -> tuple[Any, ...]:
         """Uses with the same key read the same values the same way: they share one Hessian."""
-        return (self.x, self.x_axes)
+        return (self.x, self.x_axes, self.x_batch, self.groups)
+
+    @property
+    def experts(self) -> bool:
+        return self.w_batch is not None
 
 
 @dataclasses.dataclass
@@ -169,19 +178,18 @@ def find_uses(traced: Traced, candidates: Sequence[int]) -> Uses:
             refs[eqn.outvars[0]] = _Ref(ref.param, tuple(ref.axes[p] for p in eqn.params["permutation"]))
             continue
         if name == "dot_general" and len(ins) == 1:
-            side, ref = ins[0]
-            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-            w_dims, x_dims, w_batch = (rc, lc, rb) if side == 1 else (lc, rc, lb)
-            if w_batch:
-                problems.setdefault(ref.param, f"used by a matmul with batch dimensions ({name} at equation {idx})")
-                continue
-            pairs = sorted((ref.axes[d], xd) for d, xd in zip(w_dims, x_dims, strict=True))
-            if not pairs or len(pairs) == len(ref.axes):
-                problems.setdefault(ref.param, "used by a matmul that contracts none or all of its axes")
-                continue
-            use = Use(idx, ref.param, tuple(p for p, _ in pairs), eqn.invars[1 - side], tuple(x for _, x in pairs),
-                      side == 0)
-            matmuls.setdefault(ref.param, []).append(use)
+            use = _dot_use(idx, eqn, *ins[0])
+            if isinstance(use, str):
+                problems.setdefault(ins[0][1].param, use)
+            else:
+                matmuls.setdefault(use.param, []).append(use)
+            continue
+        if name == "ragged_dot_general" and [k for k, _ in ins] == [1]:
+            use = _ragged_use(idx, eqn, ins[0][1])
+            if isinstance(use, str):
+                problems.setdefault(ins[0][1].param, use)
+            else:
+                matmuls.setdefault(use.param, []).append(use)
             continue
         for _, ref in ins:
             what = "inside " + name if name in _OPAQUE else f"by '{name}'"
@@ -192,7 +200,42 @@ def find_uses(traced: Traced, candidates: Sequence[int]) -> Uses:
         axes = {u.w_axes for u in matmuls[p]}
         if len(axes) > 1:
             problems.setdefault(p, f"contracted over different axes by different matmuls: {sorted(axes)}")
+        if len({u.w_batch for u in matmuls[p]}) > 1:
+            problems.setdefault(p, "read both as a whole weight and as a stack of experts")
     return Uses(matmuls, problems)
+
+
+def _dot_use(idx: int, eqn: Any, side: int, ref: _Ref) -> Use | str:
+    """The ``Use`` of a ``dot_general`` reading parameter ``ref`` on ``side``, or why it cannot be quantized. One
+    batch dimension is an expert axis: each slice along it is a weight of its own (MoE experts)."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    w_dims, x_dims, w_batch, x_batch = (rc, lc, rb, lb) if side == 1 else (lc, rc, lb, rb)
+    if len(w_batch) > 1:
+        return f"used by a matmul with {len(w_batch)} batch dimensions (dot_general at equation {idx}); one, an " \
+               "expert axis, is supported"
+    pairs = sorted((ref.axes[d], xd) for d, xd in zip(w_dims, x_dims, strict=True))
+    if not pairs or len(pairs) + len(w_batch) == len(ref.axes):
+        return "used by a matmul that contracts none or all of its axes"
+    eb, xb = (ref.axes[w_batch[0]], x_batch[0]) if w_batch else (None, None)
+    return Use(idx, ref.param, tuple(p for p, _ in pairs), eqn.invars[1 - side], tuple(x for _, x in pairs),
+               side == 0, eb, xb)
+
+
+def _ragged_use(idx: int, eqn: Any, ref: _Ref) -> Use | str:
+    """The ``Use`` of ``lax.ragged_dot`` (``ragged_dot_general``) whose right operand, ``[G, K, N]``-like, is the
+    parameter: rows of the left operand in group g's range meet slice g (a grouped matmul over sorted tokens)."""
+    rdn = eqn.params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
+    simple = (not lb and not rb and len(rdn.lhs_ragged_dimensions) == 1 and len(rdn.rhs_group_dimensions) == 1
+              and len(eqn.invars[0].aval.shape) == len(lc) + 1 and rdn.lhs_ragged_dimensions[0] not in lc
+              and eqn.params.get("group_offset") is None)
+    if not simple:
+        return f"used by a ragged_dot of a form other than tokens [M, K] x experts [G, K, N] (equation {idx})"
+    pairs = sorted((ref.axes[d], xd) for d, xd in zip(rc, lc, strict=True))
+    if not pairs or len(pairs) + 1 == len(ref.axes):
+        return "used by a matmul that contracts none or all of its axes"
+    return Use(idx, ref.param, tuple(p for p, _ in pairs), eqn.invars[0], tuple(x for _, x in pairs), False,
+               ref.axes[rdn.rhs_group_dimensions[0]], rdn.lhs_ragged_dimensions[0], eqn.invars[2])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,7 +270,8 @@ def activation_rows(x: jax.Array, x_axes: Sequence[int]) -> jax.Array:
     return jnp.transpose(x, (*free, *x_axes)).reshape(-1, k)
 
 
-# on_use(use, x) is called before matmul `use` runs; replace(eqn_index, invals) -> outvals or None.
+# on_use(use, x) is called before matmul `use` runs (x is (x, group sizes) for a ragged_dot); replace(eqn_index,
+# invals) -> outvals or None.
 OnUse = Callable[[Use, jax.Array], None]
 Replace = Callable[[int, list[Any]], list[Any] | None]
 
@@ -286,7 +330,8 @@ def run(
     for idx in range(start, stop + 1):
         if idx in on_use:
             use, fn = on_use[idx]
-            fn(use, _read(env, use.x))
+            x = _read(env, use.x)
+            fn(use, x if use.groups is None else (x, _read(env, use.groups)))
         if idx == stop or idx >= len(jaxpr.eqns):
             break
         eqn = jaxpr.eqns[idx]
