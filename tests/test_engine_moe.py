@@ -12,6 +12,7 @@ import pytest
 
 import gptq_jax
 from gptq_jax import QuantConfig, Rule
+from gptq_jax.core.calibration import Calibration
 from gptq_jax.core.hessian import accumulate_hessian, init_hessian
 from gptq_jax.core.quantizer import rtn_quantize
 from gptq_jax.engine.experts import NO_TOKENS
@@ -148,3 +149,33 @@ def test_rtn_quantizes_every_expert():
     assert len(res.weights) == LAYERS * 2 * E
     want = rtn_quantize(to_matrix(_params()["layers_1"]["w_down"][2], (0,)), QC)
     np.testing.assert_array_equal(np.asarray(res.weights["layers_1.w_down[2]"].codes), np.asarray(want.codes))
+
+
+def test_dense_slots_follow_the_calibration_mask():
+    """A padding token routed like any other (the dense form's slots are the batch's tokens in order) does not
+    count: the mask of a ``Calibration`` takes it out of its expert's Hessian and count."""
+    tok = _tokens()
+    mask = np.ones_like(tok)
+    mask[:, -5:] = 0
+    calib = Calibration(tok, mask)
+    forward = _forward(_dense_moe)
+    res = gptq_jax.quantize(_params(), calib, forward=lambda p, b: forward(p, b["tokens"]), quant_config=RULES)
+    x = _params()["embed"][tok].reshape(-1, D)
+    idx = np.asarray(_route(_params()["layers_0"], x)[0])[mask.reshape(-1) == 1]
+    counts = np.bincount(idx, minlength=E)
+    records = {r["name"]: r for r in res.report.weights}
+    assert [records[f"layers_0.w_up[{e}]"]["tokens"] for e in range(E)] == list(counts)
+
+
+def test_gptaq_and_a_resumed_run_quantize_the_experts(tmp_path):
+    forward = _forward(_ragged_moe)
+    res = gptq_jax.quantize(_params(), _tokens(), forward=forward, quant_config=RULES, method="gptaq")
+    assert len(res.weights) == LAYERS * 2 * E  # experts solved with plain GPTQ (no cross term), the rest GPTAQ
+    work = str(tmp_path / "w")
+    first = gptq_jax.quantize(_params(), _tokens(), forward=forward, quant_config=RULES, work_dir=work)
+    again = gptq_jax.quantize(_params(), _tokens(), forward=forward, quant_config=RULES, work_dir=work)
+    assert again.report.resumed_layers == LAYERS
+    for name, qw in first.weights.items():
+        np.testing.assert_array_equal(np.asarray(again.weights[name].codes), np.asarray(qw.codes), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(again.model["layers_1"]["w_down"]),
+                                  np.asarray(first.model["layers_1"]["w_down"]))

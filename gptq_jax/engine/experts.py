@@ -57,7 +57,9 @@ def slice_axes(w_axes: Sequence[int], axis: int) -> tuple[int, ...]:
 def expert_rows(use: Use, value: Any, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """The activation of an expert matmul as ``(rows, routed)``: rows ``[E, T, K]`` (dense form) or ``[M, K]``
     shared by every expert (ragged form), and ``routed`` ``[E, T]`` / ``[G, M]``, True where the row is a token
-    routed to that expert. ``mask`` (the calibration batch's token mask) is applied where it fits the slots."""
+    routed to that expert. ``mask`` (the calibration batch's token mask) is applied where the slots are the batch's
+    tokens in order (``[E, B, S]`` or ``[E, B * S]``); in the ragged form, rows are tokens in the model's own order,
+    so a padding token the model routes counts."""
     if use.groups is not None:
         x, sizes = value
         rows = activation_rows(x, use.x_axes)  # (M, K)
@@ -69,8 +71,8 @@ def expert_rows(use: Use, value: Any, mask: jax.Array | None) -> tuple[jax.Array
     rows = jax.vmap(lambda s: activation_rows(s, axes))(xb)  # (E, T, K)
     routed = jnp.any(rows != 0, axis=-1)  # an unrouted slot is an all-zero row
     free = [d for a, d in enumerate(xb.shape[1:]) if a not in axes]
-    if mask is not None and mask.size == math.prod(free) and tuple(mask.shape[:1]) == tuple(free[:1]):
-        routed = routed & (mask.reshape(1, -1) != 0)
+    if mask is not None and mask.size == math.prod(free) and (len(free) == 1 or tuple(free) == mask.shape):
+        routed = routed & (mask.reshape(1, -1) != 0)  # the slots are the batch's tokens in order
     return rows, routed
 
 
