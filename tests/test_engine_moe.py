@@ -50,7 +50,7 @@ def _dense_moe(layer: dict, x: jax.Array) -> jax.Array:
     dispatch = jax.nn.one_hot(idx, E, dtype=x.dtype)  # (T, E)
     xe = jnp.einsum("te,td->etd", dispatch, x)  # (E, T, D): an unrouted slot is a zero row
     he = jax.nn.silu(jnp.einsum("etd,edf->etf", xe, layer["w_up"]))
-    ye = jnp.einsum("etf,efd->etd", he, layer["w_down"])
+    ye = jnp.einsum("efd,etf->etd", layer["w_down"], he)  # the stack as the left operand
     return jnp.einsum("te,etd->td", dispatch * gate[:, None], ye)
 
 

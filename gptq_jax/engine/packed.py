@@ -130,9 +130,38 @@ class _PackedParam:
     expert_axis: int | None = None  # a stack of experts: ``packed`` is stacked on a leading expert axis
 
 
+def _expert_dot(eqn: Any, invals: list[Any], side: int) -> list[Any]:
+    """A ``dot_general`` whose batch dimension is the expert axis of a stack: ``gptq_matmul`` vmapped over the
+    experts, on each expert's slots reshaped to ``[slots, K]`` (the Pallas kernel on GPU, the jnp reference on CPU).
+    """
+    ref: _PackedParam = invals[side]
+    x = invals[1 - side]
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    w_dims, x_dims, xb = (rc, lc, lb[0]) if side == 1 else (lc, rc, rb[0])
+    pairs = sorted((ref.axes[d], xd) for d, xd in zip(w_dims, x_dims, strict=True))
+    if tuple(a for a, _ in pairs) != ref.w_axes:
+        raise NotImplementedError(f"a quantized stack of experts is contracted over axes {[a for a, _ in pairs]}, "
+                                  f"not the {list(ref.w_axes)} it was quantized for")
+    x_axes = [xd - (xd > xb) for _, xd in pairs]
+    xe = jnp.moveaxis(x, xb, 0)  # (E, ...)
+    rows = jax.vmap(lambda s: activation_rows(s, x_axes))(xe)  # (E, slots, K)
+    k = rows.shape[2]
+    if ref.packed.in_features != k:  # padded to pack (see packed_weight)
+        rows = jnp.pad(rows, ((0, 0), (0, 0), (0, ref.packed.in_features - k)))
+    w_free = [a for a in range(len(ref.shape)) if a not in ref.w_axes and a != ref.expert_axis]  # N's layout
+    n = math.prod(ref.shape[a] for a in w_free)
+    y = jax.vmap(gptq_matmul)(rows, ref.packed)[:, :, :n]  # (E, slots, N)
+    x_free = [xe.shape[1 + a] for a in range(xe.ndim - 1) if a not in x_axes]
+    y = y.reshape(y.shape[0], *x_free, *[ref.shape[a] for a in w_free])
+    op_free = [ref.axes[d] for d in range(len(ref.axes)) if d not in w_dims and ref.axes[d] != ref.expert_axis]
+    nx = len(x_free)
+    xs, ws = list(range(1, 1 + nx)), [1 + nx + w_free.index(a) for a in op_free]
+    return [jnp.transpose(y, [0, *xs, *ws] if side == 1 else [0, *ws, *xs]).astype(eqn.outvars[0].aval.dtype)]
+
+
 def _expert_matmul(eqn: Any, invals: list[Any], side: int) -> list[Any]:
-    """A matmul on a stack of experts (batched ``dot_general`` or ``ragged_dot``), from the experts dequantized
-    (pure jnp; the Pallas kernel is per matrix)."""
+    """A ``ragged_dot`` on a stack of experts, from the experts dequantized (pure jnp: the Pallas kernel runs one
+    matrix, and there is no grouped kernel yet)."""
     ref: _PackedParam = invals[side]
     w = dequantized_stack(ref.packed, ref.shape, ref.w_axes, ref.expert_axis)
     invals = list(invals)
@@ -180,7 +209,9 @@ def _replacer(traced: Any) -> Callable[[int, list[Any]], list[Any] | None]:
             return [ref]
         if name == "transpose":
             return [dataclasses.replace(ref, axes=tuple(ref.axes[p] for p in eqn.params["permutation"]))]
-        if name in ("dot_general", "ragged_dot_general") and len(sides) == 1 and ref.expert_axis is not None:
+        if name == "dot_general" and len(sides) == 1 and ref.expert_axis is not None:
+            return _expert_dot(eqn, invals, sides[0])
+        if name == "ragged_dot_general" and len(sides) == 1 and ref.expert_axis is not None:
             return _expert_matmul(eqn, invals, sides[0])
         if name == "dot_general" and len(sides) == 1:
             return _packed_matmul(eqn, invals, sides[0])
