@@ -179,3 +179,25 @@ def test_gptaq_and_a_resumed_run_quantize_the_experts(tmp_path):
         np.testing.assert_array_equal(np.asarray(again.weights[name].codes), np.asarray(qw.codes), err_msg=name)
     np.testing.assert_array_equal(np.asarray(again.model["layers_1"]["w_down"]),
                                   np.asarray(first.model["layers_1"]["w_down"]))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_gptq_matmul_vmapped_over_stacked_experts(impl):
+    """What ``pack`` runs for the dense form: the matmul (the Pallas kernel in interpret mode here) batched over
+    experts stacked by ``stack_packed``, one act-order expert beside plain ones, equals each expert on its own."""
+    from gptq_jax.engine.experts import stack_packed
+    from gptq_jax.engine.packed import packed_weight
+    from pallas_kernels import gptq_matmul
+
+    k, n = 128, 64
+    ws = [jax.random.normal(jax.random.key(e), (n, k)) for e in range(3)]
+    qc = QuantConfig(bits=4, group_size=32)
+    qws = [rtn_quantize(w, qc) for w in ws[:2]]
+    h = jnp.diag(jnp.linspace(0.5, 2.0, k))
+    qws.append(gptq_jax.quantize_weight(ws[2], h, QuantConfig(bits=4, group_size=32, act_order=True)))
+    stacked = stack_packed([packed_weight(q) for q in qws])
+    x = jax.random.normal(jax.random.key(9), (3, 8, k))
+    got = jax.vmap(lambda a, w: gptq_matmul(a, w, impl=impl, interpret=True))(x, stacked)
+    for e, q in enumerate(qws):
+        np.testing.assert_allclose(np.asarray(got[e]), np.asarray(x[e] @ packed_weight(q).dequantize()),
+                                   rtol=1e-4, atol=1e-4)
