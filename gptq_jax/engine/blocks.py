@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from gptq_jax.engine import placement, streaming, subject
+from gptq_jax.engine.scanned import ScanError
 from gptq_jax.engine.subject import Params
 
 
@@ -96,7 +97,7 @@ def call_checked(fn: Callable[[], Any], what: str, default_forward_used: bool = 
     """``fn()``, with an exception from the user's forward named: where it happened, and what to pass."""
     try:
         return fn()
-    except subject.BlockNotReached:
+    except (subject.BlockNotReached, ScanError):
         raise
     except Exception as e:  # a user's forward can raise anything; name where it happened
         hint = FORWARD_HINT if default_forward_used else ""

@@ -50,7 +50,7 @@ from gptq_jax.engine.report import QuantizeResult, QuantReport
 from gptq_jax.engine.resume import StoredWeights, fingerprint
 from gptq_jax.engine.rules import Rule, Rules, compile_rules, config_for, describe
 from gptq_jax.engine.solve import Solver, as_solver, write_back
-from gptq_jax.engine.subject import Params
+from gptq_jax.engine.subject import Params, find_blocks
 from gptq_jax.engine.workdir import WorkDir, weights_digest
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,10 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
         if apply_fn is not None:
             raise TypeError("apply_fn= is for a Linen parameter pytree; an nnx.Module runs as model(batch) or by "
                             "forward=")
+        if load is None and blocks is not False and not _nnx_list_blocks(model, blocks):
+            scanned = regions.nnx_scanned_subject(model, forward, blocks, batches)
+            if scanned is not None:
+                return scanned
         return blocks_mod.nnx_subject(model, forward, blocks, load, mesh)
     if apply_fn is None and forward is None:
         raise TypeError(f"model must be an nnx.Module, or a parameter pytree with apply_fn= (a Linen apply) or "
@@ -163,6 +167,15 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
     if forward is None:
         return regions.pytree_subject(model, lambda p, b: apply_fn({"params": p}, b), blocks, batches, True)
     return regions.pytree_subject(model, forward, blocks, batches, False)
+
+
+def _nnx_list_blocks(model: nnx.Module, blocks: str | None) -> bool:
+    """Whether the NNX model has blocks as submodules (a list of layers, or several matching ``blocks=``): else its
+    layers may be stacked and scanned over, which the parameter-pytree path handles."""
+    try:
+        return len(find_blocks(model, blocks if isinstance(blocks, str) else getattr(model, "gptq_blocks", None))) > 1
+    except ValueError:
+        return False
 
 
 def _progress(progress: bool | Callable[[str], None], method: str) -> tuple[Any, Callable[[str], None]]:

@@ -31,11 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from gptq_jax.core.quantizer import QuantizedWeight
 from gptq_jax.engine.experts import dequantized_stack, split_expert, stack_packed
+from gptq_jax.engine.scanned import split_slice_name
 from gptq_jax.engine.subject import Params
-from gptq_jax.engine.trace import CASTS, activation_rows, run, trace
+from gptq_jax.engine.trace import CASTS, activation_rows, eval_jaxpr, run, trace
 from pallas_kernels import PackedWeight, gptq_matmul, packing
 
 _ALIGN = 32  # K and N padded to a multiple of this, which every bit width packs into whole int32 words
@@ -195,29 +197,71 @@ def _packed_matmul(eqn: Any, invals: list[Any], side: int) -> list[Any]:
     return [jnp.transpose(y, order).astype(eqn.outvars[0].aval.dtype)]
 
 
+@dataclasses.dataclass(frozen=True)
+class _PackedStack:
+    """A quantized parameter stacked on a leading layer axis and scanned over: its slices' packed matrices stacked
+    (every array of ``packed`` has the leading layer axis), and one slice's shape and contracting axes."""
+
+    path: str
+    packed: PackedWeight
+    shape: tuple[int, ...]
+    w_axes: tuple[int, ...]
+
+
+def _packed_scan(eqn: Any, invals: list[Any]) -> list[Any]:
+    """The scan run as ``lax.scan`` with the stacked packed weights scanned over and its body's matmuls on them
+    replaced: the body is traced once, whatever the depth."""
+    p = eqn.params
+    nc, nk = p["num_consts"], p["num_carry"]
+    consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
+    for x in (*consts, *carry):
+        if isinstance(x, _PackedStack):
+            raise NotImplementedError(f"{x.path}: a stacked quantized weight is a constant or the carried state of "
+                                      "a scan, not scanned over; packed inference cannot slice it")
+    stacked = [isinstance(x, _PackedStack) for x in xs]
+    body = p["jaxpr"]
+
+    def step(c: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+        args = [_PackedParam(v, st.shape, st.w_axes, tuple(range(len(st.shape)))) if k else v
+                for v, k, st in zip(x, stacked, xs, strict=True)]
+        outs = eval_jaxpr(body.jaxpr, body.consts, [*consts, *c, *args], _replace_eqn)
+        return outs[:nk], outs[nk:]
+
+    c, ys = lax.scan(step, list(carry), [x.packed if k else x for x, k in zip(xs, stacked, strict=True)],
+                     length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return [*c, *ys]
+
+
+def _replace_eqn(eqn: Any, invals: list[Any]) -> list[Any] | None:
+    name = eqn.primitive.name
+    stacks = [x for x in invals if isinstance(x, _PackedStack)]
+    if stacks:
+        if name == "scan":
+            return _packed_scan(eqn, invals)
+        if name in CASTS:
+            return [stacks[0]]
+        raise NotImplementedError(f"{stacks[0].path}: a stacked quantized weight is used by '{name}' outside the "
+                                  "scan over it, which packed inference cannot compute")
+    sides = [i for i, v in enumerate(invals) if isinstance(v, _PackedParam)]
+    if not sides:
+        return None
+    ref = invals[sides[0]]
+    if name in CASTS:
+        return [ref]
+    if name == "transpose":
+        return [dataclasses.replace(ref, axes=tuple(ref.axes[p] for p in eqn.params["permutation"]))]
+    if name == "dot_general" and len(sides) == 1 and ref.expert_axis is not None:
+        return _expert_dot(eqn, invals, sides[0])
+    if name == "ragged_dot_general" and len(sides) == 1 and ref.expert_axis is not None:
+        return _expert_matmul(eqn, invals, sides[0])
+    if name == "dot_general" and len(sides) == 1:
+        return _packed_matmul(eqn, invals, sides[0])
+    raise NotImplementedError(f"a quantized weight is used by '{name}', which packed inference cannot compute")
+
+
 def _replacer(traced: Any) -> Callable[[int, list[Any]], list[Any] | None]:
     eqns = traced.eqns
-
-    def replace(idx: int, invals: list[Any]) -> list[Any] | None:
-        sides = [i for i, v in enumerate(invals) if isinstance(v, _PackedParam)]
-        if not sides:
-            return None
-        eqn = eqns[idx]
-        name = eqn.primitive.name
-        ref = invals[sides[0]]
-        if name in CASTS:
-            return [ref]
-        if name == "transpose":
-            return [dataclasses.replace(ref, axes=tuple(ref.axes[p] for p in eqn.params["permutation"]))]
-        if name == "dot_general" and len(sides) == 1 and ref.expert_axis is not None:
-            return _expert_dot(eqn, invals, sides[0])
-        if name == "ragged_dot_general" and len(sides) == 1 and ref.expert_axis is not None:
-            return _expert_matmul(eqn, invals, sides[0])
-        if name == "dot_general" and len(sides) == 1:
-            return _packed_matmul(eqn, invals, sides[0])
-        raise NotImplementedError(f"a quantized weight is used by '{name}', which packed inference cannot compute")
-
-    return replace
+    return lambda idx, invals: _replace_eqn(eqns[idx], invals)
 
 
 class PackedModel:
@@ -226,9 +270,12 @@ class PackedModel:
 
     def __init__(self, call: Callable[[Any, tuple, dict], Any], params: Params, packed: dict[str, PackedWeight],
                  w_axes: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any],
-                 experts: dict[str, int] | None = None):
+                 experts: dict[str, int] | None = None, stacked: frozenset[str] = frozenset()):
+        # experts: stacks of experts (parameter -> expert axis); stacked: parameters scanned over on a leading layer
+        # axis, whose PackedWeight arrays carry that axis and whose w_axes are one slice's.
         self._call, self.params, self.packed, self.w_axes = call, params, packed, w_axes
         self.shapes, self.dtypes, self.experts = shapes, dtypes, dict(experts or {})
+        self.stacked = frozenset(stacked)
         self._jit = jax.jit(self._run)
 
     def _run(self, float_leaves: list[Any], packed: dict[str, PackedWeight], args: tuple, kwargs: dict) -> Any:
@@ -239,9 +286,10 @@ class PackedModel:
         ]
         traced = trace(lambda params, a, k: self._call(params, a, k), avals, self.params.tree, args, kwargs)
         leaves = [
-            _PackedParam(packed[p], self.shapes[p], self.w_axes[p], tuple(range(len(self.shapes[p]))),
-                         self.experts.get(p))
-            if p in packed else x
+            x if p not in packed
+            else _PackedStack(p, packed[p], self.shapes[p][1:], self.w_axes[p]) if p in self.stacked
+            else _PackedParam(packed[p], self.shapes[p], self.w_axes[p], tuple(range(len(self.shapes[p]))),
+                              self.experts.get(p))
             for p, x in zip(paths, float_leaves, strict=True)
         ]
         out, _ = run(traced, leaves, inputs=jax.tree.leaves((args, kwargs)), replace=_replacer(traced))
@@ -269,49 +317,74 @@ def _nnx_call(model: nnx.Module) -> tuple[Callable, Params]:
     return call, params
 
 
-def pack(model: Any, result: Any, *, apply_fn: Callable[..., Any] | None = None,
-         scale_dtype: Any = jnp.float16) -> PackedModel:
-    """The quantized model of ``result`` (``gptq_jax.quantize``'s ``QuantizeResult``) computing from packed weights.
-
-    ``model``: the NNX module (``result.model``), or a Linen params pytree with ``apply_fn``."""
-    if apply_fn is not None:
-        params = Params.of(model)
-        call = lambda p, args, kwargs: apply_fn({"params": p}, *args, **kwargs)  # noqa: E731
-    elif isinstance(model, nnx.Module):
-        call, params = _nnx_call(model)
-    else:
-        raise TypeError(f"pack expects an nnx.Module, or Linen params with apply_fn=; got {type(model).__name__}")
-    known = set(params.paths)
-    packed, w_axes, experts = _packed_params(result, scale_dtype, params)
-    missing = [p for p in packed if p not in known]
+def _stack_slices(name: str, length: int, slices: dict[int, PackedWeight]) -> PackedWeight:
+    """One ``PackedWeight`` of every slice of a stacked parameter, its arrays stacked on a leading layer axis."""
+    missing = sorted(set(range(length)) - set(slices))
     if missing:
-        raise ValueError(f"quantized weights {missing[:5]} are not parameters of this model")
+        raise ValueError(f"{name}: stacked on {length} layers but slices {missing[:5]} were not quantized; a stacked "
+                         "parameter packs whole: quantize every slice of it or none")
+    kinds = {(w.bits, w.group_size, w.in_features, w.out_features, w.perm is None) for w in slices.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"{name}: its slices were quantized differently ({sorted(kinds)}: bits, group size, "
+                         "K, N, no act-order); a stacked parameter packs with one config for every slice")
+    return jax.tree.map(lambda *a: jnp.stack(a), *[slices[i] for i in range(length)])
+
+
+def _packed_params(params: Params, result: Any, scale_dtype: Any) -> tuple[dict, dict, dict, frozenset[str]]:
+    """Each quantized parameter's ``PackedWeight`` and contracting axes, with the slices of a parameter stacked into
+    one: the experts of a stack of experts (``path[e]``, ``engine.experts``; their report records name the expert),
+    and the layers of a stacked parameter scanned over (``path[i]``, ``engine.scanned``). Also each stack of
+    experts' expert axis, and the scanned-over parameters."""
     index = {p: i for i, p in enumerate(params.paths)}
-    shapes = {p: tuple(jnp.shape(params.leaves[index[p]])) for p in packed}
-    dtypes = {p: jnp.result_type(params.leaves[index[p]]) for p in packed}
-    return PackedModel(call, params, packed, w_axes, shapes, dtypes, experts)
-
-
-def _packed_params(result: Any, scale_dtype: Any, params: Params) -> tuple[dict, dict, dict]:
-    """Parameter path -> ``PackedWeight`` (experts' slices ``path[e]`` stacked on a leading axis), its contracting
-    axes, and, for a stack of experts, its expert axis."""
-    packed, w_axes, experts, slices = {}, {}, {}, {}
+    expert_names = {r["name"] for r in result.report.linears if "expert" in r}
+    packed, axes, experts, by_expert, by_layer = {}, {}, {}, {}, {}
     for name, qw in result.weights.items():
-        found = split_expert(name)
-        if found is None:
-            packed[name], w_axes[name] = packed_weight(qw, scale_dtype, pad=True), tuple(result.axes[name])
-            continue
-        path, axis, e = found
-        slices.setdefault(path, {})[e] = packed_weight(qw, scale_dtype, pad=True)
-        experts[path] = axis
-        w_axes[path] = tuple(a + (a >= axis) for a in result.axes[name])
-    shapes = dict(zip(params.paths, (jnp.shape(x) for x in params.leaves), strict=True))
-    for path, by_e in slices.items():
-        num = shapes[path][experts[path]] if path in shapes else len(by_e)
+        pw = packed_weight(qw, scale_dtype, pad=True)
+        found = split_expert(name) if name in expert_names else None
+        whole = split_slice_name(name) if name not in index and found is None else None
+        if name in index:
+            packed[name], axes[name] = pw, tuple(result.axes[name])
+        elif found is not None and found[0] in index:
+            path, axis, e = found
+            by_expert.setdefault(path, {})[e] = pw
+            experts[path] = axis
+            axes[path] = tuple(a + (a >= axis) for a in result.axes[name])
+        elif whole is not None and whole[0] in index:
+            by_layer.setdefault(whole[0], {})[whole[1]] = pw
+            axes[whole[0]] = tuple(result.axes[name])
+        else:
+            raise ValueError(f"quantized weight {name!r} is not a parameter of this model")
+    for path, by_e in by_expert.items():
+        num = jnp.shape(params.leaves[index[path]])[experts[path]]
         if sorted(by_e) != list(range(num)):
             raise ValueError(f"{path}: quantized experts {sorted(by_e)} do not cover its {num} experts")
         packed[path] = stack_packed([by_e[e] for e in range(num)])
-    return packed, w_axes, experts
+    for p, by_i in by_layer.items():
+        packed[p] = _stack_slices(p, jnp.shape(params.leaves[index[p]])[0], by_i)
+    return packed, axes, experts, frozenset(by_layer)
+
+
+def pack(model: Any, result: Any, *, apply_fn: Callable[..., Any] | None = None,
+         forward: Callable[..., Any] | None = None, scale_dtype: Any = jnp.float16) -> PackedModel:
+    """The quantized model of ``result`` (``gptq_jax.quantize``'s ``QuantizeResult``) computing from packed weights.
+
+    ``model``: the NNX module (``result.model``), or a params pytree with ``apply_fn`` (Linen) or with
+    ``forward(params, *args, **kwargs)``. A scanned stack stays scanned: its packed weights are stacked on the layer
+    axis and the matmuls inside the scan's body computed from them."""
+    if apply_fn is not None or forward is not None:
+        params = Params.of(model)
+        run_fwd = forward if forward is not None else (lambda p, *a, **k: apply_fn({"params": p}, *a, **k))
+        call = lambda p, args, kwargs: run_fwd(p, *args, **kwargs)  # noqa: E731
+    elif isinstance(model, nnx.Module):
+        call, params = _nnx_call(model)
+    else:
+        raise TypeError(f"pack expects an nnx.Module, or a params pytree with apply_fn= or forward=; got "
+                        f"{type(model).__name__}")
+    packed, axes, experts, stacked = _packed_params(params, result, scale_dtype)
+    index = {p: i for i, p in enumerate(params.paths)}
+    shapes = {p: tuple(jnp.shape(params.leaves[index[p]])) for p in packed}
+    dtypes = {p: jnp.result_type(params.leaves[index[p]]) for p in packed}
+    return PackedModel(call, params, packed, axes, shapes, dtypes, experts, stacked)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -331,7 +404,8 @@ class _Record:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, Any]
     w_axes: dict[str, tuple[int, ...]]
-    experts: dict[str, int] = dataclasses.field(default_factory=dict)
+    experts: dict[str, int] = dataclasses.field(default_factory=dict)  # stacks of experts: their expert axis
+    stacked: frozenset[str] = frozenset()  # scanned over on a leading layer axis (see PackedModel)
 
 
 def _quant_linears(model: nnx.Module) -> dict[str, QuantLinear]:
@@ -342,7 +416,7 @@ def _record(obj: PackedModel | nnx.Module) -> _Record:
     if isinstance(obj, PackedModel):
         floats = {p: x for p, x in zip(obj.params.paths, obj.params.leaves, strict=True) if p not in obj.packed}
         return _Record(floats, dict(obj.packed), dict(obj.shapes), dict(obj.dtypes), dict(obj.w_axes),
-                       dict(obj.experts))
+                       dict(obj.experts), obj.stacked)
     if not isinstance(obj, nnx.Module):
         raise TypeError(f"save_packed expects a PackedModel or an nnx.Module, got {type(obj).__name__}")
     linears = _quant_linears(obj)
@@ -371,7 +445,8 @@ def save_packed(packed: PackedModel | nnx.Module, directory: str | os.PathLike) 
     meta = {
         p: {"bits": w.bits, "group_size": w.group_size, "in_features": w.in_features, "out_features": w.out_features,
             "shape": list(rec.shapes[p]), "dtype": jnp.dtype(rec.dtypes[p]).name, "w_axes": list(rec.w_axes[p]),
-            "fields": sorted(_fields(w)), **({"expert_axis": rec.experts[p]} if p in rec.experts else {})}
+            "fields": sorted(_fields(w)), "stacked": p in rec.stacked,
+            **({"expert_axis": rec.experts[p]} if p in rec.experts else {})}
         for p, w in rec.packed.items()
     }
     tmp = os.path.join(directory, _META + ".tmp")
@@ -404,7 +479,8 @@ def _read(directory: str) -> _Record:
     return _Record(restored.get("float", {}), packed, {p: tuple(m["shape"]) for p, m in meta.items()},
                    {p: jnp.dtype(m["dtype"]) for p, m in meta.items()},
                    {p: tuple(m["w_axes"]) for p, m in meta.items()},
-                   {p: m["expert_axis"] for p, m in meta.items() if "expert_axis" in m})
+                   {p: m["expert_axis"] for p, m in meta.items() if "expert_axis" in m},
+                   frozenset(p for p, m in meta.items() if m.get("stacked")))
 
 
 def _float_leaves(params: Params, rec: _Record, directory: str) -> list[Any]:
@@ -460,7 +536,7 @@ def load_packed(model_like: Any, directory: str | os.PathLike, *, apply_fn: Call
     if missing:
         raise ValueError(f"{directory} holds quantized weights {missing[:5]} that this model does not have")
     params.leaves[:] = _float_leaves(params, rec, directory)
-    return PackedModel(call, params, rec.packed, rec.w_axes, rec.shapes, rec.dtypes, rec.experts)
+    return PackedModel(call, params, rec.packed, rec.w_axes, rec.shapes, rec.dtypes, rec.experts, rec.stacked)
 
 
 __all__ = ["PackedModel", "QuantLinear", "load_packed", "pack", "packed_weight", "save_packed"]

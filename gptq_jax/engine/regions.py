@@ -30,8 +30,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from gptq_jax.engine.blocks import Block, Subject, call_checked, matrix_paths, outside_blocks, params_shapes
+from gptq_jax.engine.blocks import (
+    Block,
+    Subject,
+    call_checked,
+    default_forward,
+    matrix_paths,
+    outside_blocks,
+    params_shapes,
+)
+from gptq_jax.engine.scanned import ScanError, Unrolled, find_scans, unroll
 from gptq_jax.engine.subject import Params
 from gptq_jax.engine.trace import Traced, live_at, run, trace
 
@@ -217,38 +227,87 @@ class _Region:
             self.all_leaves[p] = x
 
 
-def _cut_programs(params: Params, fwd: Callable, names: list[str], batches: list[Any], default_forward: bool
-                  ) -> tuple[list[_Cut], list[list[int]], dict[tuple, _Cut]]:
-    """The forward traced once per distinct batch shape, each program cut at the blocks."""
-    members = [[i for i, p in enumerate(params.paths) if p.startswith(n + ".")] for n in names]
+def _cut_programs(params: Params, fwd: Callable, names: list[str], members: list[list[int]], batches: list[Any],
+                  default_forward: bool, first: Traced) -> tuple[list[_Cut], dict[tuple, _Cut]]:
+    """The forward traced once per distinct batch shape (``first``: batch 0's), each program cut at the blocks."""
     by_shape: dict[tuple, _Cut] = {}
     for b, x in enumerate(batches):
         sig = _aval_key(jax.tree.leaves(x))
         if sig not in by_shape:
-            traced = call_checked(lambda x=x: trace(fwd, params.leaves, params.tree, x), f"calibration batch {b}",
-                                  default_forward)
+            traced = first if b == 0 else call_checked(lambda x=x: trace(fwd, params.leaves, params.tree, x),
+                                                       f"calibration batch {b}", default_forward)
             by_shape[sig] = _Cut(traced, _cuts(traced, params.paths, members, names))
-    return list(by_shape.values()), members, by_shape
+    return list(by_shape.values()), by_shape
+
+
+def _selects(pattern: str, prefix: str) -> bool:
+    """``blocks=`` names a scanned stack by the path its parameters share: ``"layers"``, ``"layers.*"`` or
+    ``"layers[*]"``."""
+    return any(fnmatch.fnmatchcase(prefix, p) for p in {pattern, pattern.removesuffix(".*"),
+                                                        pattern.removesuffix("[*]")})
+
+
+def _blocks(params: Params, view: Unrolled | None, blocks: str | bool | None) -> tuple[list[str], list[list[int]]]:
+    """The blocks' names and parameter leaves: a scan's iterations (all scans, or those ``blocks=`` names), else
+    the numbered subtrees ``find_param_blocks`` finds."""
+    if blocks is False:
+        return [], []
+    pattern = blocks if isinstance(blocks, str) else None
+    if view is not None:
+        chosen = [g for s, g in zip(view.scans, view.blocks, strict=True) if pattern is None
+                  or _selects(pattern, s.prefix)]
+        if chosen:
+            return [n for g in chosen for n, _ in g], [m for g in chosen for _, m in g]
+    names = find_param_blocks(params.paths, pattern)
+    return names, [[i for i, p in enumerate(params.paths) if p.startswith(n + ".")] for n in names]
+
+
+def _unrolled(params: Params, fwd: Callable, blocks: str | bool | None, batch: Any, default_forward: bool,
+              scan_only: bool) -> tuple[Unrolled | None, Traced | None]:
+    """The model with its scans over stacked parameters unrolled (``engine.scanned``) and its program for
+    ``batch``; ``(None, program as it is)`` when it has none or they cannot be unrolled (they then stay float,
+    reported), or ``(None, None)`` with ``scan_only`` and no scans."""
+    first = call_checked(lambda: trace(fwd, params.leaves, params.tree, batch), "calibration batch 0",
+                         default_forward)
+    try:
+        scans = find_scans(first, params.paths)
+        if not scans:
+            return None, None if scan_only else first
+        view = unroll(params, fwd, scans)
+        return view, call_checked(lambda: trace(view.forward, view.params.leaves, view.params.tree, batch),
+                                  "calibration batch 0", default_forward)
+    except ScanError as e:
+        if isinstance(blocks, str):
+            raise
+        log.info("the scans over stacked parameters cannot be unrolled into blocks (%s): they stay float", e)
+        return None, None if scan_only else first
 
 
 def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool | None, batches: list[Any],
-                   default_forward: bool) -> Subject:
-    """A ``Subject`` of a parameter pytree run by ``fwd(params, batch)`` (see module docstring)."""
-    params = Params.of(tree)
+                   default_forward: bool, *, finish: Callable[[Any], Any] | None = None, name: str | None = None,
+                   scan_only: bool = False) -> Subject | None:
+    """A ``Subject`` of a parameter pytree run by ``fwd(params, batch)`` (see module docstring); a model that
+    scans over stacked parameters is quantized as its unrolled view, one block per iteration
+    (``engine.scanned``). ``finish(tree)`` makes the result from the quantized tree (default: the tree itself);
+    with ``scan_only``, None when the model has no scan over its parameters."""
+    original = Params.of(tree)
+    view, first = _unrolled(original, fwd, blocks, batches[0], default_forward, scan_only)
+    if first is None:
+        return None
+    params, run_fwd = (view.params, view.forward) if view is not None else (original, fwd)
     all_leaves = list(params.leaves)
-    names = [] if blocks is False else find_param_blocks(params.paths, blocks if isinstance(blocks, str) else None)
+    names, members = _blocks(params, view, blocks)
     if names:
         try:
-            programs, members, by_shape = _cut_programs(params, fwd, names, batches, default_forward)
+            programs, by_shape = _cut_programs(params, run_fwd, names, members, batches, default_forward, first)
         except CutError as e:
             if isinstance(blocks, str):
                 raise
-            log.info("the numbered subtrees %s ... are not blocks the program can be cut at (%s): one-shot mode",
-                     names[:3], e)
+            log.info("the blocks %s ... are not blocks the program can be cut at (%s): one-shot mode", names[:3], e)
             names = []
+    mine = {p for m in members for p in m} if names else set()
     regions: list[_Region] = []
     if names:
-        mine = {p for m in members for p in m}
         reads = _reads(programs[0].traced)
         for b, n in enumerate(names):
             start, stop = programs[0].span(b)
@@ -268,11 +327,32 @@ def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool
     def write(new: Params) -> None:
         all_leaves[:] = new.leaves
 
+    def result() -> Any:
+        out = original.unflatten(view.restack(all_leaves) if view is not None else all_leaves)
+        return out if finish is None else finish(out)
+
+    mine_paths = {params.paths[p] for p in mine}
+    outside = [(p, why) for p, why in outside_blocks(params, []) if names and p not in mine_paths]
     return Subject(
-        name=type(tree).__name__, shapes=params_shapes(tree),
-        blocks=[Block(r.path, (lambda r=r: r)) for r in regions],
-        outside=outside_blocks(params, names) if names else [],
-        one_shot=lambda: (fwd, Params(list(all_leaves), params.paths, params.tree)), write=write,
-        catch_inputs=catch_inputs, result=lambda: params.unflatten(all_leaves), arrays=lambda: list(all_leaves),
+        name=name or type(tree).__name__, shapes=params_shapes(tree),
+        blocks=[Block(r.path, (lambda r=r: r)) for r in regions], outside=outside,
+        one_shot=lambda: (run_fwd, Params(list(all_leaves), params.paths, params.tree)), write=write,
+        catch_inputs=catch_inputs, result=result, arrays=lambda: list(all_leaves),
         matrices=matrix_paths(params), default_forward=default_forward,
     )
+
+
+def nnx_scanned_subject(model: nnx.Module, forward: Callable | None, blocks: str | bool | None,
+                        batches: list[Any]) -> Subject | None:
+    """An NNX model whose layers are stacked (``nnx.vmap``) and run by ``nnx.scan``, as its parameter state and a
+    function of it: quantized through ``pytree_subject``, the result written back into the model. None when the
+    model has no scan over its parameters."""
+    fwd = forward or default_forward
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+
+    def finish(new_state: Any) -> nnx.Module:
+        nnx.update(model, new_state)
+        return model
+
+    return pytree_subject(state, lambda st, batch: fwd(nnx.merge(graphdef, st, rest), batch), blocks, batches,
+                          forward is None, finish=finish, name=type(model).__name__, scan_only=True)

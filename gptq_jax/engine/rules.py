@@ -38,9 +38,14 @@ class Rule:
             raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regular expression ({e})") from None
 
     def matches(self, path: str) -> bool:
-        return _compiled(self.pattern).fullmatch(path) is not None
+        """Whole-path match; slice i of a stacked (scanned) parameter, ``path[i]``, also matches the rules of
+        ``path``, so one rule covers every layer of a scanned stack."""
+        rx = _compiled(self.pattern)
+        stacked = _SLICE.fullmatch(path)
+        return rx.fullmatch(path) is not None or (stacked is not None and rx.fullmatch(stacked.group(1)) is not None)
 
 
+_SLICE = re.compile(r"(.*)\[\d+\]")  # a slice of a stacked parameter (engine.scanned.slice_name)
 Rules = QuantConfig | Sequence[Rule | tuple[str, QuantConfig | None]]
 
 

@@ -46,7 +46,7 @@ def _read(env: dict, v: Any) -> Any:
     return v.val if isinstance(v, jcore.Literal) else env[v]
 
 
-def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+def bind_eqn(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     bound = eqn.primitive.get_bind_params(eqn.params)
     subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
     with eqn.ctx.manager:
@@ -54,7 +54,13 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _eval_inlined(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+# hook(eqn, invals) -> the equation's outputs, or None to evaluate it as it is.
+Hook = Callable[[Any, list[Any]], list[Any] | None]
+
+
+def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], hook: Hook | None = None) -> list[Any]:
+    """Evaluate ``jaxpr`` with every call-like primitive inlined (its body evaluated here, recursively), and
+    ``hook`` offered every other equation first (to unroll a scan, or to compute a matmul from packed weights)."""
     env: dict = {}
     for v, x in zip(jaxpr.constvars, consts, strict=True):
         env[v] = x
@@ -66,9 +72,11 @@ def _eval_inlined(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> lis
         sub = eqn.params.get(key) if key else None
         if sub is not None:
             closed = sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(sub, ())
-            outs = _eval_inlined(closed.jaxpr, closed.consts, invals)
+            outs = eval_jaxpr(closed.jaxpr, closed.consts, invals, hook)
         else:
-            outs = _bind(eqn, invals)
+            outs = hook(eqn, invals) if hook is not None else None
+            if outs is None:
+                outs = bind_eqn(eqn, invals)
         for v, x in zip(eqn.outvars, outs, strict=True):
             if not isinstance(v, jcore.DropVar):
                 env[v] = x
@@ -104,7 +112,7 @@ def trace(f: Callable[..., Any], param_leaves: Sequence[Any], param_tree: Any, *
 
     avals = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in (*param_leaves, *in_leaves)]
     nested = jax.make_jaxpr(flat)(*avals)
-    flat_jaxpr = jax.make_jaxpr(lambda *a: _eval_inlined(nested.jaxpr, nested.consts, a))(*avals)
+    flat_jaxpr = jax.make_jaxpr(lambda *a: eval_jaxpr(nested.jaxpr, nested.consts, a))(*avals)
     return Traced(flat_jaxpr, len(param_leaves), out_tree_box[0])
 
 
@@ -191,10 +199,12 @@ def find_uses(traced: Traced, candidates: Sequence[int]) -> Uses:
             else:
                 matmuls.setdefault(use.param, []).append(use)
             continue
-        for _, ref in ins:
+        for k, ref in ins:
             what = "inside " + name if name in _OPAQUE else f"by '{name}'"
             if name == "dot_general":
                 what = "by a matmul with another parameter"
+            if name == "scan":
+                what = f"inside scan ({scan_role(eqn, k)})"
             problems.setdefault(ref.param, f"used {what} (not only as a matmul weight)")
     for p in list(matmuls):
         axes = {u.w_axes for u in matmuls[p]}
@@ -236,6 +246,18 @@ def _ragged_use(idx: int, eqn: Any, ref: _Ref) -> Use | str:
         return "used by a matmul that contracts none or all of its axes"
     return Use(idx, ref.param, tuple(p for p, _ in pairs), eqn.invars[0], tuple(x for _, x in pairs), False,
                ref.axes[rdn.rhs_group_dimensions[0]], rdn.lhs_ragged_dimensions[0], eqn.invars[2])
+
+
+def scan_role(eqn: Any, k: int) -> str:
+    """What operand ``k`` of a ``scan`` equation is to the scan, in words for a report."""
+    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    if k < nc:
+        return ("a constant of its body: a scan over something other than stacked layers, e.g. time steps, "
+                "which the engine does not quantize")
+    if k < nc + nk:
+        return "its carried state: a parameter the scan changes is not a weight the engine can quantize"
+    return (f"scanned over on a leading axis of {eqn.params['length']} layers, but the scan could not be unrolled "
+            "into one block per layer (see the log)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -338,7 +360,7 @@ def run(
         invals = [_read(env, v) for v in eqn.invars]
         outs = replace(idx, invals) if replace is not None else None
         if outs is None:
-            outs = _bind(eqn, invals)
+            outs = bind_eqn(eqn, invals)
         for v, x in zip(eqn.outvars, outs, strict=True):
             if not isinstance(v, jcore.DropVar):
                 env[v] = x

@@ -1,0 +1,217 @@
+"""Scanned stacks of layers: parameters stacked on a leading layer axis and run under ``lax.scan``.
+
+``nn.scan`` in Linen, ``nnx.vmap``-made layers run by ``nnx.scan`` and a hand-written ``lax.scan`` over a stacked
+parameter pytree all reach the traced program as one ``scan`` equation whose scanned-over operands (``xs``)
+include parameter leaves ``[L, ...]``. ``find_scans`` finds them; ``unroll`` turns the model into an ordinary one:
+
+- its parameters are the stacked leaves split into their slices, named ``path[i]`` (``layers.mlp.up.kernel[3]``),
+  beside the other leaves;
+- its forward runs the model's own program with each such scan unrolled into L copies of its body, copy i reading
+  slice i, so iteration i is a block of its own (``<prefix>[i]``, the prefix the stacked paths share), cut out of
+  the program as any block is (``engine.regions``). The copies are the same program on the same shapes, so they
+  share one plan and its compiled passes: compile time does not grow with depth.
+
+``Unrolled.restack`` puts the (quantized) slices back into the stacked arrays, so the caller keeps its scanned
+model. A stacked parameter the unrolling cannot follow (read outside the scan, or a scan's constant or carried
+state) raises ``ScanError`` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gptq_jax.engine.subject import Params
+from gptq_jax.engine.trace import CASTS, Traced, bind_eqn, eval_jaxpr
+
+_SLICE = re.compile(r"(?P<path>.*)\[(?P<i>\d+)\]")
+
+
+class ScanError(ValueError):
+    """A scan over stacked parameters that cannot be unrolled into one block per layer."""
+
+
+def slice_name(path: str, i: int) -> str:
+    """The name of slice ``i`` of the stacked parameter ``path``: ``path[i]``."""
+    return f"{path}[{i}]"
+
+
+def split_slice_name(name: str) -> tuple[str, int] | None:
+    """``("path", i)`` for a slice name ``path[i]``, else None."""
+    m = _SLICE.fullmatch(name)
+    return (m.group("path"), int(m.group("i"))) if m else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """A ``scan`` equation of the flat program (``eqn``) scanning over parameter ``leaves`` stacked on ``length``
+    layers; ``prefix``: the dotted path the stacked leaves share (the block name is ``prefix[i]``)."""
+
+    eqn: int
+    length: int
+    reverse: bool
+    leaves: tuple[int, ...]
+    prefix: str
+
+
+def _common_prefix(paths: Sequence[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    if len(paths) > 1 or not common:
+        return ".".join(common) or "scan"
+    return ".".join(common[:-1]) or common[0]
+
+
+def find_scans(traced: Traced, paths: Sequence[str]) -> list[Scan]:
+    """The scans of ``traced`` (a flat program, ``trace.trace``) over stacked parameters, in the order they run."""
+    jaxpr = traced.jaxpr.jaxpr
+    roots = {v: i for i, v in enumerate(jaxpr.invars[: traced.num_params])}
+    scans: list[Scan] = []
+    owner: dict[int, int] = {}
+    for idx, eqn in enumerate(jaxpr.eqns):
+        name = eqn.primitive.name
+        if name in CASTS and len(eqn.invars) == 1 and eqn.invars[0] in roots:
+            roots[eqn.outvars[0]] = roots[eqn.invars[0]]
+        if name != "scan":
+            continue
+        first_x = eqn.params["num_consts"] + eqn.params["num_carry"]
+        leaves = tuple(dict.fromkeys(roots[v] for v in eqn.invars[first_x:] if not hasattr(v, "val") and v in roots))
+        for p in leaves:
+            if p in owner:
+                raise ScanError(f"{paths[p]}: scanned over by two scans (equations {owner[p]} and {idx}); a "
+                                "stacked parameter must belong to one stack of layers")
+            owner[p] = idx
+        if leaves:
+            prefix = _common_prefix([paths[p] for p in leaves])
+            scans.append(Scan(idx, eqn.params["length"], bool(eqn.params["reverse"]), leaves, prefix))
+    return scans
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stacked:
+    """A stacked parameter on its way to the scan over it: its slices, and the casts to apply to each slice when
+    its iteration runs (so that a cast of the whole stack is read inside each layer's block, not before the first)."""
+
+    path: str
+    slices: tuple[Any, ...]
+    casts: tuple[Any, ...] = ()
+
+    def at(self, i: int) -> Any:
+        x = self.slices[i]
+        for eqn in self.casts:
+            x = bind_eqn(eqn, [x])[0]
+        return x
+
+
+def _unroll_hook(eqn: Any, invals: list[Any]) -> list[Any] | None:
+    stacked = [x for x in invals if isinstance(x, _Stacked)]
+    if not stacked:
+        return None
+    name = eqn.primitive.name
+    if name in CASTS and len(invals) == 1:
+        return [dataclasses.replace(stacked[0], casts=(*stacked[0].casts, eqn))]
+    if name == "scan":
+        return _unrolled_scan(eqn, invals)
+    raise ScanError(f"{stacked[0].path}: stacked on a leading layer axis and scanned over, but also read by "
+                    f"'{name}' outside the scan; the engine unrolls the scan into one block per layer, which needs "
+                    "every read of a stacked parameter to be inside it")
+
+
+def _unrolled_scan(eqn: Any, invals: list[Any]) -> list[Any]:
+    """The scan's body run once per iteration, iteration i on slice i of each stacked operand."""
+    p = eqn.params
+    nc, nk, n = p["num_consts"], p["num_carry"], p["length"]
+    consts, carry, xs = invals[:nc], list(invals[nc : nc + nk]), invals[nc + nk :]
+    for where, vals in (("a constant of a scan's body", consts), ("a scan's carried state", carry)):
+        for x in vals:
+            if isinstance(x, _Stacked):
+                raise ScanError(f"{x.path}: scanned over as a stack of layers by one scan but {where} in another; "
+                                "the engine cannot cut that into blocks")
+    body = p["jaxpr"]
+    per_iteration: list[list[Any]] = []
+    for i in range(n - 1, -1, -1) if p["reverse"] else range(n):
+        x_i = [x.at(i) if isinstance(x, _Stacked) else lax.index_in_dim(x, i, keepdims=False) for x in xs]
+        outs = eval_jaxpr(body.jaxpr, body.consts, [*consts, *carry, *x_i], _unroll_hook)
+        carry = outs[:nk]
+        per_iteration.append(outs[nk:])
+    if p["reverse"]:
+        per_iteration.reverse()
+    ys = [jnp.stack([y[k] for y in per_iteration]) for k in range(len(eqn.outvars) - nk)]
+    return [*carry, *ys]
+
+
+@dataclasses.dataclass
+class Unrolled:
+    """A model with its scans over stacked parameters unrolled (see module docstring).
+
+    ``params``: the parameter leaves with each stacked one split into slices ``path[i]`` (a flat list tree);
+    ``forward(leaves, *inputs)``: the model on them; ``blocks[s]``: for scan s, ``(name, leaf indices)`` per
+    iteration in the order they run; ``origin[k]``: expanded leaf k is ``(original leaf, slice or None)``."""
+
+    params: Params
+    forward: Callable[..., Any]
+    blocks: list[list[tuple[str, list[int]]]]
+    scans: list[Scan]
+    origin: list[tuple[int, int | None]]
+
+    def restack(self, leaves: Sequence[Any]) -> list[Any]:
+        """The original leaves from expanded ``leaves``: each stacked one rebuilt from its slices."""
+        out: dict[int, Any] = {}
+        slices: dict[int, dict[int, Any]] = {}
+        for x, (j, i) in zip(leaves, self.origin, strict=True):
+            if i is None:
+                out[j] = x
+            else:
+                slices.setdefault(j, {})[i] = x
+        for j, by_i in slices.items():
+            out[j] = jnp.stack([by_i[i] for i in range(len(by_i))])
+        return [out[j] for j in range(len(out))]
+
+
+def unroll(params: Params, fwd: Callable[..., Any], scans: list[Scan]) -> Unrolled:
+    """``fwd(params_tree, *inputs)`` as a model of the stacked leaves' slices (see module docstring)."""
+    length = {p: s.length for s in scans for p in s.leaves}
+    leaves, paths, origin = [], [], []
+    for j, (x, path) in enumerate(zip(params.leaves, params.paths, strict=True)):
+        for i in range(length[j]) if j in length else [None]:
+            leaves.append(x if i is None else x[i])
+            paths.append(path if i is None else slice_name(path, i))
+            origin.append((j, i))
+    expanded = Params(leaves, paths, jax.tree.structure([0] * len(leaves)))
+    position = {o: k for k, o in enumerate(origin)}
+    blocks = [[(slice_name(s.prefix, i), [position[(j, i)] for j in s.leaves])
+               for i in (range(s.length - 1, -1, -1) if s.reverse else range(s.length))] for s in scans]
+
+    def forward(flat: list[Any], *inputs: Any) -> Any:
+        by_leaf: dict[int, list[Any]] = {}
+        for x, (j, _) in zip(flat, origin, strict=True):
+            by_leaf.setdefault(j, []).append(x)
+        values = [_Stacked(params.paths[j], tuple(xs)) if j in length else xs[0] for j, xs in sorted(by_leaf.items())]
+        avals = [jax.ShapeDtypeStruct((length[j], *jnp.shape(v.slices[0])), jnp.result_type(v.slices[0]))
+                 if isinstance(v, _Stacked) else jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v))
+                 for j, v in enumerate(values)]
+        in_leaves, in_tree = jax.tree.flatten(inputs)
+        out_tree: list[Any] = []
+
+        def program(*a: Any) -> list[Any]:
+            out, tree = jax.tree.flatten(fwd(params.unflatten(a[: len(values)]),
+                                             *jax.tree.unflatten(in_tree, a[len(values) :])))
+            out_tree.append(tree)
+            return out
+
+        in_avals = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in in_leaves]
+        closed = jax.make_jaxpr(program)(*avals, *in_avals)
+        out = eval_jaxpr(closed.jaxpr, closed.consts, [*values, *in_leaves], _unroll_hook)
+        return jax.tree.unflatten(out_tree[0], out)
+
+    return Unrolled(expanded, forward, blocks, scans, origin)
