@@ -180,13 +180,22 @@ def _slice(tree, i):
 def _sequential_checks(res, float_kernel, quant_layer, embed, batches, name):
     """Layer 1's q and down: the codes equal ``quantize_weight`` on Hessians from the inputs layer 1 gets after the
     quantized layer 0, and (down) after layer 1's own quantized q..up: sequential across and inside blocks."""
-    seen = {}
+    seen, seen0 = {}, {}
     for b in batches:
-        h = quant_layer(0, embed(b["tokens"]), b["positions"], None)
+        h = quant_layer(0, embed(b["tokens"]), b["positions"], seen0)
         quant_layer(1, h, b["positions"], seen)
     for proj in ("q", "down"):
         want = quantize_weight(float_kernel(proj, 1).T, _hessian(seen[proj]), QC)
         np.testing.assert_array_equal(_codes(res.weights[name(proj, 1)]), _codes(want))
+    # Each slice has its own Hessian: layer 0's would give layer 1 other codes.
+    other = quantize_weight(float_kernel("down", 1).T, _hessian(seen0["down"]), QC)
+    assert not np.array_equal(_codes(res.weights[name("down", 1)]), _codes(other))
+
+
+def _same_codes(res, name, res_u, name_u):
+    for i in range(LAYERS):
+        for p in PROJ:
+            np.testing.assert_array_equal(_codes(res.weights[name(p, i)]), _codes(res_u.weights[name_u(p, i)]))
 
 
 def _every_projection(res, name):
@@ -222,9 +231,7 @@ def test_linen_nn_scan_is_quantized_layer_by_layer():
     net_u = LinenNet(scanned=False)
     res_u = gptq_jax.quantize(unrolled, batches, quant_config=QC,
                               forward=lambda p, b: net_u.apply({"params": p}, b["tokens"], b["positions"]))
-    for i in range(LAYERS):
-        for p in PROJ:
-            np.testing.assert_array_equal(_codes(res.weights[name(p, i)]), _codes(res_u.weights[f"layers_{i}.{p}.kernel"]))
+    _same_codes(res, name, res_u, lambda p, i: f"layers_{i}.{p}.kernel")
     # Packed: the scan kept, its matmuls on packed weights stacked on the layer axis; logits = dequantized logits.
     packed = gptq_jax.pack(new, res, apply_fn=net.apply)
     b = batches[0]
@@ -263,9 +270,7 @@ def test_nnx_vmap_stacked_layers_run_by_nnx_scan_are_quantized_layer_by_layer():
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(unrolled, state)
     res_u = gptq_jax.quantize(unrolled, batches, forward=fwd, quant_config=QC)
-    for i in range(LAYERS):
-        for p in PROJ:
-            np.testing.assert_array_equal(_codes(res.weights[name(p, i)]), _codes(res_u.weights[f"layers.{i}.{p}.kernel"]))
+    _same_codes(res, name, res_u, lambda p, i: f"layers.{i}.{p}.kernel")
     packed = gptq_jax.pack(model, res)
     b = batches[0]
     np.testing.assert_allclose(np.asarray(packed(b["tokens"], b["positions"])), np.asarray(fwd(model, b)),
@@ -284,9 +289,102 @@ def test_a_hand_written_lax_scan_over_stacked_params_is_quantized_layer_by_layer
                        lambda t: new["embed"][t], batches, name)
     unrolled = dict(params, layers={str(i): _slice(params["layers"], i) for i in range(LAYERS)})
     res_u = gptq_jax.quantize(unrolled, batches, forward=hand_unrolled, quant_config=QC)
-    for i in range(LAYERS):
-        for p in PROJ:
-            np.testing.assert_array_equal(_codes(res.weights[name(p, i)]), _codes(res_u.weights[f"layers.{i}.{p}"]))
+    _same_codes(res, name, res_u, lambda p, i: f"layers.{i}.{p}")
     packed = gptq_jax.pack(new, res, forward=hand_scanned)
     np.testing.assert_allclose(np.asarray(packed(batches[0])), np.asarray(hand_scanned(new, batches[0])),
                                rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Blocks, rules, order, and what cannot be handled
+
+
+def test_one_plan_serves_every_iteration(monkeypatch):
+    """The unrolled iterations are one program on the same shapes: one plan (and one more for the last block, which
+    runs on to the outputs), whatever the depth, so compile time stays flat."""
+    import gptq_jax.engine.job as job_mod
+
+    calls = []
+    real = job_mod.make_plan
+    monkeypatch.setattr(job_mod, "make_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = gptq_jax.quantize(hand_params(layers=5), _batches(n=1), forward=hand_scanned, quant_config=QC)
+    assert [r["path"] for r in res.report.blocks] == [f"layers[{i}]" for i in range(5)]
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("blocks", ["layers", "layers.*", "layers[*]"])
+def test_blocks_names_the_scanned_stack(blocks):
+    res = gptq_jax.quantize(hand_params(), _batches(n=1), forward=hand_scanned, quant_config=QC, blocks=blocks,
+                            method="rtn")
+    assert res.report.mode == "blocks" and len(res.weights) == LAYERS * len(PROJ)
+
+
+def test_nnx_blocks_pattern_names_the_stacked_module():
+    res = gptq_jax.quantize(NNXNet(), _batches(n=1), forward=lambda m, b: m(b["tokens"], b["positions"]),
+                            quant_config=QC, blocks="layers", method="rtn")
+    assert [r["path"] for r in res.report.blocks] == [f"layers[{i}]" for i in range(LAYERS)]
+
+
+def test_rules_on_the_stacked_path_cover_every_slice_and_one_slice_can_be_named():
+    rules = [Rule(r"layers\.down", None), Rule(r"layers\.up\[0\]", None), Rule(".*", QC)]
+    res = gptq_jax.quantize(hand_params(), _batches(n=1), forward=hand_scanned, quant_config=rules)
+    assert not any(n.startswith("layers.down") for n in res.weights)
+    assert "layers.up[0]" not in res.weights and "layers.up[1]" in res.weights
+    float_kept = {r["path"] for r in res.report.unquantized if r["reason"] == "kept in float by quant_config"}
+    assert {"layers.down[0]", "layers.down[2]", "layers.up[0]"} <= float_kept
+    with pytest.raises(ValueError, match=r"layers\.up: stacked on 3 layers but slices \[0\] were not quantized"):
+        gptq_jax.pack(res.model, res, forward=hand_scanned)
+
+
+def test_a_reversed_scan_runs_its_blocks_last_layer_first():
+    def backwards(p, b):
+        h = p["embed"][b["tokens"]]
+        h, _ = lax.scan(lambda h, lp: (hand_layer(lp, h, b["positions"]), None), h, p["layers"], reverse=True)
+        return h @ p["head"]
+
+
+    params, batches = hand_params(), _batches(n=2)
+    res = gptq_jax.quantize(params, batches, forward=backwards, quant_config=QC)
+    assert [r["path"] for r in res.report.blocks] == ["layers[2]", "layers[1]", "layers[0]"]
+    last = LAYERS - 1
+    unrolled = dict(params, layers={str(last - i): _slice(params["layers"], i) for i in range(LAYERS)})
+    res_u = gptq_jax.quantize(unrolled, batches, forward=hand_unrolled, quant_config=QC)
+    _same_codes(res, lambda p, i: f"layers.{p}[{i}]", res_u, lambda p, i: f"layers.{last - i}.{p}")
+
+
+def test_one_shot_quantizes_every_slice_too():
+    res = gptq_jax.quantize(hand_params(), _batches(n=1), forward=hand_scanned, quant_config=QC, blocks=False)
+    assert res.report.mode == "one-shot"
+    assert sorted(res.weights) == sorted([f"layers.{p}[{i}]" for i in range(LAYERS) for p in PROJ] + ["head"])
+
+
+def _reason(res, path):
+    return next(r["reason"] for r in res.report.unquantized if r["path"] == path)
+
+
+def test_scans_that_are_not_stacks_of_layers_are_reported_by_path_and_reason():
+    k = jax.random.split(jax.random.key(3), 3)
+    params = {"w": jax.random.normal(k[0], (D, D)) * 0.2, "u": jax.random.normal(k[1], (D, D)) * 0.2,
+              "head": jax.random.normal(k[2], (D, V))}
+
+    def recurrent(p, x):  # (B, T, D): a scan over time steps, weights as its body's constants
+        h, _ = lax.scan(lambda h, xt: (jnp.tanh(h @ p["w"] + xt), None), jnp.zeros_like(x[:, 0]), x.swapaxes(0, 1))
+        u, _ = lax.scan(lambda u, xt: (u * 0.9, None), p["u"], x.swapaxes(0, 1))  # a parameter as carried state
+        return (h @ u) @ p["head"]
+
+    x = np.random.default_rng(0).normal(size=(1, 2, T, D)).astype(np.float32)
+    res = gptq_jax.quantize(params, list(x), forward=recurrent, quant_config=QC)
+    assert "constant of its body" in _reason(res, "w")
+    assert "carried state" in _reason(res, "u")
+    assert list(res.weights) == ["head"]
+
+
+def test_a_stacked_parameter_also_read_outside_its_scan_is_named():
+    def leaky(p, b):  # reads the whole stack outside the scan too
+        return hand_scanned(p, b) + jnp.sum(p["layers"]["q"])
+
+    with pytest.raises(ValueError, match=r"layers\.q: stacked on a leading layer axis and scanned over, but also "
+                                         r"read by 'reduce_sum' outside the scan"):
+        gptq_jax.quantize(hand_params(), _batches(n=1), forward=leaky, quant_config=QC, blocks="layers")
+    res = gptq_jax.quantize(hand_params(), _batches(n=1), forward=leaky, quant_config=QC)  # found alone: reported
+    assert "scanned over on a leading axis of 3 layers" in _reason(res, "layers.up")
