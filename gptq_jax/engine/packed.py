@@ -295,10 +295,15 @@ class PackedModel:
         out, _ = run(traced, leaves, inputs=jax.tree.leaves((args, kwargs)), replace=_replacer(traced))
         return jax.tree.unflatten(traced.out_tree, out)
 
+    def _float_leaves(self) -> list[Any]:
+        return [None if p in self.packed else x for p, x in zip(self.params.paths, self.params.leaves, strict=True)]
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        float_leaves = [None if p in self.packed else x for p, x in zip(self.params.paths, self.params.leaves,
-                                                                        strict=True)]
-        return self._jit(float_leaves, self.packed, args, kwargs)
+        return self._jit(self._float_leaves(), self.packed, args, kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """The jitted call traced and lowered for these arguments (``jax.stages.Lowered``; ``.compile()`` it)."""
+        return self._jit.lower(self._float_leaves(), self.packed, args, kwargs)
 
     def nbytes(self) -> int:
         """Bytes of the arrays it holds (packed weights and the float parameters)."""
