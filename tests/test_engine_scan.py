@@ -388,3 +388,12 @@ def test_a_stacked_parameter_also_read_outside_its_scan_is_named():
         gptq_jax.quantize(hand_params(), _batches(n=1), forward=leaky, quant_config=QC, blocks="layers")
     res = gptq_jax.quantize(hand_params(), _batches(n=1), forward=leaky, quant_config=QC)  # found alone: reported
     assert "scanned over on a leading axis of 3 layers" in _reason(res, "layers.up")
+
+
+def test_a_scanned_run_resumes_from_its_work_dir(tmp_path):
+    params, batches = hand_params(), _batches(n=1)
+    first = gptq_jax.quantize(params, batches, forward=hand_scanned, quant_config=QC, work_dir=str(tmp_path))
+    again = gptq_jax.quantize(params, batches, forward=hand_scanned, quant_config=QC, work_dir=str(tmp_path))
+    assert again.report.resumed_layers == LAYERS
+    _same_codes(first, lambda p, i: f"layers.{p}[{i}]", again, lambda p, i: f"layers.{p}[{i}]")
+    np.testing.assert_array_equal(np.asarray(first.model["layers"]["down"]), np.asarray(again.model["layers"]["down"]))

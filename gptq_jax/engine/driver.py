@@ -92,7 +92,9 @@ def quantize(
     weights keyed by parameter path (``layers.3.self_attn.q_proj.kernel``), once every result is computed.
 
     ``blocks``: None finds the repeated blocks (an ``nnx.List`` of layers; parameters under ``layers_0 ..
-    layers_N`` or ``layers.0 .. N``); a pattern such as ``"layers.*"`` names them; False is the one-shot mode.
+    layers_N`` or ``layers.0 .. N``; each iteration of a ``lax.scan`` over stacked parameters, its slices named
+    ``path[i]``); a pattern such as ``"layers.*"`` (or a scanned stack's path, ``"layers"``) names them; False is
+    the one-shot mode.
     ``quant_config``: a ``QuantConfig``, or rules ``[Rule(regex on the whole path, QuantConfig | None)]``
     (``engine.rules``). ``method``: ``"gptq"``, ``"gptaq"`` (``gptaq_alpha`` in [0, 1]), ``"qronos"`` (both fit
     to the float model's outputs: docs/methods.md) or ``"rtn"``; ``solver``: replaces GPTQ's per-weight solve

@@ -11,6 +11,11 @@ are. Each block is then an ordinary program of its own parameters, and the drive
 block: stage by stage, on the outputs of the blocks already quantized. Blocks whose programs are the same (the
 same equations on the same shapes) share one plan and its compiled passes.
 
+A model that scans over stacked parameters is first unrolled (``engine.scanned``): its stacked leaves split into
+slices ``path[i]``, each iteration of the scan a block ``<prefix>[i]`` of those slices, cut like any other; the
+result is stacked back, so the caller keeps its scanned model. An NNX model doing so (layers made by ``nnx.vmap``,
+run by ``nnx.scan``) comes here as its parameter state (``nnx_scanned_subject``).
+
 The cut needs each block to read its parameters only between its own cut and the next one; a model that reads a
 later block's parameter early (for instance, casting every weight up front) is refused with the parameter named,
 and runs in one shot (``blocks=False``).

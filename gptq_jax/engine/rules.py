@@ -5,6 +5,9 @@ first rule whose ``pattern`` matches a parameter's whole dotted path (``re.fullm
 weight in float. A path that no rule matches stays float too. Whole-path matching means ``.*mlp\\.down`` does not
 also catch ``mlp.down_proj_2``'s neighbours by accident: say ``.*`` where any text may follow.
 
+Slice i of a scanned stack, ``layers.up.kernel[3]`` (``engine.scanned``), is matched both by its own name and by its
+stacked parameter's path, so a rule for ``layers.up.kernel`` covers every layer.
+
 A plain ``(regex, config)`` pair, the older form, is still accepted and keeps its meaning: it matches anywhere in
 the path (``re.search``), so it becomes ``Rule(".*(?:regex).*", config)``.
 """
