@@ -319,9 +319,10 @@ def test_blocks_names_the_scanned_stack(blocks):
     assert res.report.mode == "blocks" and len(res.weights) == LAYERS * len(PROJ)
 
 
-def test_nnx_blocks_pattern_names_the_stacked_module():
+@pytest.mark.parametrize("blocks", ["layers", "layers.*"])
+def test_nnx_blocks_pattern_names_the_stacked_module(blocks):
     res = gptq_jax.quantize(NNXNet(), _batches(n=1), forward=lambda m, b: m(b["tokens"], b["positions"]),
-                            quant_config=QC, blocks="layers", method="rtn")
+                            quant_config=QC, blocks=blocks, method="rtn")
     assert [r["path"] for r in res.report.blocks] == [f"layers[{i}]" for i in range(LAYERS)]
 
 

@@ -158,8 +158,11 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
         if apply_fn is not None:
             raise TypeError("apply_fn= is for a Linen parameter pytree; an nnx.Module runs as model(batch) or by "
                             "forward=")
-        if load is None and blocks is not False and not _nnx_list_blocks(model, blocks):
-            scanned = regions.nnx_scanned_subject(model, forward, blocks, batches)
+        pattern = blocks if isinstance(blocks, str) else getattr(model, "gptq_blocks", None)
+        if load is None and blocks is not False and (pattern is not None or not find_blocks(model, None)):
+            # Layers stacked by nnx.vmap and run by nnx.scan are no submodules to find: the scan is found in the
+            # traced program (engine.scanned), through the parameter-pytree path.
+            scanned = regions.nnx_scanned_subject(model, forward, pattern, batches)
             if scanned is not None:
                 return scanned
         return blocks_mod.nnx_subject(model, forward, blocks, load, mesh)
@@ -169,15 +172,6 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
     if forward is None:
         return regions.pytree_subject(model, lambda p, b: apply_fn({"params": p}, b), blocks, batches, True)
     return regions.pytree_subject(model, forward, blocks, batches, False)
-
-
-def _nnx_list_blocks(model: nnx.Module, blocks: str | None) -> bool:
-    """Whether the NNX model has blocks as submodules (a list of layers, or several matching ``blocks=``): else its
-    layers may be stacked and scanned over, which the parameter-pytree path handles."""
-    try:
-        return len(find_blocks(model, blocks if isinstance(blocks, str) else getattr(model, "gptq_blocks", None))) > 1
-    except ValueError:
-        return False
 
 
 def _progress(progress: bool | Callable[[str], None], method: str) -> tuple[Any, Callable[[str], None]]:

@@ -252,9 +252,10 @@ def _selects(pattern: str, prefix: str) -> bool:
                                                         pattern.removesuffix("[*]")})
 
 
-def _blocks(params: Params, view: Unrolled | None, blocks: str | bool | None) -> tuple[list[str], list[list[int]]]:
+def _blocks(params: Params, view: Unrolled | None, blocks: str | bool | None, scan_only: bool
+            ) -> tuple[list[str], list[list[int]]] | None:
     """The blocks' names and parameter leaves: a scan's iterations (all scans, or those ``blocks=`` names), else
-    the numbered subtrees ``find_param_blocks`` finds."""
+    the numbered subtrees ``find_param_blocks`` finds (None instead with ``scan_only``)."""
     if blocks is False:
         return [], []
     pattern = blocks if isinstance(blocks, str) else None
@@ -263,6 +264,8 @@ def _blocks(params: Params, view: Unrolled | None, blocks: str | bool | None) ->
                   or _selects(pattern, s.prefix)]
         if chosen:
             return [n for g in chosen for n, _ in g], [m for g in chosen for _, m in g]
+    if scan_only:
+        return None
     names = find_param_blocks(params.paths, pattern)
     return names, [[i for i, p in enumerate(params.paths) if p.startswith(n + ".")] for n in names]
 
@@ -294,14 +297,17 @@ def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool
     """A ``Subject`` of a parameter pytree run by ``fwd(params, batch)`` (see module docstring); a model that
     scans over stacked parameters is quantized as its unrolled view, one block per iteration
     (``engine.scanned``). ``finish(tree)`` makes the result from the quantized tree (default: the tree itself);
-    with ``scan_only``, None when the model has no scan over its parameters."""
+    with ``scan_only``, None unless its blocks are the iterations of scans over its parameters."""
     original = Params.of(tree)
     view, first = _unrolled(original, fwd, blocks, batches[0], default_forward, scan_only)
     if first is None:
         return None
     params, run_fwd = (view.params, view.forward) if view is not None else (original, fwd)
     all_leaves = list(params.leaves)
-    names, members = _blocks(params, view, blocks)
+    found = _blocks(params, view, blocks, scan_only)
+    if found is None:
+        return None
+    names, members = found
     if names:
         try:
             programs, by_shape = _cut_programs(params, run_fwd, names, members, batches, default_forward, first)
@@ -350,8 +356,8 @@ def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool
 def nnx_scanned_subject(model: nnx.Module, forward: Callable | None, blocks: str | bool | None,
                         batches: list[Any]) -> Subject | None:
     """An NNX model whose layers are stacked (``nnx.vmap``) and run by ``nnx.scan``, as its parameter state and a
-    function of it: quantized through ``pytree_subject``, the result written back into the model. None when the
-    model has no scan over its parameters."""
+    function of it: quantized through ``pytree_subject``, the result written back into the model. None unless the
+    blocks (``blocks=``, or found) are the iterations of scans over its parameters."""
     fwd = forward or default_forward
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
 
