@@ -299,17 +299,30 @@ def test_a_hand_written_lax_scan_over_stacked_params_is_quantized_layer_by_layer
 # Blocks, rules, order, and what cannot be handled
 
 
-def test_one_plan_serves_every_iteration(monkeypatch):
-    """The unrolled iterations are one program on the same shapes: one plan (and one more for the last block, which
-    runs on to the outputs), whatever the depth, so compile time stays flat."""
+def _with_layer_ids(p, b):  # another scanned-over operand beside the stacked parameters
+    h = p["embed"][b["tokens"]]
+    body = lambda h, xs: (hand_layer(xs[0], h, b["positions"]) * (1.0 + 0.01 * xs[1]), None)  # noqa: E731
+    h, _ = lax.scan(body, h, (p["layers"], jnp.arange(len(p["layers"]["q"]), dtype=jnp.float32)))
+    return h @ p["head"]
+
+
+@pytest.mark.parametrize("forward", [hand_scanned, _with_layer_ids])
+def test_the_iterations_share_their_plans_whatever_the_depth(monkeypatch, forward):
+    """The unrolled iterations are one program on the same shapes, so they share one plan (a few blocks have their
+    own: the last, which runs on to the outputs; with other scanned-over operands, the one before it, whose slicing
+    counter dies there): the number of plans, and so the compile time, does not grow with depth."""
     import gptq_jax.engine.job as job_mod
 
-    calls = []
     real = job_mod.make_plan
-    monkeypatch.setattr(job_mod, "make_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
-    res = gptq_jax.quantize(hand_params(layers=5), _batches(n=1), forward=hand_scanned, quant_config=QC)
-    assert [r["path"] for r in res.report.blocks] == [f"layers[{i}]" for i in range(5)]
-    assert len(calls) == 2
+    counts = []
+    for layers in (4, 7):
+        calls = []
+        monkeypatch.setattr(job_mod, "make_plan", lambda *a, calls=calls, **k: calls.append(1) or real(*a, **k))
+        res = gptq_jax.quantize(hand_params(layers=layers), _batches(n=1), forward=forward, quant_config=QC,
+                                method="rtn")
+        assert [r["path"] for r in res.report.blocks] == [f"layers[{i}]" for i in range(layers)]
+        counts.append(len(calls))
+    assert counts[0] == counts[1] <= 4
 
 
 @pytest.mark.parametrize("blocks", ["layers", "layers.*", "layers[*]"])

@@ -139,8 +139,13 @@ def _unrolled_scan(eqn: Any, invals: list[Any]) -> list[Any]:
                                 "the engine cannot cut that into blocks")
     body = p["jaxpr"]
     per_iteration: list[list[Any]] = []
+    # The other scanned-over operands (per-layer keys, ids) are sliced at a counter carried from copy to copy, not
+    # at a constant index: the copies stay one program, which is what lets every block share one plan.
+    step = -1 if p["reverse"] else 1
+    k = jnp.asarray(n - 1 if p["reverse"] else 0, jnp.int32)
     for i in range(n - 1, -1, -1) if p["reverse"] else range(n):
-        x_i = [x.at(i) if isinstance(x, _Stacked) else lax.index_in_dim(x, i, keepdims=False) for x in xs]
+        x_i = [x.at(i) if isinstance(x, _Stacked) else lax.dynamic_index_in_dim(x, k, keepdims=False) for x in xs]
+        k = k + step
         outs = eval_jaxpr(body.jaxpr, body.consts, [*consts, *carry, *x_i], _unroll_hook)
         carry = outs[:nk]
         per_iteration.append(outs[nk:])
