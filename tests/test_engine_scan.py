@@ -306,7 +306,14 @@ def _with_layer_ids(p, b):  # another scanned-over operand beside the stacked pa
     return h @ p["head"]
 
 
-@pytest.mark.parametrize("forward", [hand_scanned, _with_layer_ids])
+def _with_per_layer_outputs(p, b):  # the scan's body also returns something per layer (ys)
+    h = p["embed"][b["tokens"]]
+    body = lambda h, lp: (hand_layer(lp, h, b["positions"]), jnp.mean(h))  # noqa: E731
+    h, means = lax.scan(body, h, p["layers"])
+    return h @ p["head"] + 0.01 * jnp.sum(means)
+
+
+@pytest.mark.parametrize("forward", [hand_scanned, _with_layer_ids, _with_per_layer_outputs])
 def test_the_iterations_share_their_plans_whatever_the_depth(monkeypatch, forward):
     """The unrolled iterations are one program on the same shapes, so they share one plan (a few blocks have their
     own: the last, which runs on to the outputs; with other scanned-over operands, the one before it, whose slicing
@@ -411,3 +418,25 @@ def test_a_scanned_run_resumes_from_its_work_dir(tmp_path):
     assert again.report.resumed_layers == LAYERS
     _same_codes(first, lambda p, i: f"layers.{p}[{i}]", again, lambda p, i: f"layers.{p}[{i}]")
     np.testing.assert_array_equal(np.asarray(first.model["layers"]["down"]), np.asarray(again.model["layers"]["down"]))
+
+
+def _reversed_with_outputs(p, b):
+    h = p["embed"][b["tokens"]]
+    body = lambda h, xs: (hand_layer(xs[0], h, b["positions"]) * (1.0 + 0.01 * xs[1]), jnp.mean(h) * xs[1])  # noqa: E731
+    h, ys = lax.scan(body, h, (p["layers"], jnp.arange(len(p["layers"]["q"]), dtype=jnp.float32)), reverse=True)
+    return h @ p["head"] + jnp.dot(ys, jnp.arange(1.0, len(ys) + 1))  # the order of ys matters
+
+
+@pytest.mark.parametrize("forward", [hand_scanned, _with_layer_ids, _with_per_layer_outputs, _reversed_with_outputs])
+def test_the_unrolled_model_computes_what_the_scanned_one_does(forward):
+    from gptq_jax.engine.scanned import find_scans, unroll
+    from gptq_jax.engine.subject import Params
+    from gptq_jax.engine.trace import trace
+
+    params, b = Params.of(hand_params()), _batches(n=1)[0]
+    view = unroll(params, forward, find_scans(trace(forward, params.leaves, params.tree, b), params.paths))
+    assert view.params.paths.count("layers.q[2]") == 1
+    np.testing.assert_allclose(np.asarray(view.forward(view.params.leaves, b)),
+                               np.asarray(forward(params.unflatten(), b)), rtol=1e-5, atol=1e-5)
+    restacked = view.restack(view.params.leaves)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(restacked, params.leaves, strict=True))

@@ -138,20 +138,18 @@ def _unrolled_scan(eqn: Any, invals: list[Any]) -> list[Any]:
                 raise ScanError(f"{x.path}: scanned over as a stack of layers by one scan but {where} in another; "
                                 "the engine cannot cut that into blocks")
     body = p["jaxpr"]
-    per_iteration: list[list[Any]] = []
-    # The other scanned-over operands (per-layer keys, ids) are sliced at a counter carried from copy to copy, not
-    # at a constant index: the copies stay one program, which is what lets every block share one plan.
+    # The other scanned-over operands (per-layer keys, ids) are sliced, and the per-iteration outputs (ys) written,
+    # at a counter carried from copy to copy, not at a constant index: the copies stay one program, which is what
+    # lets the blocks share one plan.
     step = -1 if p["reverse"] else 1
     k = jnp.asarray(n - 1 if p["reverse"] else 0, jnp.int32)
-    for i in range(n - 1, -1, -1) if p["reverse"] else range(n):
+    ys = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars[nk:]]
+    for t, i in enumerate(range(n - 1, -1, -1) if p["reverse"] else range(n)):
+        k = k if t == 0 else k + step
         x_i = [x.at(i) if isinstance(x, _Stacked) else lax.dynamic_index_in_dim(x, k, keepdims=False) for x in xs]
-        k = k + step
         outs = eval_jaxpr(body.jaxpr, body.consts, [*consts, *carry, *x_i], _unroll_hook)
         carry = outs[:nk]
-        per_iteration.append(outs[nk:])
-    if p["reverse"]:
-        per_iteration.reverse()
-    ys = [jnp.stack([y[k] for y in per_iteration]) for k in range(len(eqn.outvars) - nk)]
+        ys = [lax.dynamic_update_index_in_dim(y, out, k, 0) for y, out in zip(ys, outs[nk:], strict=True)]
     return [*carry, *ys]
 
 
