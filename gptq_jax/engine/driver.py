@@ -226,8 +226,9 @@ def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list
         if float_values is not None:
             float_values = [opened.next_inputs(o, v) for o, v in zip(float_outs, float_values, strict=True)]
         mine = set(params.paths)
-        names = [n for n in job.weights if (split_expert(n) or (n,))[0] in mine] if subject.streamed else []
-        drop = [n for n in params.paths if n in {(split_expert(m) or (m,))[0] for m in names}]
+        owner = {n: n if n in mine else (split_expert(n) or (n,))[0] for n in job.weights}  # parameter of each weight
+        names = [n for n in job.weights if owner[n] in mine] if subject.streamed else []
+        drop = [n for n in params.paths if n in {owner[m] for m in names}]
         stored.update(dict.fromkeys(names, i))
         for n in names:
             del job.weights[n]
@@ -242,7 +243,7 @@ def _restore(job: Job, plan: Plan, params: Params, weights: dict[str, Any]) -> N
     """Put a finished block's stored weights back (dequantized) into ``params``."""
     index = {path: i for i, path in enumerate(params.paths)}
     for name, qw in weights.items():
-        expert = split_expert(name)
+        expert = None if name in index else split_expert(name)  # a scanned layer's slice is a parameter of its own
         if expert is None:
             p = index[name]
             params.leaves[p] = write_back(job.solver, qw, params.leaves[p], plan.w_axes[p], job.mesh)
