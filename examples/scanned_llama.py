@@ -166,6 +166,8 @@ def main() -> None:
         result = gptq_jax.quantize(target, tokens, quant_config=qc, batch_size=4, **kw)
         print(f"{name}: {len(result.weights)} weights quantized, mode {result.report.mode}, "
               f"{len(result.report.unquantized)} left float")  # fmt: skip
+        # Every projection of every layer, layer by layer; the embedding (tied head) stays float.
+        assert len(result.weights) == len(PROJ) * cfg.num_hidden_layers and result.report.mode == "blocks"
 
 
 if __name__ == "__main__":
