@@ -25,14 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 from gptq_jax.core.config import QuantConfig
 from gptq_jax.core.methods import GPTAQ_ALPHA
 from gptq_jax.engine import blocks as blocks_mod
 from gptq_jax.engine import regions
 from gptq_jax.engine.batches import calibration_batches
-from gptq_jax.engine.experts import slice_axes, split_expert
+from gptq_jax.engine.experts import split_expert
 from gptq_jax.engine.job import Job
 from gptq_jax.engine.memory import release_freed_memory
 from gptq_jax.engine.placement import batches_on_mesh
@@ -49,7 +48,7 @@ from gptq_jax.engine.plan import (
 from gptq_jax.engine.report import QuantizeResult, QuantReport
 from gptq_jax.engine.resume import StoredWeights, fingerprint
 from gptq_jax.engine.rules import Rule, Rules, compile_rules, config_for, describe
-from gptq_jax.engine.solve import Solver, as_solver, write_back
+from gptq_jax.engine.solve import Solver, as_solver
 from gptq_jax.engine.subject import Params, find_blocks
 from gptq_jax.engine.workdir import WorkDir, weights_digest
 
@@ -207,7 +206,7 @@ def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list
         saved = work.reusable(i, block.path, digest) if work is not None else None
         first = len(job.report.linears)
         if saved is not None:
-            _restore(job, plans[0], params, saved[0])
+            job.restore(plans[0], params, saved[0])
             job.report.linears.extend(saved[1]["linears"])
             job.report.layers.append(saved[1]["layer"])
             job.report.resumed_layers += 1
@@ -237,23 +236,6 @@ def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list
         if bar is not None:
             bar.update(1)
     return StoredWeights(work.store, stored) if subject.streamed else None
-
-
-def _restore(job: Job, plan: Plan, params: Params, weights: dict[str, Any]) -> None:
-    """Put a finished block's stored weights back (dequantized) into ``params``."""
-    index = {path: i for i, path in enumerate(params.paths)}
-    for name, qw in weights.items():
-        expert = None if name in index else split_expert(name)  # a scanned layer's slice is a parameter of its own
-        if expert is None:
-            p = index[name]
-            params.leaves[p] = write_back(job.solver, qw, params.leaves[p], plan.w_axes[p], job.mesh)
-            job.weights[name], job.axes[name] = qw, plan.w_axes[p]
-            continue
-        path, axis, e = expert
-        p, axes = index[path], slice_axes(plan.w_axes[index[path]], axis)
-        part = write_back(job.solver, qw, lax.index_in_dim(params.leaves[p], e, axis, keepdims=False), axes, job.mesh)
-        params.leaves[p] = lax.dynamic_update_index_in_dim(params.leaves[p], part, e, axis)
-        job.weights[name], job.axes[name] = qw, axes
 
 
 def _quantize_block(job: Job, plans: list[Plan], opened: blocks_mod.OpenBlock, inputs: list[list[Any]],

@@ -9,13 +9,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from gptq_jax.core.config import QuantConfig
-from gptq_jax.engine.experts import solve_experts
+from gptq_jax.engine.experts import slice_axes, solve_experts, split_expert
 from gptq_jax.engine.plan import Plan, make_plan
 from gptq_jax.engine.report import QuantReport
 from gptq_jax.engine.rules import Rule, config_for
-from gptq_jax.engine.solve import Solver, solve_group
+from gptq_jax.engine.solve import Solver, solve_group, write_back
 from gptq_jax.engine.subject import Params, candidates
 from gptq_jax.engine.trace import trace
 
@@ -82,3 +83,21 @@ class Job:
                 for done in solved:
                     self.weights[done.name], self.axes[done.name] = done.weight, done.axes
                     self.report.linears.append(done.record)
+
+    def restore(self, plan: Plan, params: Params, weights: dict[str, Any]) -> None:
+        """Put a finished block's stored weights back (dequantized) into ``params``: whole parameters, a scanned
+        layer's slice (a parameter of its block) or one expert of a stack."""
+        index = {path: i for i, path in enumerate(params.paths)}
+        for name, qw in weights.items():
+            expert = None if name in index else split_expert(name)
+            if expert is None:
+                p = index[name]
+                params.leaves[p] = write_back(self.solver, qw, params.leaves[p], plan.w_axes[p], self.mesh)
+                self.weights[name], self.axes[name] = qw, plan.w_axes[p]
+                continue
+            path, axis, e = expert
+            p, axes = index[path], slice_axes(plan.w_axes[index[path]], axis)
+            part = write_back(self.solver, qw, lax.index_in_dim(params.leaves[p], e, axis, keepdims=False), axes,
+                              self.mesh)  # fmt: skip
+            params.leaves[p] = lax.dynamic_update_index_in_dim(params.leaves[p], part, e, axis)
+            self.weights[name], self.axes[name] = qw, axes
