@@ -64,6 +64,16 @@ DEFAULT_QUANT_CONFIG = QuantConfig()  # 4-bit, group 128, symmetric: the common 
 ERROR_SAMPLE_TOKENS = 512
 
 
+def _check_arguments(method: str, batch_size: Any, calib: Any) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if calib is None:
+        raise ValueError("calib is required: at least one batch, to find the model's matmuls (and, for GPTQ, "
+                         "their Hessians)")
+
+
 def quantize(
     model: Any,
     calib: Any,
@@ -101,14 +111,8 @@ def quantize(
     ``batch_size``, ``work_dir`` to resume, ``mesh``, ``load`` to stream an abstract NNX model, ``progress``)
     are described in docs/engine.md.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    _check_arguments(method, batch_size, calib)
     rules, the_solver = compile_rules(quant_config), as_solver(solver, method, gptaq_alpha)
-    if calib is None:
-        raise ValueError("calib is required: at least one batch, to find the model's matmuls (and, for GPTQ, "
-                         "their Hessians)")
     batches, masks, desc = calibration_batches(calib, batch_size)
     calib_leaves = [np.asarray(x) for b in batches for x in jax.tree.leaves(b)] if work_dir is not None else []
     if mesh is not None:
