@@ -6,8 +6,10 @@ interleaved in one period so that both see the same load.
 
 Each round runs both benchmarks in each tree, each as a fresh process (`nice -n 5`, `JAX_PLATFORMS=cpu`, the tree
 first on `PYTHONPATH`), alternating which tree goes first (base, head; head, base; ...) so that a load that drifts
-during a round falls on both. The head is the tree this script is in. Reports medians over rounds and the load
-average around every run; writes JSON to benchmarks/results/refactor_speed/refactor_speed_cpu.json.
+during a round falls on both. The head is the tree this script is in. Besides each benchmark's own timings it
+records the CPU time (user + system) of each run's process: on a machine shared with other work, wall time grows
+with the load, CPU time much less. Reports medians over rounds and the load average around every run; writes JSON
+to benchmarks/results/refactor_speed/refactor_speed_cpu.json.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,23 +41,30 @@ def run_benchmark(tree: Path, script: str, args: list[str]) -> dict:
         out = Path(d) / "result.json"
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tree)}
         cmd = ["nice", "-n", "5", sys.executable, f"benchmarks/{script}", *args, "--out", str(out)]
-        load_before, t0 = os.getloadavg()[0], time.perf_counter()
+        load_before, t0, cpu0 = os.getloadavg()[0], time.perf_counter(), _children_cpu()
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=3600)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
         if proc.returncode != 0:
             raise RuntimeError(f"{script} in {tree} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         result = json.loads(out.read_text())
-    return {"result": result, "wall_s": wall, "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0]}
+    return {"result": result, "wall_s": wall, "process_cpu_s": cpu, "load_1min_before": load_before,
+            "load_1min_after": os.getloadavg()[0]}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def gptq_row(run: dict) -> dict:
-    return {"x".join(map(str, r["shape"])): r["jax_s"] for r in run["result"]["results"]}
+    return {**{"x".join(map(str, r["shape"])): r["jax_s"] for r in run["result"]["results"]},
+            "process_cpu_s": run["process_cpu_s"]}
 
 
 def pipeline_row(run: dict) -> dict:
     r = run["result"]
     return {"quantize_s": r["quantize_seconds"], "solve_s": r["solve_seconds"],
-            "passes_s": r["quantize_seconds"] - r["solve_seconds"]}
+            "passes_s": r["quantize_seconds"] - r["solve_seconds"], "process_cpu_s": run["process_cpu_s"]}
 
 
 def medians(rows: list[dict]) -> dict:
@@ -84,8 +94,8 @@ def main(argv=None) -> int:
             for tree in order:
                 run = run_benchmark(trees[tree], script, bench_args)
                 runs[tree][script.removesuffix(".py")].append(run)
-                print(f"round {r} {tree:4} {script:18} {run['wall_s']:7.1f} s wall, load "
-                      f"{run['load_1min_before']:.1f} -> {run['load_1min_after']:.1f}", flush=True)
+                print(f"round {r} {tree:4} {script:18} {run['wall_s']:7.1f} s wall, {run['process_cpu_s']:7.1f} s CPU, "
+                      f"load {run['load_1min_before']:.1f} -> {run['load_1min_after']:.1f}", flush=True)
 
     summary = {}
     for tree in trees:
