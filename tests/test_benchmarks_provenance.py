@@ -4,6 +4,7 @@ written whole or not at all."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,32 @@ def test_a_failed_write_leaves_the_previous_result(tmp_path):
 def test_a_non_object_result_is_refused(tmp_path):
     with pytest.raises(TypeError, match="JSON object"):
         provenance.write_result(tmp_path / "r.json", [1, 2])
+
+
+RESULTS = REPO / "benchmarks" / "results"
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# Cited, but made before results recorded their commit and not rerun yet (issue 24): the GPTQModel seed runs and the
+# archived low-bit investigations behind the README's table. Remove a folder from here once its files are rerun.
+OWED = {"vs_gptqmodel", "scale_rounding_seeds", "paper_pipeline"}
+
+
+def test_every_cited_result_records_its_commit():
+    """A results JSON that the README or docs/ name records the commit it ran at (its ``provenance``)."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS)
+    cited = [f for f in sorted(RESULTS.rglob("*.json")) if f.name in text]
+    assert any(f.parent.name == "bench_gptq" for f in cited)  # the docs do cite results
+    unrecorded = [str(f.relative_to(RESULTS)) for f in cited if f.parent.name not in OWED
+                  and not (json.loads(f.read_text()).get("provenance") or {}).get("commit")]
+    assert unrecorded == []
+
+
+def test_every_cited_result_exists():
+    """``folder/file.json`` (or ``benchmarks/results/folder/file.json``) in the README or docs/, where ``folder`` is
+    a benchmark's results folder, names a file that is there: a result dropped from results/ is not cited as if it
+    were."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS)
+    folders = {p.name for p in RESULTS.iterdir() if p.is_dir()}
+    named = re.findall(r"`(?:benchmarks/results/)?([a-z0-9_]+)/([A-Za-z0-9_.-]+\.json)`", text)
+    assert named
+    missing = [f"{d}/{n}" for d, n in named if d in folders and not (RESULTS / d / n).is_file()]
+    assert missing == []

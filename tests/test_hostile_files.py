@@ -104,7 +104,17 @@ def test_model_safetensors_wins_over_an_index(tiny, tmp_path, kind):
 # Cases 4 and 5: a model file rewritten or truncated while `quantize` runs
 
 
-def rewrite_after_layer_0(monkeypatch, file: Path, how: str) -> None:
+def first_byte_of_layer_1(file: Path) -> int:
+    """Where the data of the first ``model.layers.1.*`` tensor starts: cut there, every layer-1 read is past the end."""
+    from gptq_jax.models.safetensors_file import SafetensorsFile
+
+    with SafetensorsFile(file) as f:
+        return min(f.info(n).start for n in f.keys() if n.startswith("model.layers.1."))
+
+
+def rewrite_after_layer_0(monkeypatch, file: Path, how: str, marker: Path | None = None) -> None:
+    """Once layer 0 is saved (layer 1 not yet read): change layer 1's bytes in place, or truncate the file before
+    layer 1's data. ``marker`` gets the file's size afterwards, so a test can tell that the rewrite happened."""
     real = ResumeStore.save
 
     def save(self, index, *a, **k):
@@ -121,8 +131,9 @@ def rewrite_after_layer_0(monkeypatch, file: Path, how: str) -> None:
                     f.write((tensors[name] * 2).tobytes())
                 os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
             else:
-                with open(file, "r+b") as f:
-                    f.truncate(st.st_size // 2)
+                os.truncate(file, first_byte_of_layer_1(file))
+            if marker is not None:
+                marker.write_text(str(os.path.getsize(file)))
 
     monkeypatch.setattr(ResumeStore, "save", save)
 
@@ -146,23 +157,41 @@ import pytest
 from test_hostile_files import rewrite_after_layer_0
 from gptq_jax import cli
 mp = pytest.MonkeyPatch()
-rewrite_after_layer_0(mp, Path({file!r}), "truncate")
+rewrite_after_layer_0(mp, Path({file!r}), "truncate", Path({marker!r}))
 sys.exit(cli.main({argv!r}))
 """
 
+SIGBUS = (-7, 128 + 7)  # killed by the signal (Python's subprocess), or a shell's report of it
+
+
+def run_script(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python, its temporary files under ``tmp_path/tmp`` (so a test can see what it left)."""
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp_path / "tmp")}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode not in SIGBUS, f"killed by SIGBUS (exit {proc.returncode}): a memory map of the file"
+    return proc
+
 
 def test_truncation_during_quantize_is_a_message_not_sigbus(tiny, tmp_path):
-    """Case 5: the weights were memory-mapped, so a truncating rewrite killed the run with SIGBUS (exit 135)."""
+    """Case 5: the weights were memory-mapped, so a truncating rewrite killed the run with SIGBUS (exit 135). Here the
+    file is cut before layer 1's data once layer 0 is done, so reading layer 1 from a map would touch pages past the
+    end; the run must stop with one line naming the file, and write nothing to OUT_DIR."""
     root, model_dir, args, _ = tiny
     model = copy(model_dir, tmp_path / "model")
-    argv = ["quantize", str(model), str(tmp_path / "q"), *args]
-    script = TRUNCATE.format(tests=str(Path(__file__).parent), file=str(model / "model.safetensors"), argv=argv)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    file, marker, out = model / "model.safetensors", tmp_path / "truncated", tmp_path / "q"
+    cut = first_byte_of_layer_1(file)
+    assert file.stat().st_size - cut > 2 * 4096  # whole pages past the cut: a map would fault on them
+    argv = ["quantize", str(model), str(out), *args]
+    script = TRUNCATE.format(tests=str(Path(__file__).parent), file=str(file), marker=str(marker), argv=argv)
+    proc = run_script(script, tmp_path)
+    assert marker.read_text() == str(cut), "the file was not truncated during the run"
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = one_line(proc.stderr)
-    assert "model.safetensors changed while it was being read" in line
-    assert not (tmp_path / "q").exists()
+    assert f"{file} changed while it was being read (size" in line and "nothing was written" in line, line
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -512,6 +541,52 @@ def test_convert_gguf_onto_a_full_disk(tiny_gguf, tmp_path, capsys, monkeypatch)
     assert ".partial-" not in line and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+CHANGE_GGUF = """
+import os, sys
+from pathlib import Path
+import gptq_jax.io.gguf as mod
+from gptq_jax import cli
+real = mod.checked_metadata
+
+def checked_then_changed(f, header):
+    meta = real(f, header)  # the header is walked and every check passed; no tensor data has been read yet
+    first = min(t.start for t in f.tensors)
+    if {how!r} == "truncate":
+        os.truncate(f.path, first)  # every tensor's data is now past the end of the file
+    else:
+        with open(f.path, "r+b") as out:  # same size, other bytes (a new mtime)
+            out.seek(first)
+            out.write(os.urandom(1024))
+    Path({marker!r}).write_text(str(os.path.getsize(f.path)))
+    return meta
+
+mod.checked_metadata = checked_then_changed
+sys.exit(cli.main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("how", ["truncate", "rewrite"])
+def test_gguf_changed_during_convert_is_a_message_not_sigbus(tiny_gguf, tmp_path, how):
+    """The tensors were read through the `gguf` package's memory map of the file: a GGUF truncated after the header
+    was checked killed convert-gguf with SIGBUS. Now tensors are read with plain reads, each checked against the file
+    as it was opened: one line naming the file, nothing written, no temporary file left."""
+    from gptq_jax.io.gguf_file import GGUFFile
+
+    path, marker, out = tmp_path / "x.gguf", tmp_path / "changed", tmp_path / "out"
+    shutil.copy(tiny_gguf, path)
+    with GGUFFile(path) as f:
+        first = min(t.start for t in f.tensors)
+    assert path.stat().st_size - first > 2 * 4096  # whole pages past the cut: a map would fault on them
+    proc = run_script(CHANGE_GGUF.format(how=how, marker=str(marker), argv=["convert-gguf", str(path), str(out)]),
+                      tmp_path)
+    assert marker.read_text() == str(first if how == "truncate" else tiny_gguf.stat().st_size)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = one_line(proc.stderr)
+    assert f"{path} changed while it was being read" in line and "nothing was written" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["x.gguf", "changed", "tmp"])
+    assert list((tmp_path / "tmp").iterdir()) == []  # the metadata's private copy is gone too
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fuzzing: every parser we own, on random inputs. Each must return or raise one of the errors the CLI reports on one
 # line (ValueError, OSError), with a one-line message naming the file, within a time bound (hypothesis' deadline)
@@ -690,10 +765,11 @@ def test_fuzz_tokenizer_files(transformers_loaded, valid_config, tokenizer, toke
 @given(data=st.data())
 def test_fuzz_gguf(tiny_gguf, data):
     """Random byte edits and truncations of a tiny GGUF file, through everything convert-gguf does before writing:
-    the header walk, the reader, the metadata and shape checks."""
+    the header walk, the reader (on the metadata's copy), the metadata and shape checks."""
     import tempfile
 
-    from gptq_jax.io.gguf import _metadata, _open, check_metadata
+    from gptq_jax.io.gguf import checked_metadata
+    from gptq_jax.io.gguf_file import GGUFFile
 
     raw = bytearray(tiny_gguf.read_bytes())
     header_end = min(len(raw), 4096)  # the edits that matter fall in the header and metadata
@@ -711,9 +787,8 @@ def test_fuzz_gguf(tiny_gguf, data):
         file.write_bytes(bytes(raw))
 
         def convert_checks():
-            reader = _open(file)
-            shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
-            check_metadata(_metadata(reader), shapes, file)
+            with GGUFFile(file) as f, f.metadata_copy() as header:
+                checked_metadata(f, header)
 
         expect_clean(convert_checks, file)
 

@@ -3,6 +3,7 @@ engine knowing no model family."""
 
 from __future__ import annotations
 
+import ast
 import re
 import tokenize
 from pathlib import Path
@@ -36,3 +37,22 @@ def test_engine_knows_no_model_family():
             names = [t.string for t in tokenize.tokenize(fh.readline) if t.type == tokenize.NAME]
         family = [n for n in names if re.search(r"llama|q_proj|self_attn|decoder|qwen|gemma", n, re.IGNORECASE)]
         assert family == [], f"{f.name}: {family}"
+
+
+MAX_FUNCTION_LINES = 80  # about a screen: a function longer than that is several functions (HOUSE_STYLE.md, 12)
+
+
+def test_no_library_function_is_longer_than_a_screen():
+    """Every function and method in ``gptq_jax`` and ``pallas_kernels``, from its ``def`` line to its last line
+    (docstring and nested functions included), fits in ``MAX_FUNCTION_LINES``."""
+    long = []
+    for pkg in (PKG, PKG.parent / "pallas_kernels"):
+        files = sorted(pkg.rglob("*.py"))
+        assert files, pkg
+        for f in files:
+            for node in ast.walk(ast.parse(f.read_text(), str(f))):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        long.append(f"{f.relative_to(pkg.parent)}:{node.lineno} {node.name} ({n} lines)")
+    assert long == []

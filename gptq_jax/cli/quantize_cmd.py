@@ -290,18 +290,28 @@ def _mesh_and_batch(args: argparse.Namespace) -> tuple[object, int]:
 
 
 def _run(args: argparse.Namespace, work: Path | None) -> int:
-    import jax.numpy as jnp
-    import numpy as np
+    import jax
 
-    from gptq_jax.core.calibration import random_windows
+    qc = _quant_config(args)
+    mesh, batch_size = _mesh_and_batch(args)
+    model, config, load, tok = _open_model(args, work)
+    calib = _calibration(args, tok, config, batch_size)
+    t0 = time.perf_counter()
+    result = _quantize_with_progress(args, model, calib, qc, mesh=mesh, batch_size=batch_size, work=work, load=load)
+    seconds = time.perf_counter() - t0
+    if jax.process_index() != 0:  # process 0 writes OUT_DIR; the others keep their work until it is written
+        _after_save_of_process_0(work)
+        return 0
+    out = _save(args, result, qc, streamed=load is not None, seconds=seconds)
+    _after_save_of_process_0(work)
+    _summary(result.report, out, seconds)
+    return 0
+
+
+def _quant_config(args: argparse.Namespace):
     from gptq_jax.core.config import QuantConfig
-    from gptq_jax.engine.driver import quantize
-    from gptq_jax.io import text as data
-    from gptq_jax.io.checkpoint import save_quantized
-    from gptq_jax.models import load_pretrained, load_tokenizer, open_pretrained
-    from gptq_jax.models.qlinear import pack_model
 
-    qc = QuantConfig(
+    return QuantConfig(
         bits=args.bits,
         group_size=args.group_size,
         sym=args.sym,
@@ -312,26 +322,49 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         mse=args.mse,
         fp16_scales=not args.fp32_scales,
     )
-    mesh, batch_size = _mesh_and_batch(args)
+
+
+def _open_model(args: argparse.Namespace, work: Path | None):
+    """(model, config, load, tokenizer). GPTQ (with a work directory) streams: the model comes abstract, and
+    ``load`` reads one decoder layer at a time, finished ones going to the work directory; otherwise the model is
+    loaded whole and ``load`` is None."""
+    import jax.numpy as jnp
+
+    from gptq_jax.models import load_pretrained, load_tokenizer, open_pretrained
+
     check_model_config(args.model_dir)  # before transformers reads config.json for the tokenizer
     tok = load_tokenizer(args.model_dir)
     dtype = jnp.dtype(DTYPES[args.dtype])
     load = None
-    if work is not None:  # GPTQ streams: one decoder layer in memory at a time, finished ones in the work directory
+    if work is not None:
         model, config, load = open_pretrained(args.model_dir, dtype=dtype, check_values=True)
     else:
         model, config = load_pretrained(args.model_dir, dtype=dtype)
     if args.method != "rtn" and args.seqlen > config.max_position_embeddings:
         raise CommandError(f"--seqlen {args.seqlen} exceeds the model's context of {config.max_position_embeddings}")
+    return model, config, load, tok
 
-    if args.method != "rtn":
-        text = data.load_text(args.calib) if args.calib is not None else data.default_calibration_text()
-        ids = data.check_token_ids(data.tokenize(tok, text), config.vocab_size, source="the calibration text's tokens")
-        calib = random_windows(ids, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-        logger.info("calibration: %d windows of %d tokens from %d tokens of text", args.nsamples, args.seqlen, ids.size)
-    else:  # round-to-nearest reads no data: short windows only show the engine the model's matmuls
-        calib = np.zeros((batch_size, 8), np.int32)
-    t0 = time.perf_counter()
+
+def _calibration(args: argparse.Namespace, tok, config, batch_size: int):
+    """The calibration windows, int32 ``[nsamples, seqlen]``, from ``--calib`` or the default text."""
+    import numpy as np
+
+    from gptq_jax.core.calibration import random_windows
+    from gptq_jax.io import text as data
+
+    if args.method == "rtn":  # round-to-nearest reads no data: short windows only show the engine the model's matmuls
+        return np.zeros((batch_size, 8), np.int32)
+    text = data.load_text(args.calib) if args.calib is not None else data.default_calibration_text()
+    ids = data.check_token_ids(data.tokenize(tok, text), config.vocab_size, source="the calibration text's tokens")
+    calib = random_windows(ids, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    logger.info("calibration: %d windows of %d tokens from %d tokens of text", args.nsamples, args.seqlen, ids.size)
+    return calib
+
+
+def _quantize_with_progress(args: argparse.Namespace, model, calib, qc, *, mesh, batch_size: int,
+                            work: Path | None, load):
+    """``quantize`` under a progress bar over layers and the stall watchdog (``--stall-timeout``)."""
+    from gptq_jax.engine.driver import quantize
 
     def advice() -> str:
         n = _finished_layers(work)
@@ -358,17 +391,22 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
             load=load,
         )
         bar.done()
-    seconds = time.perf_counter() - t0
-    import jax
+    return result
 
-    if jax.process_index() != 0:  # process 0 writes OUT_DIR; the others keep their work until it is written
-        _after_save_of_process_0(work)
-        return 0
-    if load is None:
+
+def _save(args: argparse.Namespace, result, qc, *, streamed: bool, seconds: float) -> Path:
+    """OUT_DIR, with the run's report as ``quant_report.json``. A streamed run's model holds float weights and
+    ``result.weights`` the quantized ones; otherwise the model's linears are packed in place first."""
+    import jax.numpy as jnp
+
+    from gptq_jax.io.checkpoint import save_quantized
+    from gptq_jax.models.qlinear import pack_model
+
+    if not streamed:
         pack_model(result.model, result.weights)
     report = result.report.to_json()
     report.update(model=str(args.model_dir), seconds_total=seconds)
-    out = save_quantized(
+    return save_quantized(
         result.model,
         args.out_dir,
         quant_config=qc,
@@ -377,11 +415,8 @@ def _run(args: argparse.Namespace, work: Path | None) -> int:
         tokenizer_dir=args.model_dir,
         overwrite=args.overwrite,
         extra_files={"quant_report.json": json.dumps(report, indent=1)},
-        weights=None if load is None else result.weights,
+        weights=result.weights if streamed else None,
     )
-    _after_save_of_process_0(work)
-    _summary(result.report, out, seconds)
-    return 0
 
 
 def _after_save_of_process_0(work: Path | None) -> None:

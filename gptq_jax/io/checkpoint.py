@@ -360,12 +360,20 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     qc = read_quantization_config(path)
-    bits, group_size, fmt = int(qc["bits"]), int(qc["group_size"]), qc["checkpoint_format"]
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"{path}: bits={bits} is not supported (2, 3, 4 or 8)")
+    if int(qc["bits"]) not in (2, 3, 4, 8):
+        raise ValueError(f"{path}: bits={int(qc['bits'])} is not supported (2, 3, 4 or 8)")
     config = ModelConfig.from_json(path)
     dtype = jnp.dtype(dtype)
+    raw = _read_all_tensors(path)
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state))
+    quantized = _place_quantized_linears(model, raw, path, qc, config, dtype)  # takes their tensors out of raw
+    _fill_unquantized(model, raw, path, config, dtype, quantized)
+    return model, config
 
+
+def _read_all_tensors(path: str) -> dict[str, np.ndarray]:
     raw: dict[str, np.ndarray] = {}
     for file in weight_files(path):
         with SafetensorsFile(file) as f:
@@ -374,25 +382,31 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
                     raise ValueError(f"{path}: tensor {name} is stored twice (again in {file})")
                 raw[name] = f.read(name)
                 check_finite(raw[name], name, file)  # a NaN scale would otherwise run silently to NaN logits
+    return raw
 
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state))
 
-    # Quantized linears first: every HF module with a qweight.
+def _linear_at(model: LlamaForCausalLM, name: str, path: str) -> tuple[Any, str, Linear]:
+    """(parent module, attribute, the ``Linear`` there) for the HF module ``name`` of a ``.qweight``."""
+    parent_path, _, attr = name.removeprefix("model.").rpartition(".")
+    try:
+        parent = module_at(model, parent_path) if re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name) else None
+    except (AttributeError, IndexError, TypeError):
+        parent = None
+    old = getattr(parent, attr, None)
+    if not isinstance(old, Linear):
+        raise ValueError(f"{path}: quantized tensor {name}.qweight has no place in this model")
+    return parent, attr, old
+
+
+def _place_quantized_linears(model: LlamaForCausalLM, raw: dict[str, np.ndarray], path: str, qc: dict[str, Any],
+                             config: ModelConfig, dtype: Any) -> set[str]:
+    """Every HF module with a ``qweight`` becomes a ``QuantLinear`` in ``model``; its tensors are taken out of
+    ``raw``. Returns the NNX paths of those modules."""
     quant_names = sorted({n[: -len(".qweight")] for n in raw if n.endswith(".qweight")})
     if not quant_names:
         raise ValueError(f"{path}: quantization_config is present but no tensor ends in .qweight")
     for name in quant_names:
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-        parent_path, _, attr = name.removeprefix("model.").rpartition(".")
-        try:
-            parent = module_at(model, parent_path) if m is not None else None
-        except (AttributeError, IndexError, TypeError):
-            parent = None
-        old = getattr(parent, attr, None)
-        if not isinstance(old, Linear):
-            raise ValueError(f"{path}: quantized tensor {name}.qweight has no place in this model")
+        parent, attr, old = _linear_at(model, name, path)
         missing = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales") if f"{name}.{s}" not in raw]
         if missing:
             raise ValueError(f"{path}: missing tensor(s) {missing}")
@@ -402,14 +416,19 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
             {s: raw.pop(f"{name}.{s}") for s in (*_QUANT_SUFFIXES, "bias") if f"{name}.{s}" in raw},
             in_features=old.in_features,
             out_features=old.out_features,
-            bits=bits,
-            group_size=group_size,
-            checkpoint_format=fmt,
+            bits=int(qc["bits"]),
+            group_size=int(qc["group_size"]),
+            checkpoint_format=qc["checkpoint_format"],
             dtype=dtype,
         )
         setattr(parent, attr, lin)
+    return {n.removeprefix("model.") for n in quant_names}
 
-    # Then every unquantized tensor, through the model's name table.
+
+def _fill_unquantized(model: LlamaForCausalLM, raw: dict[str, np.ndarray], path: str, config: ModelConfig,
+                      dtype: Any, quantized: set[str]) -> None:
+    """Every other tensor of ``raw`` into its parameter, through the model's name table; then every parameter
+    outside the ``quantized`` modules must have been filled."""
     _, state = nnx.split(model)
     slots = {".".join(str(p) for p in key): var for key, var in nnx.to_flat_state(state)}
     filled = set()
@@ -434,11 +453,9 @@ def load_quantized(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> tupl
             )
         var.set_value(jnp.asarray(a, dtype))
         filled.add(target)
-    quantized = {n.removeprefix("model.") for n in quant_names}
     unfilled = [t for t in slots if t not in filled and not _owner(t, quantized)]
     if unfilled:
         raise ValueError(f"{path}: {len(unfilled)} tensor(s) missing from the checkpoint, e.g. {unfilled[:5]}")
-    return model, config
 
 
 __all__ = [

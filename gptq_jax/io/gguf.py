@@ -2,7 +2,9 @@
 
 The default model (SmolLM2-135M-Instruct) ships as a GGUF file with Q4_1 weights. GPTQ needs
 full-precision weights to start from, so `convert_gguf` dequantizes every tensor to float32 with
-the `gguf` package and writes what `transformers` (and `gptq_jax.models.load_pretrained`) read:
+the `gguf` package and writes what `transformers` (and `gptq_jax.models.load_pretrained`) read.
+The file itself is read with plain reads, never memory-mapped (`gptq_jax.io.gguf_file`), so a file
+truncated or rewritten during the conversion ends it with a message, and nothing is written:
 
     OUT_DIR/config.json               LlamaConfig built from the `llama.*` metadata
     OUT_DIR/generation_config.json    bos / eos / pad token ids
@@ -26,7 +28,6 @@ import json
 import logging
 import os
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from gptq_jax.io.gguf_file import GGUFError, GGUFFile, GGUFTensor
 from gptq_jax.models.checkpoint_dir import CheckpointDirError, naming, save_safetensors, staging, swap_into_place
 from gptq_jax.models.checkpoint_dir import check_out_dir as check_out_dir_rules
 from gptq_jax.models.config_schema import Field, check_config
@@ -41,13 +43,8 @@ from gptq_jax.models.llama import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
 # Bump when the files `convert_gguf` writes change, so cached conversions (gptq_jax.io.default_model) are redone.
 CONVERSION_VERSION = 1
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be converted: not GGUF, not Llama, an unsupported tensor or type."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,120 +115,15 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _open(path: Path):
-    """A `gguf.GGUFReader` for `path`, after checking that it is a GGUF file at all and that its header's counts
-    fit in the file (`check_header`): the reader allocates what a count says before it finds out."""
+def read_metadata(header: Path, path: Path) -> dict[str, Any]:
+    """Scalar and short metadata fields as Python values (the long tokenizer arrays are skipped), read with
+    `gguf.GGUFReader` from ``header``, the private copy `GGUFFile.metadata_copy` made of ``path``'s metadata."""
     import gguf
 
-    if not path.is_file():
-        raise GGUFError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise GGUFError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    check_header(path)
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises bare ValueError/IndexError on corrupt files
-        raise GGUFError(f"{path} could not be read as GGUF: {e}") from e
-
-
-# GGUF value type -> size in bytes (strings: 8 + length; arrays: 12 + their elements)
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-_MAX_NESTING = 4
-
-
-class _Cursor:
-    """Reads a GGUF header from a file, every length and count checked against the bytes left before it is used."""
-
-    def __init__(self, f, size: int, path: Path):
-        self.f, self.size, self.path, self.pos = f, size, path, 0
-
-    def fail(self, what: str) -> GGUFError:
-        return GGUFError(f"{self.path} is corrupt: {what} (at byte {self.pos:,} of {self.size:,})")
-
-    def need(self, n: int, what: str) -> None:
-        if n < 0 or self.pos + n > self.size:
-            raise self.fail(f"{what} needs {n:,} bytes, {self.size - self.pos:,} are left")
-
-    def unpack(self, fmt: str, what: str) -> int:
-        n = struct.calcsize(fmt)
-        self.need(n, what)
-        self.f.seek(self.pos)
-        self.pos += n
-        return struct.unpack(fmt, self.f.read(n))[0]
-
-    def skip(self, n: int, what: str) -> None:
-        self.need(n, what)
-        self.pos += n
-
-    def string(self, what: str) -> None:
-        self.skip(self.unpack("<Q", f"the length of {what}"), what)
-
-    def value(self, vtype: int, what: str, depth: int = 0) -> None:
-        if vtype in _SCALAR_SIZES:
-            self.skip(_SCALAR_SIZES[vtype], what)
-        elif vtype == _STRING:
-            self.string(what)
-        elif vtype == _ARRAY:
-            etype = self.unpack("<I", f"the element type of {what}")
-            count = self.unpack("<Q", f"the element count of {what}")
-            smallest = _SCALAR_SIZES.get(etype, 8 if etype == _STRING else 12)
-            self.need(count * smallest, f"{what}'s {count:,} elements")  # before any element is read
-            if etype in _SCALAR_SIZES:
-                self.skip(count * smallest, what)
-            elif depth >= _MAX_NESTING:
-                raise self.fail(f"{what} nests arrays more than {_MAX_NESTING} deep")
-            else:
-                for _ in range(count):
-                    self.value(etype, what, depth + 1)
-        else:
-            raise self.fail(f"{what} has an unknown value type {vtype}")
-
-
-def check_header(path: Path) -> None:
-    """Walk the GGUF header (metadata and tensor infos) without keeping any of it, checking that every string
-    length, array count and tensor count fits in the bytes that are left, and every tensor's data lies in the
-    file; a `GGUFError` naming the file otherwise."""
-    import gguf
-
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        c = _Cursor(f, size, path)
-        c.skip(4, "the magic")
-        version = c.unpack("<I", "the version")
-        if version not in (2, 3):
-            raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        n_tensors = c.unpack("<Q", "the tensor count")
-        n_kv = c.unpack("<Q", "the metadata count")
-        c.need(n_kv * 13 + n_tensors * 24, f"{n_kv:,} metadata entries and {n_tensors:,} tensor infos")
-        for i in range(n_kv):
-            c.string(f"metadata key {i}")
-            c.value(c.unpack("<I", f"the type of metadata entry {i}"), f"metadata entry {i}")
-        infos = []
-        for i in range(n_tensors):
-            c.string(f"the name of tensor {i}")
-            n_dims = c.unpack("<I", f"the rank of tensor {i}")
-            if not 1 <= n_dims <= 4:
-                raise c.fail(f"tensor {i} has {n_dims} dimensions (1 to 4)")
-            dims = [c.unpack("<Q", f"a dimension of tensor {i}") for _ in range(n_dims)]
-            qtype = c.unpack("<I", f"the type of tensor {i}")
-            offset = c.unpack("<Q", f"the data offset of tensor {i}")
-            infos.append((i, dims, qtype, offset))
-        data_start = -(-c.pos // 32) * 32  # the default alignment; the reader checks a declared one itself
-        for i, dims, qtype, offset in infos:
-            try:
-                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-            except (ValueError, KeyError):
-                raise c.fail(f"tensor {i} has an unknown type {qtype}") from None
-            n = int(np.prod(dims, dtype=object))
-            if n % block or data_start + offset + n // block * type_size > size:
-                raise c.fail(f"tensor {i} ({' x '.join(map(str, dims))}) does not fit in the file")
-
-
-def _metadata(reader) -> dict[str, Any]:
-    """Scalar and short metadata fields as Python values (the long tokenizer arrays are skipped)."""
+        reader = gguf.GGUFReader(header)
+    except Exception as e:  # the reader raises bare ValueError/KeyError on a corrupt header
+        raise GGUFError(f"{path} could not be read as GGUF: {e}") from None
     out = {}
     for key, field in reader.fields.items():
         if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "merges", "token_type", "scores")):
@@ -301,13 +193,13 @@ def _check_architecture(meta: dict[str, Any], path: Path) -> None:
         raise GGUFError(f"{path}: architecture {arch!r} is not supported; only 'llama' GGUF files can be converted")
 
 
-def _check_dequantizable(reader, path: Path) -> None:
+def _check_dequantizable(tensors: list[GGUFTensor], path: Path) -> None:
     """Fail before any work if some tensor's type cannot be dequantized by the `gguf` package."""
     import gguf
 
     seen = {}
-    for t in reader.tensors:
-        seen.setdefault(t.tensor_type, t.name)
+    for t in tensors:
+        seen.setdefault(gguf.GGMLQuantizationType(t.qtype), t.name)
     for qtype, name in seen.items():
         _, type_size = gguf.GGML_QUANT_SIZES[qtype]
         try:  # dequantizing one zero block is the cheapest reliable "is this type supported?"
@@ -377,53 +269,65 @@ def check_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], pat
                             "(embedding_length, head counts, key_length, feed_forward_length)")
 
 
-def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """All tensors of a Llama GGUF file as float32 numpy arrays under HF names, and its metadata.
+def checked_metadata(f: GGUFFile, header: Path) -> dict[str, Any]:
+    """The metadata of ``f`` (read from ``header``, its `metadata_copy`), checked before any tensor is read: a Llama
+    model, every tensor type dequantizable, the fields config.json needs in bounds and matching the tensors' shapes.
 
     The metadata also gets `gguf.tensor_types`: GGUF tensor type name -> number of tensors.
-
-    Q and K projections are returned in HF's layout (the llama.cpp permutation undone).
     """
     import gguf
 
-    path = Path(path)
-    reader = _open(path)
-    meta = _metadata(reader)
+    path = Path(f.path)
+    meta = read_metadata(header, path)
     _check_architecture(meta, path)
-    _check_dequantizable(reader, path)
-    check_metadata(meta, {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}, path)
+    _check_dequantizable(f.tensors, path)
+    check_metadata(meta, {t.name: t.shape for t in f.tensors}, path)
+    meta["gguf.tensor_types"] = dict(Counter(gguf.GGMLQuantizationType(t.qtype).name for t in f.tensors))
+    return meta
+
+
+def dequantized_tensors(f: GGUFFile, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every tensor of ``f`` as float32 under its HF name, Q and K projections in HF's layout (the llama.cpp
+    permutation undone). Each tensor's bytes are read with a plain read, checked against the file as it was opened."""
+    import gguf
+
+    path = Path(f.path)
     n_head = int(_required(meta, "llama.attention.head_count", path))
     n_head_kv = int(meta.get("llama.attention.head_count_kv", n_head))
-
     tensors = {}
-    for t in reader.tensors:
+    for t in f.tensors:
         if t.name == "rope_freqs.weight":
             raise GGUFError(f"{path}: per-dimension rope frequencies (Llama 3.1 rope scaling) are not supported")
         name = hf_tensor_name(t.name)
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF ne is innermost-first
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        w = gguf.quants.dequantize(f.read(t), gguf.GGMLQuantizationType(t.qtype))
+        w = w.astype(np.float32, copy=False).reshape(t.shape)
         if t.name.startswith("blk.") and ".attn_q." in t.name:
             w = unpermute_rotary(w, n_head)
         elif t.name.startswith("blk.") and ".attn_k." in t.name:
             w = unpermute_rotary(w, n_head_kv)
         tensors[name] = np.ascontiguousarray(w)
-    if "model.embed_tokens.weight" not in tensors:
-        raise GGUFError(f"{path}: no token_embd.weight tensor; not a complete Llama model")
-    meta["gguf.tensor_types"] = dict(Counter(t.tensor_type.name for t in reader.tensors))
-    return tensors, meta
+    f.check_unchanged()  # the metadata and every tensor came from the file as it was opened
+    return tensors
 
 
-def _write_tokenizer(gguf_path: Path, out_dir: Path, meta: dict[str, Any]) -> bool:
-    """Rebuild the fast tokenizer from the GGUF tokenizer metadata with transformers and save it."""
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """All tensors of a Llama GGUF file as float32 numpy arrays under HF names (`dequantized_tensors`), and its
+    metadata (`checked_metadata`)."""
+    with GGUFFile(path) as f, f.metadata_copy() as header:
+        meta = checked_metadata(f, header)
+        return dequantized_tensors(f, meta), meta
+
+
+def _write_tokenizer(header: Path, gguf_path: Path, out_dir: Path, meta: dict[str, Any]) -> bool:
+    """Rebuild the fast tokenizer from the GGUF tokenizer metadata (in ``header``, the private copy of
+    ``gguf_path``'s metadata: transformers memory-maps what it reads) with transformers and save it."""
     if "tokenizer.ggml.model" not in meta:
         logger.warning("%s has no tokenizer metadata; writing the model without a tokenizer", gguf_path)
         return False
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(
-            str(gguf_path.parent.resolve()), gguf_file=gguf_path.name, local_files_only=True
-        )
+        tok = AutoTokenizer.from_pretrained(str(header.parent), gguf_file=header.name, local_files_only=True)
     except Exception as e:  # transformers knows fewer tokenizer models than GGUF can hold
         raise GGUFError(f"{gguf_path}: transformers could not build a tokenizer from the GGUF metadata: {e}") from e
     if "llama.context_length" in meta:
@@ -462,27 +366,28 @@ def convert_gguf(
 
     Raises:
       GGUFError: not a GGUF file, not the llama architecture, a tensor type the `gguf` package
-        cannot dequantize, an unknown tensor name, or a non-empty `out_dir` without `overwrite`.
+        cannot dequantize, an unknown tensor name, a non-empty `out_dir` without `overwrite`, or a file that
+        changed while it was being read.
     """
     gguf_path = Path(gguf_path)
     out_dir = check_out_dir(out_dir, gguf_path=gguf_path, overwrite=overwrite, option=overwrite_option)
-    tensors, meta = read_tensors(gguf_path)
-    tied = "lm_head.weight" not in tensors
-    vocab_size = tensors["model.embed_tokens.weight"].shape[0]
-    config = hf_config(meta, tied=tied, vocab_size=vocab_size, path=gguf_path)
-    if "model.layers.0.self_attn.q_proj.bias" in tensors:
-        config["attention_bias"] = True
-    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
-
-    with staging(out_dir) as tmp_name:
-        tmp = Path(tmp_name)
-        save_safetensors(tensors, str(tmp / "model.safetensors"), str(out_dir / "model.safetensors"))
-        for name, obj in (("config.json", config), ("generation_config.json", generation)):
-            with naming(str(out_dir / name)):
-                _write_json(tmp / name, obj)
-        with naming(str(out_dir)):
-            wrote_tokenizer = _write_tokenizer(gguf_path, tmp, meta) if tokenizer else False
-        swap_into_place(tmp_name, out_dir)
+    with GGUFFile(gguf_path) as f, f.metadata_copy() as header:
+        meta = checked_metadata(f, header)
+        tensors = dequantized_tensors(f, meta)
+        tied = "lm_head.weight" not in tensors
+        config = hf_config(meta, tied=tied, vocab_size=tensors["model.embed_tokens.weight"].shape[0], path=gguf_path)
+        if "model.layers.0.self_attn.q_proj.bias" in tensors:
+            config["attention_bias"] = True
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        with staging(out_dir) as tmp_name:
+            tmp = Path(tmp_name)
+            save_safetensors(tensors, str(tmp / "model.safetensors"), str(out_dir / "model.safetensors"))
+            for name, obj in (("config.json", config), ("generation_config.json", generation)):
+                with naming(str(out_dir / name)):
+                    _write_json(tmp / name, obj)
+            with naming(str(out_dir)):
+                wrote_tokenizer = _write_tokenizer(header, gguf_path, tmp, meta) if tokenizer else False
+            swap_into_place(tmp_name, out_dir)
     logger.info("converted %s -> %s (%d tensors)", gguf_path, out_dir, len(tensors))
     return ConversionReport(
         out_dir=out_dir,

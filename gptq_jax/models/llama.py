@@ -166,61 +166,15 @@ class ModelConfig:
         """Reads a transformers ``config.json`` dict (v4 ``rope_scaling``/``rope_theta`` or v5 ``rope_parameters``)."""
         check_config(d, MODEL_CONFIG, "")
         arch = _architecture_of(d)
-
-        def get(key: str, default: Any = ..., kind: type | tuple[type, ...] = int) -> Any:
-            if key not in d or d[key] is None:
-                if default is ...:
-                    raise ValueError(f"config for {arch} lacks required field {key!r}")
-                return default
-            v = d[key]
-            ok = isinstance(v, kind) and not (isinstance(v, bool) and bool not in _as_tuple(kind))
-            if not ok:
-                raise ValueError(f"config field {key!r} must be {_type_names(kind)}, got {v!r}")
-            return v
-
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act={act!r} is not supported (the Llama family uses 'silu')")
-        if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
-            raise ValueError(f"partial_rotary_factor={d['partial_rotary_factor']} is not supported (only 1.0)")
-
-        hidden = get("hidden_size")
-        heads = get("num_attention_heads")
+        _check_unsupported(d)
+        get = _ConfigFields(d, arch)
+        hidden, heads = get("hidden_size"), get("num_attention_heads")
         if not hidden > 0 or not heads > 0:
             raise ValueError(f"hidden_size={hidden} and num_attention_heads={heads} must be positive")
         theta, rope_scaling = _rope_of(d)
-
-        qkv_bias = o_bias = mlp_bias = qk_norm = False
-        if arch == "LlamaForCausalLM":
-            qkv_bias = o_bias = get("attention_bias", False, bool)
-            mlp_bias = get("mlp_bias", False, bool)
-        elif arch == "Qwen2ForCausalLM":
-            qkv_bias = True  # fixed by Qwen2's modeling code, whatever attention_bias says
-        elif arch == "Qwen3ForCausalLM":
-            qkv_bias = o_bias = get("attention_bias", False, bool)
-            qk_norm = True
-
-        window, layer_types = None, None
-        if arch == "MistralForCausalLM":
-            window = get("sliding_window", None) if "sliding_window" in d else 4096  # MistralConfig's default
-        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and get("use_sliding_window", False, bool):
-            window = get("sliding_window", None)
-            if window is not None:
-                n = get("num_hidden_layers")
-                lt = d.get("layer_types")
-                if lt is None:
-                    first = get("max_window_layers", 28)
-                    lt = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-                if not isinstance(lt, list | tuple) or not all(isinstance(x, str) for x in lt):
-                    raise ValueError(f"config field 'layer_types' must be a list of strings, got {lt!r}")
-                layer_types = tuple(lt)
-
-        eos = d.get("eos_token_id")
-        if isinstance(eos, list):  # Llama 3 instruct lists several stop tokens
-            eos = tuple(eos)
-        for key, ids in (("bos_token_id", d.get("bos_token_id")), ("eos_token_id", eos)):
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in _as_tuple(ids or ())):
-                raise ValueError(f"config field {key!r} must be an int or a list of ints, got {ids!r}")
+        qkv_bias, o_bias, mlp_bias, qk_norm = _biases_of(get, arch)
+        window, layer_types = _sliding_window_of(get, d, arch)
+        bos, eos = _token_ids_of(d)
         return cls(
             architecture=arch,
             vocab_size=get("vocab_size"),
@@ -241,7 +195,7 @@ class ModelConfig:
             qk_norm=qk_norm,
             sliding_window=window,
             layer_types=layer_types,
-            bos_token_id=d.get("bos_token_id"),
+            bos_token_id=bos,
             eos_token_id=eos,
         )
 
@@ -311,6 +265,78 @@ class ModelConfig:
         elif self.layer_types is not None:
             raise ValueError(f"{arch} has no sliding window attention")
         return d
+
+
+class _ConfigFields:
+    """``get(key, default, kind)``: a config.json field of type ``kind``, ``default`` when absent or null (a required
+    field when there is no default), an error naming the field otherwise."""
+
+    def __init__(self, d: Mapping[str, Any], arch: str):
+        self.d, self.arch = d, arch
+
+    def __call__(self, key: str, default: Any = ..., kind: type | tuple[type, ...] = int) -> Any:
+        if key not in self.d or self.d[key] is None:
+            if default is ...:
+                raise ValueError(f"config for {self.arch} lacks required field {key!r}")
+            return default
+        v = self.d[key]
+        if not isinstance(v, kind) or (isinstance(v, bool) and bool not in _as_tuple(kind)):
+            raise ValueError(f"config field {key!r} must be {_type_names(kind)}, got {v!r}")
+        return v
+
+
+def _check_unsupported(d: Mapping[str, Any]) -> None:
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r} is not supported (the Llama family uses 'silu')")
+    if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+        raise ValueError(f"partial_rotary_factor={d['partial_rotary_factor']} is not supported (only 1.0)")
+
+
+def _biases_of(get: _ConfigFields, arch: str) -> tuple[bool, bool, bool, bool]:
+    """(q/k/v bias, o_proj bias, MLP bias, q/k norm) as each architecture's modeling code decides them."""
+    qkv_bias = o_bias = mlp_bias = qk_norm = False
+    if arch == "LlamaForCausalLM":
+        qkv_bias = o_bias = get("attention_bias", False, bool)
+        mlp_bias = get("mlp_bias", False, bool)
+    elif arch == "Qwen2ForCausalLM":
+        qkv_bias = True  # fixed by Qwen2's modeling code, whatever attention_bias says
+    elif arch == "Qwen3ForCausalLM":
+        qkv_bias = o_bias = get("attention_bias", False, bool)
+        qk_norm = True
+    return qkv_bias, o_bias, mlp_bias, qk_norm
+
+
+def _sliding_window_of(
+    get: _ConfigFields, d: Mapping[str, Any], arch: str
+) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding window, per-layer attention types): Mistral slides every layer; Qwen2/3 only with
+    ``use_sliding_window``, and then per ``layer_types`` or from ``max_window_layers`` on."""
+    if arch == "MistralForCausalLM":
+        return (get("sliding_window", None) if "sliding_window" in d else 4096), None  # MistralConfig's default
+    if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") or not get("use_sliding_window", False, bool):
+        return None, None
+    window = get("sliding_window", None)
+    if window is None:
+        return None, None
+    lt = d.get("layer_types")
+    if lt is None:
+        first = get("max_window_layers", 28)
+        lt = ["sliding_attention" if i >= first else "full_attention" for i in range(get("num_hidden_layers"))]
+    if not isinstance(lt, list | tuple) or not all(isinstance(x, str) for x in lt):
+        raise ValueError(f"config field 'layer_types' must be a list of strings, got {lt!r}")
+    return window, tuple(lt)
+
+
+def _token_ids_of(d: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(bos_token_id, eos_token_id); Llama 3 instruct lists several stop tokens, kept as a tuple."""
+    eos = d.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = tuple(eos)
+    for key, ids in (("bos_token_id", d.get("bos_token_id")), ("eos_token_id", eos)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in _as_tuple(ids or ())):
+            raise ValueError(f"config field {key!r} must be an int or a list of ints, got {ids!r}")
+    return d.get("bos_token_id"), eos
 
 
 def _is_positive_number(v: Any) -> bool:

@@ -201,21 +201,35 @@ def open_pretrained(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = ModelConfig.from_json(path)
+    _check_not_quantized(path)
+    files = weight_files(path)
+    _check_layer_count(config, files, path)
+
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    _, abstract_state = nnx.split(abstract)
+    shapes = {_dotted(p): tuple(v.shape) for p, v in nnx.to_flat_state(abstract_state)}  # NNX path -> shape
+    plan = _read_plan(files, shapes, config, path, strict)
+    digests = _first_read_digests(files, plan) if check_values else {}
+    return abstract, config, _streaming_loader(path, files, plan, digests, dtype)
+
+
+def _check_not_quantized(path: str) -> None:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         if "quantization_config" in json.load(f):
             raise ValueError(
                 f"{path} is a quantized checkpoint (config.json has quantization_config); "
                 "load_pretrained reads unquantized float checkpoints only"
             )
-    files = weight_files(path)
-    _check_layer_count(config, files, path)
 
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    slots = {_dotted(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}  # NNX path -> (key, abstract var)
 
-    # Pass 1: headers only. Every name, shape and dtype problem is reported before we read any data.
-    plan: dict[str, tuple[str, str, bool]] = {}  # NNX path -> (file, HF name, transpose)
+_Plan = dict[str, tuple[str, str, bool]]  # NNX path -> (file, HF name, transpose)
+
+
+def _read_plan(files: list[str], shapes: dict[str, tuple[int, ...]], config: ModelConfig, path: str,
+               strict: bool) -> _Plan:
+    """Pass 1, headers only: where each NNX parameter (path -> shape) is read from. Every name, shape and dtype
+    problem is reported before any data is read."""
+    plan: _Plan = {}
     unexpected: list[str] = []
     for file in files:
         with _open(file) as f:
@@ -226,21 +240,27 @@ def open_pretrained(
                 if mapped is not None and mapped[0] == "lm_head.kernel" and config.tie_word_embeddings:
                     log.info("%s: tied embeddings, ignoring lm_head.weight", path)
                     continue
-                if mapped is None or mapped[0] not in slots:
+                if mapped is None or mapped[0] not in shapes:
                     unexpected.append(name)
                     continue
                 target, transpose = mapped
                 if target in plan:
                     raise ValueError(f"tensor {name} is stored twice: in {plan[target][0]} and {file}")
                 st_dtype, shape = f.info(name).dtype, f.info(name).shape
-                want = tuple(slots[target][1].shape)
-                want = want[::-1] if transpose else want
+                want = shapes[target][::-1] if transpose else shapes[target]
                 if shape != want:
                     raise ValueError(f"tensor {name} has shape {shape}, config.json implies {want}")
                 if st_dtype not in _ST_DTYPES:
                     raise ValueError(f"tensor {name} has dtype {st_dtype}; expected one of {sorted(_ST_DTYPES)}")
                 plan[target] = (file, name, transpose)
-    missing = [nnx_to_hf(t)[0] for t in slots if t not in plan]
+    _check_complete(plan, shapes, unexpected, config, path, strict)
+    return plan
+
+
+def _check_complete(plan: _Plan, shapes: dict[str, tuple[int, ...]], unexpected: list[str], config: ModelConfig,
+                    path: str, strict: bool) -> None:
+    """Every parameter found a tensor; tensors with no place are an error (a warning with ``strict=False``)."""
+    missing = [nnx_to_hf(t)[0] for t in shapes if t not in plan]
     if missing:
         raise ValueError(
             f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:10])}"
@@ -253,16 +273,24 @@ def open_pretrained(
         )
         if strict:
             raise ValueError(msg + " (pass strict=False to skip them)")
-        warnings.warn(msg + "; skipped", stacklevel=2)
+        warnings.warn(msg + "; skipped", stacklevel=4)
 
-    digests: dict[str, str] = {}  # NNX path -> digest of its bytes when first read
-    if check_values:
-        for file in files:
-            with _open(file) as f:
-                for target, (_, name, _) in ((t, v) for t, v in plan.items() if v[0] == file):
-                    x, digests[target] = f.read(name, want_digest=True)
-                    check_finite(x, name, file)
-                    del x
+
+def _first_read_digests(files: list[str], plan: _Plan) -> dict[str, str]:
+    """Every tensor read once, one at a time, checked for NaN/Inf: NNX path -> digest of its bytes, so that a later
+    read of a rewritten file is caught."""
+    digests: dict[str, str] = {}
+    for file in files:
+        with _open(file) as f:
+            for target, (_, name, _) in ((t, v) for t, v in plan.items() if v[0] == file):
+                x, digests[target] = f.read(name, want_digest=True)
+                check_finite(x, name, file)
+                del x
+    return digests
+
+
+def _streaming_loader(path: str, files: list[str], plan: _Plan, digests: dict[str, str],
+                      dtype: Any) -> Callable[[list[str]], dict[str, np.ndarray]]:
     opened = {file: _open(file) for file in files}  # kept open: each read is checked against the file as opened
 
     def load(paths: list[str]) -> dict[str, np.ndarray]:
@@ -281,7 +309,7 @@ def open_pretrained(
             del x
         return values
 
-    return abstract, config, load
+    return load
 
 
 MAX_TOKENIZER_JSON_BYTES = 128 * 2**20  # the largest real tokenizer.json files are a few tens of MB

@@ -1,15 +1,13 @@
 """Reading safetensors files with plain reads, each read checked against the file as it was opened.
 
-``safetensors.safe_open`` memory-maps the file: if the file is truncated while mapped (a download or a copy
-rewriting it), touching a page past the new end kills the process with SIGBUS, with no message. And a file rewritten in
-place while a long run reads it a block at a time would mix old and new weights. So the loaders read through here:
+``safetensors.safe_open`` memory-maps the file, so a truncation while mapped means SIGBUS, and a rewrite in place
+mixes old and new weights (``checked_file`` says more). So the loaders read through here:
 
 - the header (an 8-byte little-endian length, then JSON) is parsed with bounds: its length against the file size,
   each tensor's dtype, shape and byte range against each other and the data section, before anything is allocated;
-- each tensor is read with ``os.pread`` (a short read is an error, not a signal);
-- ``check_unchanged`` compares the file's size, modification time and inode with what they were at open, and
-  ``read`` can compare each tensor's bytes with a digest taken earlier, so a rewrite during a run stops it with a
-  message naming the file.
+- each tensor is read with ``CheckedFile.read_into`` (``os.preadv``, after comparing the file's size, modification
+  time and inode with what they were at open), and ``read`` can compare each tensor's bytes with a digest taken
+  earlier, so a rewrite during a run stops it with a message naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +20,8 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 import numpy as np
+
+from gptq_jax.models.checked_file import CheckedFile
 
 # safetensors dtype -> numpy dtype
 DTYPES = {
@@ -48,27 +48,17 @@ class TensorInfo:
     end: int
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
 def digest(data: bytes | memoryview) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-class SafetensorsFile:
+class SafetensorsFile(CheckedFile):
     """One safetensors file: ``keys()``, ``info(name)``, ``read(name)``; usable as a context manager."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        super().__init__(path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise ValueError(f"cannot open {self.path}: {e.strerror or e}") from None
-        try:
-            st = os.fstat(self._fd)
-            self.identity = _identity(st)
-            self.tensors = self._parse_header(st.st_size)
+            self.tensors = self._parse_header(self.size)
         except BaseException:
             self.close()  # and mark it closed, so that __del__ cannot close a descriptor reused since
             raise
@@ -121,50 +111,15 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def check_unchanged(self) -> None:
-        """Raise ``ValueError`` if the file at ``path`` is no longer the file opened (size, mtime or inode)."""
-        try:
-            now = _identity(os.stat(self.path))
-        except OSError as e:
-            raise ValueError(f"{self.path} changed while it was being read ({e.strerror or e}); "
-                             "nothing was written: run again once the file is complete") from None
-        if now != self.identity or _identity(os.fstat(self._fd)) != self.identity:
-            was, is_ = self.identity, now
-            raise ValueError(
-                f"{self.path} changed while it was being read (size {was[0]:,} -> {is_[0]:,} bytes, modified "
-                "again); nothing was written: run again once the file is complete"
-            )
-
     def read(self, name: str, *, expect_digest: str | None = None, want_digest: bool = False):
         """Tensor ``name`` as a fresh numpy array (nothing stays mapped). With ``expect_digest`` (from an earlier
         ``want_digest=True`` read, which returns ``(array, digest)``), a tensor whose bytes changed since is an
         error."""
         t = self.tensors[name]
-        self.check_unchanged()
         out = np.empty(t.shape, DTYPES[t.dtype])
         buf = memoryview(out.reshape(-1).view(np.uint8))
-        done = 0
-        while done < len(buf):  # pread may return less than asked (at most ~2 GiB a call on Linux)
-            got = os.preadv(self._fd, [buf[done:]], t.start + done)
-            if got == 0:
-                raise ValueError(f"{self.path}: tensor {name} is cut short ({done:,} of {len(buf):,} bytes): the file "
-                                 "was truncated")
-            done += got
+        self.read_into(buf, t.start, f"tensor {name}")
         if expect_digest is not None and digest(buf) != expect_digest:
             raise ValueError(f"{self.path}: tensor {name} changed since it was first read (the file was rewritten "
                              "in place); nothing was written: run again once the file is complete")
         return (out, digest(buf)) if want_digest else out
-
-    def close(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:  # the streaming loader keeps its files open for as long as it is referenced
-        self.close()
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
