@@ -125,6 +125,19 @@ def _cuts(traced: Traced, paths: Sequence[str], members: list[list[int]], names:
     return firsts
 
 
+def _tail(traced: Traced, members: list[list[int]]) -> int | None:
+    """Where the program after the last block begins: its first equation, after the last block's last read of its
+    own parameters, that reads a parameter outside the blocks (a final norm, an output head). The last block stops
+    there; None when nothing after it reads a parameter (it then runs to the outputs). Nothing after the last block
+    is needed to quantize, and an output head would make each batch's logits (``[B, T, vocab]``) the block's
+    outputs, held for every batch at once."""
+    reads = _reads(traced)
+    mine = {p for m in members for p in m}
+    last = max(e for p in members[-1] for e in reads.get(p, []))
+    after = [e for p, es in reads.items() if p not in mine for e in es if e > last]
+    return min(after) if after else None
+
+
 def _aval_key(xs: Sequence[Any]) -> tuple:
     return tuple((tuple(jnp.shape(x)), jnp.dtype(jnp.result_type(x)).name) for x in xs)
 
@@ -139,6 +152,7 @@ class _Cut:
 
     traced: Traced
     cuts: list[int]
+    end: int | None = None  # where the last block stops (``_tail``); None: at the outputs
 
     @functools.cached_property
     def prefix(self) -> Callable[[list[Any], list[Any]], list[Any]]:
@@ -153,7 +167,7 @@ class _Cut:
         return fn
 
     def span(self, b: int) -> tuple[int, int | None]:
-        return self.cuts[b], self.cuts[b + 1] if b + 1 < len(self.cuts) else None
+        return self.cuts[b], self.cuts[b + 1] if b + 1 < len(self.cuts) else self.end
 
     @functools.cache  # noqa: B019 - one per batch shape, alive as long as the run
     def ins(self, b: int) -> list[Any]:
@@ -168,8 +182,8 @@ class _Cut:
 @dataclasses.dataclass
 class _Region:
     """Block ``path`` (the ``b``-th): in each batch shape's program, equations ``[cuts[b], cuts[b+1])`` (the last
-    block runs to the outputs), run from the values live at its cut. ``own``: its parameter leaves; ``others``:
-    parameters outside the blocks that it reads."""
+    block runs to ``_tail`` or the outputs), run from the values live at its cut. ``own``: its parameter leaves;
+    ``others``: parameters outside the blocks that it reads."""
 
     path: str
     b: int
@@ -241,7 +255,7 @@ def _cut_programs(params: Params, fwd: Callable, names: list[str], members: list
         if sig not in by_shape:
             traced = first if b == 0 else call_checked(lambda x=x: trace(fwd, params.leaves, params.tree, x),
                                                        f"calibration batch {b}", default_forward)
-            by_shape[sig] = _Cut(traced, _cuts(traced, params.paths, members, names))
+            by_shape[sig] = _Cut(traced, _cuts(traced, params.paths, members, names), _tail(traced, members))
     return list(by_shape.values()), by_shape
 
 
