@@ -47,6 +47,7 @@ def _peak_rss_mb() -> float:
 def _scanned_module():
     spec = importlib.util.spec_from_file_location("scanned_llama", REPO / "examples" / "scanned_llama.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # Linen's dataclass transform looks the module up by name
     spec.loader.exec_module(mod)
     return mod
 
