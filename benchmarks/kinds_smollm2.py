@@ -53,10 +53,26 @@ def _scanned_module():
 
 
 def _hf_flax(llama, model_dir: str):
-    """Hugging Face's FlaxLlamaForCausalLM holding our Llama's weights, as (params, forward)."""
+    """Hugging Face's FlaxLlamaForCausalLM holding our Llama's weights, as (params, forward).
+
+    transformers' Flax Llama builds its RoPE table with base 10000 whatever ``rope_theta`` says (SmolLM2's is
+    100000), so as shipped it is another model than the checkpoint: its float logits differ from PyTorch's and ours
+    by up to 16 (max |logit| 43). The table is built here with the config's base, so that every kind quantizes the
+    same float model; this corrects the third-party module, it does not touch gptq-jax."""
+    import jax.numpy as jnp
     from transformers import FlaxLlamaForCausalLM, LlamaConfig
+    from transformers.models.llama import modeling_flax_llama
 
     cfg = LlamaConfig.from_pretrained(model_dir)
+    theta = float(cfg.rope_theta)
+
+    def sinusoidal_positions(num_pos: int, dim: int):
+        inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2) / dim))
+        freqs = np.einsum("i , j -> i j", np.arange(num_pos), inv_freq).astype("float32")
+        emb = np.concatenate((freqs, freqs), axis=-1)
+        return jnp.asarray(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1))
+
+    modeling_flax_llama.create_sinusoidal_positions = sinusoidal_positions
     model = FlaxLlamaForCausalLM(cfg, _do_init=False)
     w = lambda lin: lin.kernel[...]  # noqa: E731 - (in, out) in both
     layers = {str(i): {
