@@ -102,12 +102,14 @@ $(COMPAT_STAMP): pyproject.toml
 
 compat-venv: $(COMPAT_STAMP)
 
-# The fast tests, the two small examples, and the demo at quick settings: a whole-model GPTQ of SmolLM2 (2 windows
+# The fast tests, the three small examples (scanned layers read the scan equation, whose parameters changed in
+# JAX 0.12), and the demo at quick settings: a whole-model GPTQ of SmolLM2 (2 windows
 # of 64 tokens), packed, saved, loaded back and evaluated and sampled.
 test-compat: $(COMPAT_STAMP)
 	JAX_PLATFORMS=cpu $(COMPAT_PY) $(PYTEST_FAST)
 	JAX_PLATFORMS=cpu $(COMPAT_PY) examples/own_nnx_model.py
 	JAX_PLATFORMS=cpu $(COMPAT_PY) examples/linen_model.py
+	JAX_PLATFORMS=cpu $(COMPAT_PY) examples/scanned_llama.py
 	JAX_PLATFORMS=cpu $(COMPAT_PY) examples/demo.py --nsamples 2 --seqlen 64 --eval-windows 2 \
 		--out $(COMPAT_VENV)/demo-out
 

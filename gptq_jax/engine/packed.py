@@ -37,7 +37,7 @@ from gptq_jax.core.quantizer import QuantizedWeight
 from gptq_jax.engine.experts import dequantized_stack, split_expert, stack_packed
 from gptq_jax.engine.scanned import split_slice_name
 from gptq_jax.engine.subject import Params
-from gptq_jax.engine.trace import CASTS, activation_rows, eval_jaxpr, run, trace
+from gptq_jax.engine.trace import CASTS, activation_rows, eval_jaxpr, run, scan_body, scan_layout, trace
 from pallas_kernels import PackedWeight, gptq_matmul, packing
 
 _ALIGN = 32  # K and N padded to a multiple of this, which every bit width packs into whole int32 words
@@ -212,19 +212,19 @@ def _packed_scan(eqn: Any, invals: list[Any]) -> list[Any]:
     """The scan run as ``lax.scan`` with the stacked packed weights scanned over and its body's matmuls on them
     replaced: the body is traced once, whatever the depth."""
     p = eqn.params
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = scan_layout(eqn)
     consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
     for x in (*consts, *carry):
         if isinstance(x, _PackedStack):
             raise NotImplementedError(f"{x.path}: a stacked quantized weight is a constant or the carried state of "
                                       "a scan, not scanned over; packed inference cannot slice it")
     stacked = [isinstance(x, _PackedStack) for x in xs]
-    body = p["jaxpr"]
+    body_jaxpr, body_consts = scan_body(eqn)
 
     def step(c: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
         args = [_PackedParam(v, st.shape, st.w_axes, tuple(range(len(st.shape)))) if k else v
                 for v, k, st in zip(x, stacked, xs, strict=True)]
-        outs = eval_jaxpr(body.jaxpr, body.consts, [*consts, *c, *args], _replace_eqn)
+        outs = eval_jaxpr(body_jaxpr, body_consts, [*consts, *c, *args], _replace_eqn)
         return outs[:nk], outs[nk:]
 
     c, ys = lax.scan(step, list(carry), [x.packed if k else x for x, k in zip(xs, stacked, strict=True)],

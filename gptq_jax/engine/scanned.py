@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gptq_jax.engine.subject import Params
-from gptq_jax.engine.trace import CASTS, Traced, bind_eqn, eval_jaxpr
+from gptq_jax.engine.trace import CASTS, Traced, bind_eqn, eval_jaxpr, scan_body, scan_layout
 
 _SLICE = re.compile(r"(?P<path>.*)\[(?P<i>\d+)\]")
 
@@ -84,7 +84,7 @@ def find_scans(traced: Traced, paths: Sequence[str]) -> list[Scan]:
             roots[eqn.outvars[0]] = roots[eqn.invars[0]]
         if name != "scan":
             continue
-        first_x = eqn.params["num_consts"] + eqn.params["num_carry"]
+        first_x = sum(scan_layout(eqn))
         leaves = tuple(dict.fromkeys(roots[v] for v in eqn.invars[first_x:] if not hasattr(v, "val") and v in roots))
         for p in leaves:
             if p in owner:
@@ -130,14 +130,14 @@ def _unroll_hook(eqn: Any, invals: list[Any]) -> list[Any] | None:
 def _unrolled_scan(eqn: Any, invals: list[Any]) -> list[Any]:
     """The scan's body run once per iteration, iteration i on slice i of each stacked operand."""
     p = eqn.params
-    nc, nk, n = p["num_consts"], p["num_carry"], p["length"]
+    (nc, nk), n = scan_layout(eqn), p["length"]
     consts, carry, xs = invals[:nc], list(invals[nc : nc + nk]), invals[nc + nk :]
     for where, vals in (("a constant of a scan's body", consts), ("a scan's carried state", carry)):
         for x in vals:
             if isinstance(x, _Stacked):
                 raise ScanError(f"{x.path}: scanned over as a stack of layers by one scan but {where} in another; "
                                 "the engine cannot cut that into blocks")
-    body = p["jaxpr"]
+    body_jaxpr, body_consts = scan_body(eqn)
     # The other scanned-over operands (per-layer keys, ids) are sliced, and the per-iteration outputs (ys) written,
     # at a counter carried from copy to copy, not at a constant index: the copies stay one program, which is what
     # lets the blocks share one plan.
@@ -147,7 +147,7 @@ def _unrolled_scan(eqn: Any, invals: list[Any]) -> list[Any]:
     for t, i in enumerate(range(n - 1, -1, -1) if p["reverse"] else range(n)):
         k = k if t == 0 else k + step
         x_i = [x.at(i) if isinstance(x, _Stacked) else lax.dynamic_index_in_dim(x, k, keepdims=False) for x in xs]
-        outs = eval_jaxpr(body.jaxpr, body.consts, [*consts, *carry, *x_i], _unroll_hook)
+        outs = eval_jaxpr(body_jaxpr, body_consts, [*consts, *carry, *x_i], _unroll_hook)
         carry = outs[:nk]
         ys = [lax.dynamic_update_index_in_dim(y, out, k, 0) for y, out in zip(ys, outs[nk:], strict=True)]
     return [*carry, *ys]

@@ -248,9 +248,27 @@ def _ragged_use(idx: int, eqn: Any, ref: _Ref) -> Use | str:
                ref.axes[rdn.rhs_group_dimensions[0]], rdn.lhs_ragged_dimensions[0], eqn.invars[2])
 
 
+def scan_layout(eqn: Any) -> tuple[int, int]:
+    """``(constants, carried values)``: how many of a ``scan`` equation's operands come before its scanned-over
+    ones. JAX up to 0.10 names the counts (``num_consts``, ``num_carry``); 0.12 gives the operand groups
+    (``ft_in``: constants, carry, scanned-over)."""
+    p = eqn.params
+    if "num_consts" in p:
+        return p["num_consts"], p["num_carry"]
+    groups = p["ft_in"]
+    consts, carry, _ = groups.unpack() if hasattr(groups, "unpack") else groups
+    return len(consts), len(carry)
+
+
+def scan_body(eqn: Any) -> tuple[Any, Sequence[Any]]:
+    """A ``scan`` equation's body as ``(jaxpr, consts)``: a closed jaxpr up to JAX 0.10, an open one in 0.12."""
+    body = eqn.params["jaxpr"]
+    return (body.jaxpr, body.consts) if isinstance(body, jcore.ClosedJaxpr) else (body, ())
+
+
 def scan_role(eqn: Any, k: int) -> str:
     """What operand ``k`` of a ``scan`` equation is to the scan, in words for a report."""
-    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    nc, nk = scan_layout(eqn)
     if k < nc:
         return ("a constant of its body: a scan over something other than stacked layers, e.g. time steps, "
                 "which the engine does not quantize")
