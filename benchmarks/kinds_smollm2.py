@@ -29,19 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import provenance
+from vs_gptqmodel import peak_rss_mb  # VmHWM of this process, not a parent's
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("nnx", "pytree", "linen-scan", "nnx-scan", "hf-flax")
 PPL_TOLERANCE = 0.01
 RSS_TOLERANCE = 1.2
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _scanned_module():
@@ -96,7 +89,7 @@ def _build(kind: str, model_dir: str):
 
     llama, _ = load_pretrained(model_dir)
     if kind == "nnx":
-        return llama, {}, lambda m: _nnx_forward(m)
+        return llama, {}, _nnx_forward
     if kind == "pytree":
         graphdef, params, rest = nnx.split(llama, nnx.Param, ...)
 
@@ -110,7 +103,7 @@ def _build(kind: str, model_dir: str):
         params = scanned.linen_params_from_llama(llama)
         return params, {"apply_fn": net.apply}, lambda p: _bind(lambda q, ids: net.apply({"params": q}, ids), p)
     if kind == "nnx-scan":
-        return scanned.nnx_from_llama(llama), {}, lambda m: _nnx_forward(m)
+        return scanned.nnx_from_llama(llama), {}, _nnx_forward
     if kind == "hf-flax":
         params, fwd = _hf_flax(llama, model_dir)
         return params, {"forward": fwd}, lambda p: _bind(fwd, p)
@@ -157,12 +150,12 @@ def child(args) -> int:
     t0 = time.perf_counter()
     res = quantize(target, calib, quant_config=qc, batch_size=args.batch_size, **kwargs)
     seconds = time.perf_counter() - t0
-    rss = _peak_rss_mb()
+    rss = peak_rss_mb()
     ppl = _perplexity(make_forward(res.model), windows)
     print(json.dumps({"kind": args.kind, "mode": res.report.mode, "weights": len(res.weights),
                       "unquantized": [list(u) if isinstance(u, tuple) else u for u in res.report.unquantized],
                       "perplexity": ppl, "quantize_seconds": seconds, "peak_rss_mb_quantize": rss,
-                      "peak_rss_mb": _peak_rss_mb()}))  # fmt: skip
+                      "peak_rss_mb": peak_rss_mb()}))  # fmt: skip
     return 0
 
 
