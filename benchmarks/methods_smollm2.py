@@ -103,6 +103,8 @@ def main(argv=None) -> int:
                 lines = res.report.linears
                 rows.append({
                     "setting": setting, "method": method, "seed": seed, "perplexity": p, "quantize_seconds": secs,
+                    # the solves alone; the rest is the calibration passes (two streams for GPTAQ and Qronos)
+                    "solve_seconds": sum(r["seconds"] for r in lines),
                     "fallbacks": res.report.fallbacks, "load_after": list(os.getloadavg()),
                     "gptq_objective_sum": sum(r.get("gptq_objective", float("nan")) for r in lines),
                     "cross_objective_sum": sum(r.get("cross_objective", float("nan")) for r in lines),

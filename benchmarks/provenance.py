@@ -65,17 +65,34 @@ def _jax_version() -> str | None:
     return jax.__version__
 
 
+def _tree() -> tuple[str | None, bool | None]:
+    """The checked-out commit and whether tracked files differ from it (None where git cannot say)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return _git("rev-parse", "HEAD"), None if status is None else bool(status)
+
+
 def start() -> dict:
-    """What to record before the timed work: the load average and the wall-clock time."""
-    return {"load_average": list(os.getloadavg()), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    """What to record before the timed work: the load average, the wall-clock time, and the commit and dirty flag
+    (a run of hours imports its code at the start, while the checkout may move on under it)."""
+    commit, dirty = _tree()
+    return {"load_average": list(os.getloadavg()), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": commit,
+            "dirty": dirty}
 
 
 def provenance(started: dict | None = None) -> dict:
-    """The record :func:`write_result` adds: commit, dirty flag, JAX version, device, load and command."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    """The record :func:`write_result` adds: commit, dirty flag, JAX version, device, load and command. The commit
+    and dirty flag are those at ``started`` where given (the code that ran); ``checkout_moved`` says the checkout
+    was at another commit or state by the time of writing."""
+    commit, dirty = _tree()
+    if started is not None and "commit" in started:
+        moved = (commit, dirty) != (started["commit"], started["dirty"])
+        commit, dirty = started["commit"], started["dirty"]
+    else:
+        moved = None
     return {
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": None if status is None else bool(status),
+        "commit": commit,
+        "dirty": dirty,
+        "checkout_moved": moved,
         "jax_version": _jax_version(),
         "device": _device(),
         "load_average_start": None if started is None else started["load_average"],

@@ -29,6 +29,15 @@ def test_write_result_records_the_commit_and_the_load(tmp_path):
     assert [f.name for f in path.parent.iterdir()] == ["r.json"]  # no temporary file left beside it
 
 
+def test_a_run_records_the_commit_it_started_at_when_the_checkout_moves(tmp_path, monkeypatch):
+    """A run of hours imports its code at the start; a commit checked out meanwhile is not the code that ran."""
+    states = iter([("a" * 40, False), ("b" * 40, True)])
+    monkeypatch.setattr(provenance, "_tree", lambda: next(states))
+    started = provenance.start()
+    p = json.loads(provenance.write_result(tmp_path / "r.json", {}, started=started).read_text())["provenance"]
+    assert (p["commit"], p["dirty"], p["checkout_moved"]) == ("a" * 40, False, True)
+
+
 def test_a_failed_write_leaves_the_previous_result(tmp_path):
     path = provenance.write_result(tmp_path / "r.json", {"v": 1})
     loop: dict = {}
