@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (one pair of runs each)")
     ap.add_argument("--noise", action="store_true", help="also a one-device run with 4 windows per pass, per seed")
     ap.add_argument("--out", type=Path, default=provenance.result_path("mesh_cli", "mesh_cli_cpu.json"))
+    ap.add_argument("--reuse", type=Path, help="a result of this script at the same settings: its runs are kept and "
+                    "not run again (e.g. to add the --noise runs to measured seeds)")
     args = ap.parse_args(argv)
     started = provenance.start()
     from gptq_jax.io.default_model import fetch_smollm2
@@ -76,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {},
         "tolerance": TOLERANCE,
     }  # fmt: skip
+    if args.reuse is not None:
+        payload["runs"], payload["reused"] = _reused(args.reuse, payload["config"])
     for seed in args.seeds:
         quant = ["--bits", "4", "--group-size", "128", "--sym", "--nsamples", str(args.nsamples),
                  "--seqlen", str(args.seqlen), "--seed", str(seed)]  # fmt: skip
-        results = payload["runs"][str(seed)] = {}
+        results = payload["runs"].setdefault(str(seed), {})
         for name, (env, extra) in runs.items():
+            if name in results:
+                continue
             results[name] = _quantize_and_eval(model_dir, name, env, base, [*quant, *extra], args)
             payload |= _gaps(payload["runs"])
             provenance.write_result(args.out, payload, started=started)
@@ -88,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in payload.items() if k != "runs"}, indent=1))
     print(f"wrote {path}")
     return 0 if payload["ok"] else 1
+
+
+def _reused(path: Path, config: dict) -> tuple[dict, dict]:
+    """The runs of an earlier result at the same settings, and where they came from (its provenance)."""
+    old = json.loads(path.read_text())
+    mine = {k: v for k, v in config.items() if k != "seeds"}
+    theirs = {k: v for k, v in old.get("config", {}).items() if k != "seeds"}
+    if mine != theirs:
+        raise SystemExit(f"--reuse {path}: its settings {theirs} are not these {mine}")
+    return old["runs"], {"file": path.name, "provenance": old.get("provenance")}
 
 
 def _quantize_and_eval(model_dir: str, name: str, env: dict, base: dict, quant: list[str], args) -> dict:
