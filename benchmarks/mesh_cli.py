@@ -129,9 +129,11 @@ def _gaps(runs: dict) -> dict:
     out = {"relative_perplexity_gap_per_seed": per_seed}
     done = [r for r in runs.values() if "1 device" in r and "mesh 4x2" in r]
     if done:
-        mean = {name: sum(r[name]["perplexity"] for r in done) / len(done) for name in ("1 device", "mesh 4x2")}
+        names = [n for n in done[0] if all(n in r for r in done)]  # the noise run too, once every seed has it
+        mean = {name: sum(r[name]["perplexity"] for r in done) / len(done) for name in names}
         out["mean_perplexity"] = mean
         out["relative_perplexity_gap_of_means"] = gap = mean["mesh 4x2"] / mean["1 device"] - 1
+        out["relative_gaps_of_means"] = {n: mean[n] / mean["1 device"] - 1 for n in names if n != "1 device"}
         out["ok"] = abs(gap) <= TOLERANCE
     else:
         out["ok"] = False
