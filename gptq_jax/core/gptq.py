@@ -134,6 +134,18 @@ def quantize_weight(w: jax.Array, h: jax.Array, config: QuantConfig) -> Quantize
     return out
 
 
+def checked_group(ws: Sequence[Any], h: Any, config: QuantConfig) -> tuple[list[jax.Array], jax.Array]:
+    """Weights that share a Hessian, and the Hessian, as arrays, each checked against the config and the others."""
+    ws = [jnp.asarray(w) for w in ws]
+    if not ws:
+        return ws, h
+    h = jnp.asarray(h)
+    for w in ws:
+        check_weight(w, config)
+        check_hessian(w, h)
+    return ws, h
+
+
 # Weights that share a Hessian are solved as one when their stacked rows hold at most this many values (512 MB in
 # f32 per copy of the solve's [K, N] state): one factorization and one column sweep instead of one per weight.
 FUSE_MAX_VALUES = 1 << 27
@@ -152,13 +164,9 @@ def quantize_weights(ws: Sequence[jax.Array], h: jax.Array, config: QuantConfig)
       h: float ``[K, K]``, their common Hessian.
       config: the grid and the solver's options, the same for every weight.
     """
-    ws = [jnp.asarray(w) for w in ws]
+    ws, h = checked_group(ws, h, config)
     if not ws:
         return []
-    h = jnp.asarray(h)
-    for w in ws:
-        check_weight(w, config)
-        check_hessian(w, h)
     out: list[QuantizedWeight] = []
     solve = _stacked_cpu if jax.default_backend() == "cpu" else _stacked_jit
     for part in fused_parts([int(w.shape[0]) for w in ws], int(h.shape[0])):

@@ -51,8 +51,7 @@ from gptq_jax.core.gptq import (
     GROUP_FIT,
     Order,
     assemble,
-    check_hessian,
-    check_weight,
+    checked_group,
     damped_factor,
     fused_parts,
     gptq_solve,
@@ -258,13 +257,9 @@ def quantize_weights_method(
       method: which solve.
       d: float ``[K, K]``, ``2/n (X_fp - X_q) X_q^T`` (``accumulate_cross``); needed unless the method is GPTQ.
     """
-    ws = [jnp.asarray(w) for w in ws]
+    ws, h = checked_group(ws, h, config)
     if not ws:
         return []
-    h = jnp.asarray(h)
-    for w in ws:
-        check_weight(w, config)
-        check_hessian(w, h)
     if method.needs_cross:
         d = jnp.asarray(d) if d is not None else None
         check_cross(h, d)

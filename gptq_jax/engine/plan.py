@@ -177,28 +177,41 @@ def _token_mask(x_shape: Sequence[int], use: Use, mask: jax.Array | None) -> jax
     return None
 
 
-def _hooks(plan: Plan, stage_ids: Sequence[int], lo: int, hi: int, hess: dict[int, Any], mask: Any) -> dict:
-    """``on_use`` hooks folding the activations at equations ``[lo, hi]`` into the Hessians of ``stage_ids``."""
+def _captures_by_eqn(plan: Plan, stage_ids: Sequence[int], lo: int, hi: int) -> dict[int, list[tuple[int, Use]]]:
+    """The captures of ``stage_ids`` at equations ``[lo, hi]``, by equation: one activation feeds every stage (and
+    weight) that reads it."""
     by_eqn: dict[int, list[tuple[int, Use]]] = {}
     for s in stage_ids:
         for u in plan.stages[s].captures:
             if lo <= u.eqn <= hi:
                 by_eqn.setdefault(u.eqn, []).append((s, u))
+    return by_eqn
+
+
+def _fold(use: Use, x: Any, stages: Sequence[int], hess: dict, mask: Any, cross: dict | None = None,
+          float_rows: Any = None) -> None:
+    """Fold activation ``x`` of capture ``use`` into the Hessians of ``stages`` (per expert for an expert matmul)
+    and, given the float stream's rows of the same activation, into their cross terms."""
+    if use.experts:  # routing differs between the streams: experts get their Hessians, no cross term
+        rows, m = expert_rows(use, x, mask)
+        for s in stages:
+            hess[s] = accumulate_expert_hessians(*hess[s], rows, m)
+        return
+    rows = activation_rows(x, use.x_axes)
+    m = _token_mask(x.shape, use, mask)
+    m = None if m is None else m.reshape(-1)
+    for s in stages:
+        hess[s] = accumulate_hessian(*hess[s], rows, m)
+        if cross is not None:
+            cross[s] = accumulate_cross(*cross[s], float_rows, rows, m)
+
+
+def _hooks(plan: Plan, stage_ids: Sequence[int], lo: int, hi: int, hess: dict[int, Any], mask: Any) -> dict:
+    """``on_use`` hooks folding the activations at equations ``[lo, hi]`` into the Hessians of ``stage_ids``."""
     hooks = {}
-    for e, items in by_eqn.items():
-
-        def fold(use, x, items=items):
-            if use.experts:
-                rows, m = expert_rows(use, x, mask)
-                for s, _ in items:
-                    hess[s] = accumulate_expert_hessians(*hess[s], rows, m)
-                return
-            rows = activation_rows(x, use.x_axes)
-            m = _token_mask(x.shape, use, mask)
-            for s, _ in items:
-                hess[s] = accumulate_hessian(*hess[s], rows, None if m is None else m.reshape(-1))
-
-        hooks[e] = (items[0][1], fold)
+    for e, items in _captures_by_eqn(plan, stage_ids, lo, hi).items():
+        stages = [s for s, _ in items]
+        hooks[e] = (items[0][1], lambda use, x, stages=stages: _fold(use, x, stages, hess, mask))
     return hooks
 
 
@@ -255,30 +268,16 @@ def _pair_hooks(plan: Plan, stage_ids: Sequence[int], lo: int, hi: int, hess: di
     """Hooks for a float run and a quantized run of the same equations: the float run records each activation at
     ``[lo, hi]``, the quantized run folds its own into the Hessians and the pair into the cross terms (GPTAQ,
     Qronos). The float run must go first."""
-    by_eqn: dict[int, list[tuple[int, Use]]] = {}
-    for s in stage_ids:
-        for u in plan.stages[s].captures:
-            if lo <= u.eqn <= hi:
-                by_eqn.setdefault(u.eqn, []).append((s, u))
     seen: dict[int, Any] = {}
     float_hooks, quant_hooks = {}, {}
-    for e, items in by_eqn.items():
+    for e, items in _captures_by_eqn(plan, stage_ids, lo, hi).items():
+        stages = [s for s, _ in items]
 
         def record(use, x, e=e):
             seen[e] = activation_rows(x, use.x_axes)
 
-        def fold(use, x, e=e, items=items):
-            if use.experts:  # routing differs between the streams: experts get their Hessians, no cross term
-                rows, m = expert_rows(use, x, mask)
-                for s, _ in items:
-                    hess[s] = accumulate_expert_hessians(*hess[s], rows, m)
-                return
-            rows = activation_rows(x, use.x_axes)
-            m = _token_mask(x.shape, use, mask)
-            m = None if m is None else m.reshape(-1)
-            for s, _ in items:
-                hess[s] = accumulate_hessian(*hess[s], rows, m)
-                cross[s] = accumulate_cross(*cross[s], seen[e], rows, m)
+        def fold(use, x, e=e, stages=stages):
+            _fold(use, x, stages, hess, mask, cross, seen.get(e))
 
         if not items[0][1].experts:
             float_hooks[e] = (items[0][1], record)
