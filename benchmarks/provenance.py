@@ -65,10 +65,16 @@ def _jax_version() -> str | None:
     return jax.__version__
 
 
-def _tree() -> tuple[str | None, bool | None]:
-    """The checked-out commit and whether tracked files differ from it (None where git cannot say)."""
+def _tree(own: Path | None = None) -> tuple[str | None, bool | None]:
+    """The checked-out commit and whether tracked files other than ``own`` (the result being written, which a run
+    rewrites as it goes) differ from it (None where git cannot say)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return _git("rev-parse", "HEAD"), None if status is None else bool(status)
+    if status is None:
+        return _git("rev-parse", "HEAD"), None
+    own = None if own is None else Path(own).resolve()
+    mine = str(own.relative_to(REPO)) if own is not None and own.is_relative_to(REPO) else None
+    changed = [line[3:] for line in status.splitlines() if line[3:] != mine]
+    return _git("rev-parse", "HEAD"), bool(changed)
 
 
 def start() -> dict:
@@ -79,11 +85,11 @@ def start() -> dict:
             "dirty": dirty}
 
 
-def provenance(started: dict | None = None) -> dict:
+def provenance(started: dict | None = None, own: Path | None = None) -> dict:
     """The record :func:`write_result` adds: commit, dirty flag, JAX version, device, load and command. The commit
     and dirty flag are those at ``started`` where given (the code that ran); ``checkout_moved`` says the checkout
     was at another commit or state by the time of writing."""
-    commit, dirty = _tree()
+    commit, dirty = _tree(own)
     if started is not None and "commit" in started:
         moved = (commit, dirty) != (started["commit"], started["dirty"])
         commit, dirty = started["commit"], started["dirty"]
@@ -121,7 +127,7 @@ def write_result(path: str | os.PathLike, payload: dict, *, started: dict | None
     rename. Creates the folder. Returns the path."""
     if not isinstance(payload, dict):
         raise TypeError(f"a benchmark result is a JSON object (dict), got {type(payload).__name__}")
-    record = {**payload, "provenance": provenance(started)}
+    record = {**payload, "provenance": provenance(started, Path(path))}
     return _write_atomic(Path(path), json.dumps(record, indent=1, default=str) + "\n")
 
 

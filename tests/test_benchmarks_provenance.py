@@ -32,10 +32,20 @@ def test_write_result_records_the_commit_and_the_load(tmp_path):
 def test_a_run_records_the_commit_it_started_at_when_the_checkout_moves(tmp_path, monkeypatch):
     """A run of hours imports its code at the start; a commit checked out meanwhile is not the code that ran."""
     states = iter([("a" * 40, False), ("b" * 40, True)])
-    monkeypatch.setattr(provenance, "_tree", lambda: next(states))
+    monkeypatch.setattr(provenance, "_tree", lambda own=None: next(states))
     started = provenance.start()
     p = json.loads(provenance.write_result(tmp_path / "r.json", {}, started=started).read_text())["provenance"]
     assert (p["commit"], p["dirty"], p["checkout_moved"]) == ("a" * 40, False, True)
+
+
+def test_the_result_being_rewritten_does_not_make_the_tree_dirty(monkeypatch):
+    """A run rewrites its own JSON after every row; only other changed files mean the code that ran was not HEAD."""
+    own = RESULTS / "bench" / "r.json"
+    status = f" M {own.relative_to(REPO)}"
+    monkeypatch.setattr(provenance, "_git", lambda *a: status if a[0] == "status" else "c" * 40)
+    assert provenance._tree(own) == ("c" * 40, False)
+    status += "\n M gptq_jax/core/gptq.py"
+    assert provenance._tree(own) == ("c" * 40, True)
 
 
 def test_a_failed_write_leaves_the_previous_result(tmp_path):
