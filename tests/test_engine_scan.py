@@ -295,6 +295,25 @@ def test_a_hand_written_lax_scan_over_stacked_params_is_quantized_layer_by_layer
                                rtol=1e-4, atol=1e-4)
 
 
+def test_donate_lets_go_of_the_callers_float_weights_and_gives_the_same_model():
+    """Without ``donate`` the caller's parameters stay as they were; with it each replaced float weight is given up
+    (a stack written in place, an unscanned leaf deleted), so the run holds one copy of the layers, and the result
+    is the same. Leaves the run does not replace (embedding, norms) stay the caller's."""
+    batches = _batches(n=1)
+    unrolled = lambda p: dict(p, layers={str(i): _slice(p["layers"], i) for i in range(LAYERS)})  # noqa: E731
+    for make, fwd, block in ((hand_params, hand_scanned, lambda t: t["layers"]),
+                             (lambda: unrolled(hand_params()), hand_unrolled, lambda t: t["layers"]["1"])):
+        kept, given = make(), make()
+        res = gptq_jax.quantize(kept, batches, forward=fwd, quant_config=QC)
+        res_d = gptq_jax.quantize(given, batches, forward=fwd, quant_config=QC, donate=True)
+        assert not any(x.is_deleted() for x in jax.tree.leaves(kept))
+        np.testing.assert_array_equal(np.asarray(block(kept)["q"]), np.asarray(block(make())["q"]))
+        assert all(block(given)[p].is_deleted() for p in PROJ)
+        assert not any(x.is_deleted() for x in (given["embed"], given["head"], block(given)["norm1"]))
+        for x, y in zip(jax.tree.leaves(res.model), jax.tree.leaves(res_d.model), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Blocks, rules, order, and what cannot be handled
 
@@ -436,7 +455,12 @@ def test_the_unrolled_model_computes_what_the_scanned_one_does(forward):
     params, b = Params.of(hand_params()), _batches(n=1)[0]
     view = unroll(params, forward, find_scans(trace(forward, params.leaves, params.tree, b), params.paths))
     assert view.params.paths.count("layers.q[2]") == 1
-    np.testing.assert_allclose(np.asarray(view.forward(view.params.leaves, b)),
+    leaves = [view.take(k) for k in range(len(view.params.leaves))]
+    np.testing.assert_allclose(np.asarray(view.forward(leaves, b)),
                                np.asarray(forward(params.unflatten(), b)), rtol=1e-5, atol=1e-5)
-    restacked = view.restack(view.params.leaves)
+    for k, x in enumerate(leaves):  # written back: the first write into a stack copies it, the later ones do not
+        if view.stacked(k):
+            view.put(k, x)
+    restacked = view.restack(leaves)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(restacked, params.leaves, strict=True))
+    assert not any(x.is_deleted() for x in params.leaves)  # the caller's stacks are its own

@@ -92,6 +92,7 @@ def quantize(
     progress: bool | Callable[[str], None] = False,
     mesh: Any = None,
     load: Callable[[list[str]], Mapping[str, Any]] | None = None,
+    donate: bool = False,
 ) -> QuantizeResult:
     """Quantize the matmul weights of a Flax model with GPTQ (or round-to-nearest, or ``solver``).
 
@@ -110,6 +111,9 @@ def quantize(
     (``engine.solve.Solver``, or a callable ``solve(ws, h, config)``). The other options (``true_sequential``,
     ``batch_size``, ``work_dir`` to resume, ``mesh``, ``load`` to stream an abstract NNX model, ``progress``)
     are described in docs/engine.md.
+    ``donate``: the caller gives the float parameters up (as with ``jax.jit``'s ``donate_argnums``): a parameter
+    pytree's arrays (a scanned NNX model's stacks) are deleted or overwritten as their quantized values replace them,
+    so the run holds one copy of the model, as an NNX model changed in place does, not the caller's and the result.
     """
     _check_arguments(method, batch_size, calib)
     rules, the_solver = compile_rules(quant_config), as_solver(solver, method, gptaq_alpha)
@@ -121,7 +125,7 @@ def quantize(
     t_start = time.perf_counter()
     bar, say = _progress(progress, method)
     job = Job(rules, the_solver, true_sequential, report, say, mesh=mesh)
-    subject = _open_subject(model, forward, apply_fn, blocks, load, work_dir, mesh, batches)
+    subject = _open_subject(model, forward, apply_fn, blocks, load, work_dir, mesh, batches, donate)
     for path, reason in subject.outside:
         job.note_unquantized(path, reason)
     if not any(config_for(rules, p) is not None for p in subject.matrices):
@@ -153,7 +157,8 @@ def quantize(
 
 
 def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | None, blocks: str | bool | None,
-                  load: Callable | None, work_dir: str | None, mesh: Any, batches: list) -> blocks_mod.Subject:
+                  load: Callable | None, work_dir: str | None, mesh: Any, batches: list,
+                  donate: bool = False) -> blocks_mod.Subject:
     if load is not None and (work_dir is None or not isinstance(model, nnx.Module) or blocks is False):
         raise ValueError("load= streams an NNX model block by block and keeps each finished block only in work_dir: "
                          "pass work_dir=, an nnx.Module, and not blocks=False")
@@ -165,7 +170,7 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
         if load is None and blocks is not False and (pattern is not None or not find_blocks(model, None)):
             # Layers stacked by nnx.vmap and run by nnx.scan are no submodules to find: the scan is found in the
             # traced program (engine.scanned), through the parameter-pytree path.
-            scanned = regions.nnx_scanned_subject(model, forward, pattern, batches)
+            scanned = regions.nnx_scanned_subject(model, forward, pattern, batches, donate)
             if scanned is not None:
                 return scanned
         return blocks_mod.nnx_subject(model, forward, blocks, load, mesh)
@@ -173,8 +178,9 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
         raise TypeError(f"model must be an nnx.Module, or a parameter pytree with apply_fn= (a Linen apply) or "
                         f"forward=f(params, batch); got {type(model).__name__} with neither")
     if forward is None:
-        return regions.pytree_subject(model, lambda p, b: apply_fn({"params": p}, b), blocks, batches, True)
-    return regions.pytree_subject(model, forward, blocks, batches, False)
+        return regions.pytree_subject(model, lambda p, b: apply_fn({"params": p}, b), blocks, batches, True,
+                                      donate=donate)
+    return regions.pytree_subject(model, forward, blocks, batches, False, donate=donate)
 
 
 def _progress(progress: bool | Callable[[str], None], method: str) -> tuple[Any, Callable[[str], None]]:

@@ -166,6 +166,11 @@ class _Cut:
 
         return fn
 
+    @functools.cached_property
+    def prefix_reads(self) -> set[int]:
+        """The parameter leaves the program before the first block reads."""
+        return {p for p, es in _reads(self.traced).items() if min(es) < self.cuts[0]}
+
     def span(self, b: int) -> tuple[int, int | None]:
         return self.cuts[b], self.cuts[b + 1] if b + 1 < len(self.cuts) else self.end
 
@@ -179,24 +184,66 @@ class _Cut:
         return live_at(self.traced, stop) if stop is not None else list(self.traced.jaxpr.jaxpr.outvars)
 
 
+class _Leaves:
+    """The parameter leaves of a run, as the blocks take and put them back: a scanned stack's slice is cut out of
+    its stack only while its block is open (``Unrolled.take``), so no second copy of the layers is held. With
+    ``donate`` the caller gives its float parameters up: each one replaced by its quantized value is deleted, so the
+    run holds one copy of the model, as an NNX model changed in place does. ``update(tree)``, after each write: the
+    caller's model (an NNX model changed in place) made to hold the parameters as they are now, so that it lets go
+    of the float arrays that were replaced."""
+
+    def __init__(self, leaves: list[Any], view: Unrolled | None, donate: bool,
+                 update: Callable[[list[Any]], None] | None) -> None:
+        self.leaves, self.view, self.donate, self.update = leaves, view, donate, update
+
+    def stacked(self, p: int) -> bool:
+        return self.view is not None and self.view.stacked(p)
+
+    def take(self, p: int) -> Any:
+        return self.view.take(p) if self.stacked(p) else self.leaves[p]
+
+    def put(self, p: int, x: Any) -> None:
+        if self.stacked(p):
+            self.view.put(p, x)
+        else:
+            old, self.leaves[p] = self.leaves[p], x
+            if self.donate and isinstance(old, jax.Array) and old is not x and all(y is not old for y in self.leaves):
+                old.delete()
+        if self.update is not None:
+            self.update(self.original())
+
+    def original(self) -> list[Any]:
+        """The leaves of the caller's tree, as written so far."""
+        return self.view.restack(self.leaves) if self.view is not None else list(self.leaves)
+
+    def all(self) -> list[Any]:
+        """Every leaf, each slice cut out of its stack (the one-shot mode runs the whole model at once)."""
+        return [self.take(p) for p in range(len(self.leaves))]
+
+
 @dataclasses.dataclass
 class _Region:
     """Block ``path`` (the ``b``-th): in each batch shape's program, equations ``[cuts[b], cuts[b+1])`` (the last
     block runs to ``_tail`` or the outputs), run from the values live at its cut. ``own``: its parameter leaves;
-    ``others``: parameters outside the blocks that it reads."""
+    ``others``: parameters outside the blocks that it reads. ``params`` and ``extra`` are taken from ``store`` when
+    the block opens and let go of when it closes."""
 
     path: str
     b: int
     programs: list[_Cut]
-    all_leaves: list[Any]
+    store: _Leaves
     all_paths: list[str]
     own: list[int]
     others: list[int]
+    params: Params | None = None
+    extra: list[Any] = dataclasses.field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.params = Params([self.all_leaves[p] for p in self.own], [self.all_paths[p] for p in self.own],
+    def open(self) -> _Region:
+        self.params = Params([self.store.take(p) for p in self.own], [self.all_paths[p] for p in self.own],
                              jax.tree.structure([0] * len(self.own)))
-        self.extra = [self.all_leaves[p] for p in self.others]
+        self.extra = [self.store.take(p) for p in self.others]
+        self._taken = list(self.params.leaves)
+        return self
 
     def _program(self, values: Sequence[Any]) -> _Cut:
         want = _aval_key(values)
@@ -242,8 +289,10 @@ class _Region:
         return list(outputs)
 
     def close(self, drop: Sequence[str]) -> None:
-        for p, x in zip(self.own, self.params.leaves, strict=True):
-            self.all_leaves[p] = x
+        for p, x, was in zip(self.own, self.params.leaves, self._taken, strict=True):
+            if x is not was:  # a leaf the block left as it was (a norm's scale) is not written back
+                self.store.put(p, x)
+        self.params, self.extra, self._taken = None, [], []
 
 
 def _cut_programs(params: Params, fwd: Callable, names: list[str], members: list[list[int]], batches: list[Any],
@@ -285,7 +334,7 @@ def _blocks(params: Params, view: Unrolled | None, blocks: str | bool | None, sc
 
 
 def _unrolled(params: Params, fwd: Callable, blocks: str | bool | None, batch: Any, default_forward: bool,
-              scan_only: bool) -> tuple[Unrolled | None, Traced | None]:
+              scan_only: bool, donate: bool) -> tuple[Unrolled | None, Traced | None]:
     """The model with its scans over stacked parameters unrolled (``engine.scanned``) and its program for
     ``batch``; ``(None, program as it is)`` when it has none or they cannot be unrolled (they then stay float,
     reported), or ``(None, None)`` with ``scan_only`` and no scans."""
@@ -295,7 +344,7 @@ def _unrolled(params: Params, fwd: Callable, blocks: str | bool | None, batch: A
         scans = find_scans(first, params.paths)
         if not scans:
             return None, None if scan_only else first
-        view = unroll(params, fwd, scans)
+        view = unroll(params, fwd, scans, donate)
         return view, call_checked(lambda: trace(view.forward, view.params.leaves, view.params.tree, batch),
                                   "calibration batch 0", default_forward)
     except ScanError as e:
@@ -307,17 +356,22 @@ def _unrolled(params: Params, fwd: Callable, blocks: str | bool | None, batch: A
 
 def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool | None, batches: list[Any],
                    default_forward: bool, *, finish: Callable[[Any], Any] | None = None, name: str | None = None,
-                   scan_only: bool = False) -> Subject | None:
+                   scan_only: bool = False, donate: bool = False, update: Callable[[Any], None] | None = None
+                   ) -> Subject | None:
     """A ``Subject`` of a parameter pytree run by ``fwd(params, batch)`` (see module docstring); a model that
     scans over stacked parameters is quantized as its unrolled view, one block per iteration
     (``engine.scanned``). ``finish(tree)`` makes the result from the quantized tree (default: the tree itself);
-    with ``scan_only``, None unless its blocks are the iterations of scans over its parameters."""
+    with ``scan_only``, None unless its blocks are the iterations of scans over its parameters. ``donate`` and
+    ``update(tree)``: see ``_Leaves``."""
     original = Params.of(tree)
-    view, first = _unrolled(original, fwd, blocks, batches[0], default_forward, scan_only)
+    view, first = _unrolled(original, fwd, blocks, batches[0], default_forward, scan_only, donate)
     if first is None:
         return None
     params, run_fwd = (view.params, view.forward) if view is not None else (original, fwd)
-    all_leaves = list(params.leaves)
+    treedef = original.tree
+    del original  # its leaves are the float stacks, which the run lets go of as it writes them
+    store = _Leaves(list(params.leaves), view, donate,
+                    None if update is None else lambda leaves: update(jax.tree.unflatten(treedef, leaves)))
     found = _blocks(params, view, blocks, scan_only)
     if found is None:
         return None
@@ -338,37 +392,41 @@ def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool
             start, stop = programs[0].span(b)
             end = len(programs[0].traced.eqns) if stop is None else stop
             others = sorted(p for p, es in reads.items() if p not in mine and any(start <= e < end for e in es))
-            regions.append(_Region(n, b, programs, all_leaves, params.paths, members[b], others))
+            regions.append(_Region(n, b, programs, store, params.paths, members[b], others))
 
     def catch_inputs(batches: list[Any]) -> list[list[Any]]:
         out = []
         for b, x in enumerate(batches):
             leaves = jax.tree.leaves(x)
             cut = by_shape[_aval_key(leaves)]
-            out.append(call_checked(lambda cut=cut, leaves=leaves: cut.prefix(all_leaves, leaves),
+            # The slices the program before the first block does not read stay in their stacks.
+            taken = [store.take(p) if p in cut.prefix_reads or not store.stacked(p) else None
+                     for p in range(len(store.leaves))]
+            out.append(call_checked(lambda cut=cut, leaves=leaves, taken=taken: cut.prefix(taken, leaves),
                                     f"calibration batch {b}", default_forward))
         return out
 
     def write(new: Params) -> None:
-        all_leaves[:] = new.leaves
+        for p, x in enumerate(new.leaves):
+            store.put(p, x)
 
     def result() -> Any:
-        out = original.unflatten(view.restack(all_leaves) if view is not None else all_leaves)
+        out = jax.tree.unflatten(treedef, store.original())
         return out if finish is None else finish(out)
 
     mine_paths = {params.paths[p] for p in mine}
     outside = [(p, why) for p, why in outside_blocks(params, []) if names and p not in mine_paths]
     return Subject(
         name=name or type(tree).__name__, shapes=params_shapes(tree),
-        blocks=[Block(r.path, (lambda r=r: r)) for r in regions], outside=outside,
-        one_shot=lambda: (run_fwd, Params(list(all_leaves), params.paths, params.tree)), write=write,
-        catch_inputs=catch_inputs, result=result, arrays=lambda: list(all_leaves),
+        blocks=[Block(r.path, r.open) for r in regions], outside=outside,
+        one_shot=lambda: (run_fwd, Params(store.all(), params.paths, params.tree)), write=write,
+        catch_inputs=catch_inputs, result=result, arrays=store.original,
         matrices=matrix_paths(params), default_forward=default_forward,
     )
 
 
 def nnx_scanned_subject(model: nnx.Module, forward: Callable | None, blocks: str | bool | None,
-                        batches: list[Any]) -> Subject | None:
+                        batches: list[Any], donate: bool = False) -> Subject | None:
     """An NNX model whose layers are stacked (``nnx.vmap``) and run by ``nnx.scan``, as its parameter state and a
     function of it: quantized through ``pytree_subject``, the result written back into the model. None unless the
     blocks (``blocks=``, or found) are the iterations of scans over its parameters."""
@@ -379,5 +437,8 @@ def nnx_scanned_subject(model: nnx.Module, forward: Callable | None, blocks: str
         nnx.update(model, new_state)
         return model
 
+    # The model is changed in place, as an NNX model quantized block by block is: it holds each stack as written so
+    # far, so the float stacks are let go of as the engine writes its own (one copy of the layers, not two).
     return pytree_subject(state, lambda st, batch: fwd(nnx.merge(graphdef, st, rest), batch), blocks, batches,
-                          forward is None, finish=finish, name=type(model).__name__, scan_only=True)
+                          forward is None, finish=finish, name=type(model).__name__, scan_only=True,
+                          donate=donate, update=lambda st: nnx.update(model, st))

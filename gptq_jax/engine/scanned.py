@@ -11,8 +11,10 @@ include parameter leaves ``[L, ...]``. ``find_scans`` finds them; ``unroll`` tur
   the program as any block is (``engine.regions``). The copies are the same program on the same shapes, so they
   share one plan and its compiled passes: compile time does not grow with depth.
 
-``Unrolled.restack`` puts the (quantized) slices back into the stacked arrays, so the caller keeps its scanned
-model. A stacked parameter the unrolling cannot follow (read outside the scan, or a scan's constant or carried
+A slice is cut out of its stack only when its block opens (``Unrolled.take``) and written back into the stack
+when the block is done (``Unrolled.put``, in place once the engine holds its own copy of the stack), so the caller
+keeps its scanned model and the run holds no second copy of the layers (``Unrolled.restack``: the stacks as
+written). A stacked parameter the unrolling cannot follow (read outside the scan, or a scan's constant or carried
 state) raises ``ScanError`` naming it.
 """
 
@@ -153,53 +155,78 @@ def _unrolled_scan(eqn: Any, invals: list[Any]) -> list[Any]:
     return [*carry, *ys]
 
 
+# Slice i of a stack written in place: the stack is donated, so only the engine's own copy of it is (see ``put``).
+_write_slice = jax.jit(lambda stack, x, i: lax.dynamic_update_index_in_dim(stack, x.astype(stack.dtype), i, 0),
+                       donate_argnums=0)
+_copy_slice = jax.jit(lambda stack, x, i: lax.dynamic_update_index_in_dim(stack, x.astype(stack.dtype), i, 0))
+
+
 @dataclasses.dataclass
 class Unrolled:
     """A model with its scans over stacked parameters unrolled (see module docstring).
 
-    ``params``: the parameter leaves with each stacked one split into slices ``path[i]`` (a flat list tree);
-    ``forward(leaves, *inputs)``: the model on them; ``blocks[s]``: for scan s, ``(name, leaf indices)`` per
-    iteration in the order they run; ``origin[k]``: expanded leaf k is ``(original leaf, slice or None)``."""
+    ``params``: the parameter leaves with each stacked one split into slices ``path[i]`` (a flat list tree); a
+    slice is held there only as its shape (``jax.ShapeDtypeStruct``): ``take`` cuts it out of its stack when its
+    block opens and ``put`` writes it back, so the run holds the stacks and one block's slices, not a second copy
+    of every layer. ``forward(leaves, *inputs)``: the model on the expanded leaves; ``blocks[s]``: for scan s,
+    ``(name, leaf indices)`` per iteration in the order they run; ``origin[k]``: expanded leaf k is ``(original
+    leaf, slice or None)``; ``stacks[j]``: original leaf j as it is now (the stacks with the slices put so far).
+    ``donate``: the caller gives its stacks up, so the first ``put`` into each may write in place too."""
 
     params: Params
     forward: Callable[..., Any]
     blocks: list[list[tuple[str, list[int]]]]
     scans: list[Scan]
     origin: list[tuple[int, int | None]]
+    stacks: list[Any]
+    donate: bool = False
+    owned: set[int] = dataclasses.field(default_factory=set)  # stacks written in place from now on
+
+    def stacked(self, k: int) -> bool:
+        return self.origin[k][1] is not None
+
+    def take(self, k: int) -> Any:
+        """Expanded leaf ``k``: its slice of the stack as it is now."""
+        j, i = self.origin[k]
+        return self.stacks[j] if i is None else self.stacks[j][i]
+
+    def put(self, k: int, x: Any) -> None:
+        """Write slice leaf ``k`` back into its stack. The first write into a stack the caller still holds copies
+        it (``.at[i].set``); later ones, and every one with ``donate``, update the engine's copy in place."""
+        j, i = self.origin[k]
+        write = _write_slice if j in self.owned or self.donate else _copy_slice
+        self.stacks[j] = write(self.stacks[j], x, i)
+        self.owned.add(j)
 
     def restack(self, leaves: Sequence[Any]) -> list[Any]:
-        """The original leaves from expanded ``leaves``: each stacked one rebuilt from its slices."""
-        out: dict[int, Any] = {}
-        slices: dict[int, dict[int, Any]] = {}
+        """The original leaves: the stacks as written so far, the others from expanded ``leaves``."""
+        out = list(self.stacks)
         for x, (j, i) in zip(leaves, self.origin, strict=True):
             if i is None:
                 out[j] = x
-            else:
-                slices.setdefault(j, {})[i] = x
-        for j, by_i in slices.items():
-            out[j] = jnp.stack([by_i[i] for i in range(len(by_i))])
-        return [out[j] for j in range(len(out))]
+        return out
 
 
-def unroll(params: Params, fwd: Callable[..., Any], scans: list[Scan]) -> Unrolled:
+def unroll(params: Params, fwd: Callable[..., Any], scans: list[Scan], donate: bool = False) -> Unrolled:
     """``fwd(params_tree, *inputs)`` as a model of the stacked leaves' slices (see module docstring)."""
     length = {p: s.length for s in scans for p in s.leaves}
     leaves, paths, origin = [], [], []
     for j, (x, path) in enumerate(zip(params.leaves, params.paths, strict=True)):
         for i in range(length[j]) if j in length else [None]:
-            leaves.append(x if i is None else x[i])
+            leaves.append(x if i is None else jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)))
             paths.append(path if i is None else slice_name(path, i))
             origin.append((j, i))
     expanded = Params(leaves, paths, jax.tree.structure([0] * len(leaves)))
     position = {o: k for k, o in enumerate(origin)}
     blocks = [[(slice_name(s.prefix, i), [position[(j, i)] for j in s.leaves])
                for i in (range(s.length - 1, -1, -1) if s.reverse else range(s.length))] for s in scans]
+    tree, stacked_paths = params.tree, {j: params.paths[j] for j in length}  # not params: it holds the stacks
 
     def forward(flat: list[Any], *inputs: Any) -> Any:
         by_leaf: dict[int, list[Any]] = {}
         for x, (j, _) in zip(flat, origin, strict=True):
             by_leaf.setdefault(j, []).append(x)
-        values = [_Stacked(params.paths[j], tuple(xs)) if j in length else xs[0] for j, xs in sorted(by_leaf.items())]
+        values = [_Stacked(stacked_paths[j], tuple(xs)) if j in length else xs[0] for j, xs in sorted(by_leaf.items())]
         avals = [jax.ShapeDtypeStruct((length[j], *jnp.shape(v.slices[0])), jnp.result_type(v.slices[0]))
                  if isinstance(v, _Stacked) else jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v))
                  for j, v in enumerate(values)]
@@ -207,9 +234,9 @@ def unroll(params: Params, fwd: Callable[..., Any], scans: list[Scan]) -> Unroll
         out_tree: list[Any] = []
 
         def program(*a: Any) -> list[Any]:
-            out, tree = jax.tree.flatten(fwd(params.unflatten(a[: len(values)]),
-                                             *jax.tree.unflatten(in_tree, a[len(values) :])))
-            out_tree.append(tree)
+            out, tree_out = jax.tree.flatten(fwd(jax.tree.unflatten(tree, a[: len(values)]),
+                                                 *jax.tree.unflatten(in_tree, a[len(values) :])))
+            out_tree.append(tree_out)
             return out
 
         in_avals = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in in_leaves]
@@ -217,4 +244,4 @@ def unroll(params: Params, fwd: Callable[..., Any], scans: list[Scan]) -> Unroll
         out = eval_jaxpr(closed.jaxpr, closed.consts, [*values, *in_leaves], _unroll_hook)
         return jax.tree.unflatten(out_tree[0], out)
 
-    return Unrolled(expanded, forward, blocks, scans, origin)
+    return Unrolled(expanded, forward, blocks, scans, origin, list(params.leaves), donate)
