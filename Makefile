@@ -79,8 +79,9 @@ $(HF_FLAX_STAMP): | $(PY)
 hf-flax: $(HF_FLAX_STAMP)
 
 # SM90_COMPILE_VENV makes the sm_90a compile check mandatory (it fails, not skips, if that venv is broken), and
-# GPTQ_JAX_REQUIRE_INTEROP the GPTQModel interop tests. loadgroup keeps each xdist_group (the GPTQModel interop
-# module) on one worker, so its fixture runs once.
+# GPTQ_JAX_REQUIRE_INTEROP the GPTQModel interop tests. Under loadgroup, tests/conftest.py's scheduler keeps each
+# file of its ONE_WORKER_FILES (the GPTQModel interop module, the mesh subprocesses) on one worker, so their module
+# fixtures run once, and hands the slow tests out first.
 test: test-main test-compat
 
 test-main: $(STAMP) $(CUDA_STAMP) $(INTEROP_STAMP) $(HF_FLAX_STAMP)

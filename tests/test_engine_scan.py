@@ -203,6 +203,7 @@ def _every_projection(res, name):
     assert sorted(res.weights) == sorted(name(p, i) for i in range(LAYERS) for p in PROJ)
 
 
+@pytest.mark.slow
 def test_linen_nn_scan_is_quantized_layer_by_layer():
     net, batches = LinenNet(), _batches()
     params = net.init(jax.random.key(0), batches[0]["tokens"], batches[0]["positions"])["params"]
@@ -244,6 +245,7 @@ def _nnx_params(model):
     return nnx.state(model, nnx.Param).to_pure_dict()
 
 
+@pytest.mark.slow
 def test_nnx_vmap_stacked_layers_run_by_nnx_scan_are_quantized_layer_by_layer():
     batches = _batches()
     model = NNXNet()

@@ -52,6 +52,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, st
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_result(tmp_path):
     sys.path.insert(0, str(HERE))
     from multihost_worker import CONFIG_KW, K, data
@@ -74,6 +75,7 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     np.testing.assert_allclose(got["scales"], np.asarray(q.scales), rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_other(tmp_path):
     t0 = time.monotonic()
     (rc0, err0), (rc1, _) = _finish(_launch("die", tmp_path / "die.npz"), timeout=120)
@@ -182,6 +184,7 @@ def _assert_same_checkpoint(got: dict[str, np.ndarray], want: dict[str, np.ndarr
                                        atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_two_process_cli_writes_the_one_process_checkpoint(cli_job):
     root, model_dir, calib, want = cli_job
     out = root / "two"
@@ -192,6 +195,7 @@ def test_two_process_cli_writes_the_one_process_checkpoint(cli_job):
     assert not list(root.glob("two*.work*"))  # both processes removed their finished blocks after the save
 
 
+@pytest.mark.slow
 def test_a_process_dying_mid_run_stops_the_other_and_a_rerun_resumes(cli_job):
     from gptq_jax.cli.quantize_cmd import work_dir_for
 

@@ -98,6 +98,7 @@ def _expected_weights(model, blocks="layers"):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3", "gemma3"])
 def test_tunix_model_quantizes_packs_and_saves(tunix, name, tmp_path):
     make = _models(tunix)[name]
@@ -127,6 +128,7 @@ def test_tunix_model_quantizes_packs_and_saves(tunix, name, tmp_path):
     jax.clear_caches()
 
 
+@pytest.mark.slow
 def test_recurrentgemma_griffin_linen_block_by_block(tmp_path):
     """A Linen model from PyPI, quantized block by block (its ``blocks_0``, ``blocks_1`` parameter subtrees, a
     recurrent block then an attention block): Griffin's dense projections are quantized; its block-diagonal gates
