@@ -188,9 +188,9 @@ class _Leaves:
     """The parameter leaves of a run, as the blocks take and put them back: a scanned stack's slice is cut out of
     its stack only while its block is open (``Unrolled.take``), so no second copy of the layers is held. With
     ``donate`` the caller gives its float parameters up: each one replaced by its quantized value is deleted, so the
-    run holds one copy of the model, as an NNX model changed in place does. ``update(tree)``, after each write: the
-    caller's model (an NNX model changed in place) made to hold the parameters as they are now, so that it lets go
-    of the float arrays that were replaced."""
+    run holds one copy of the model, as an NNX model changed in place does. ``update(tree)``, by ``sync`` once a
+    block's writes are done: the caller's model (an NNX model changed in place) made to hold the parameters as they
+    are now, so that it lets go of the float arrays that were replaced."""
 
     def __init__(self, leaves: list[Any], view: Unrolled | None, donate: bool,
                  update: Callable[[list[Any]], None] | None) -> None:
@@ -204,11 +204,15 @@ class _Leaves:
 
     def put(self, p: int, x: Any) -> None:
         if self.stacked(p):
-            self.view.put(p, x)
+            if self.view.put(p, x):  # a first copy of a stack: let the caller's model drop its float one now,
+                self.sync()  # before the next stack is copied, not at the end of the block (two copies of each)
         else:
             old, self.leaves[p] = self.leaves[p], x
             if self.donate and isinstance(old, jax.Array) and old is not x and all(y is not old for y in self.leaves):
                 old.delete()
+
+    def sync(self) -> None:
+        """After a block's (or the one-shot mode's) writes: ``update`` the caller's model once with them."""
         if self.update is not None:
             self.update(self.original())
 
@@ -292,6 +296,7 @@ class _Region:
         for p, x, was in zip(self.own, self.params.leaves, self._taken, strict=True):
             if x is not was:  # a leaf the block left as it was (a norm's scale) is not written back
                 self.store.put(p, x)
+        self.store.sync()
         self.params, self.extra, self._taken = None, [], []
 
 
@@ -409,6 +414,7 @@ def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool
     def write(new: Params) -> None:
         for p, x in enumerate(new.leaves):
             store.put(p, x)
+        store.sync()
 
     def result() -> Any:
         out = jax.tree.unflatten(treedef, store.original())

@@ -190,13 +190,15 @@ class Unrolled:
         j, i = self.origin[k]
         return self.stacks[j] if i is None else self.stacks[j][i]
 
-    def put(self, k: int, x: Any) -> None:
+    def put(self, k: int, x: Any) -> bool:
         """Write slice leaf ``k`` back into its stack. The first write into a stack the caller still holds copies
-        it (``.at[i].set``); later ones, and every one with ``donate``, update the engine's copy in place."""
+        it (``.at[i].set``); later ones, and every one with ``donate``, update the engine's copy in place. True
+        where this write copied the stack (the caller's float stack is then no longer needed by the run)."""
         j, i = self.origin[k]
-        write = _write_slice if j in self.owned or self.donate else _copy_slice
-        self.stacks[j] = write(self.stacks[j], x, i)
+        copy = j not in self.owned and not self.donate
+        self.stacks[j] = (_copy_slice if copy else _write_slice)(self.stacks[j], x, i)
         self.owned.add(j)
+        return copy
 
     def restack(self, leaves: Sequence[Any]) -> list[Any]:
         """The original leaves: the stacks as written so far, the others from expanded ``leaves``."""
