@@ -70,12 +70,38 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 OWED = {"vs_gptqmodel", "scale_rounding_seeds", "paper_pipeline"}
 
 
+def cited(text: str, files: list[Path]) -> list[Path]:
+    """The result files ``text`` names: by their whole name, in the shorthand ``name[_seed1]_cpu.json`` (the name with
+    and without the bracketed part), or as ``..._seed4_cpu.json`` after a full name (a name in that file's folder that
+    ends so)."""
+    found: set[Path] = set()
+    folder = None
+    for token in re.findall(r"[A-Za-z0-9_.\-\[\]]+\.json", text):
+        if token.startswith("..."):
+            found.update(f for f in files if f.parent.name == folder and f.name.endswith(token[3:]))
+            continue
+        forms = [""]
+        for plain, optional in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", token):
+            forms = [f + plain + o for f in forms for o in ({"", optional} if optional else {""})]
+        named = [f for f in files if f.name in forms]
+        found.update(named)
+        folder = named[0].parent.name if named else None
+    return [f for f in files if f in found]
+
+
+def test_citations_are_read_in_their_shorthands(tmp_path):
+    files = [tmp_path / d / n for d, n in (("a", "a_cpu.json"), ("a", "a_seed1_cpu.json"), ("b", "b_seed4_cpu.json"),
+                                           ("b", "b_seed5_cpu.json"), ("c", "c_seed5_cpu.json"))]
+    got = cited("`a[_seed1]_cpu.json` and `b_seed4_cpu.json`, `..._seed5_cpu.json`", files)
+    assert [f.name for f in got] == ["a_cpu.json", "a_seed1_cpu.json", "b_seed4_cpu.json", "b_seed5_cpu.json"]
+
+
 def test_every_cited_result_records_its_commit():
     """A results JSON that the README or docs/ name records the commit it ran at (its ``provenance``)."""
     text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS)
-    cited = [f for f in sorted(RESULTS.rglob("*.json")) if f.name in text]
-    assert any(f.parent.name == "bench_gptq" for f in cited)  # the docs do cite results
-    unrecorded = [str(f.relative_to(RESULTS)) for f in cited if f.parent.name not in OWED
+    cited_files = cited(text, sorted(RESULTS.rglob("*.json")))
+    assert any(f.parent.name == "bench_gptq" for f in cited_files)  # the docs do cite results
+    unrecorded = [str(f.relative_to(RESULTS)) for f in cited_files if f.parent.name not in OWED
                   and not (json.loads(f.read_text()).get("provenance") or {}).get("commit")]
     assert unrecorded == []
 

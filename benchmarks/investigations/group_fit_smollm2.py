@@ -28,7 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptq_jax import QuantConfig
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
+
+from gptq_jax import QuantConfig  # noqa: E402
 from gptq_jax.core.calibration import random_windows
 from gptq_jax.core.gptq import GROUP_FITS, jitted_solver
 from gptq_jax.core.hessian import accumulate_hessian, init_hessian
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
         os.path.dirname(__file__), "..", "results", "group_fit_smollm2", "group_fit_smollm2_cpu.json"))
     ap.add_argument("--cache", help="npz file for the Hessians and weights (written if absent)")
     args = ap.parse_args(argv)
+    args.started = provenance.start()
 
     model_dir = fetch_smollm2()
     tok = load_tokenizer(model_dir)
@@ -162,8 +166,7 @@ def write(args, rows: list[dict], keep: set[int]) -> dict:
         "summary": summary,
         "rows": rows,
     }
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=1)
+    provenance.write_result(args.out, payload, started=args.started)
     return summary
 
 

@@ -16,7 +16,6 @@ Writes benchmarks/results/lowbit_solver_swap/lowbit_solver_swap_<bits>bit_g<grou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -27,6 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 import gptq_reference  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
 
 from gptq_jax import QuantConfig, quantize  # noqa: E402
 from gptq_jax.core.calibration import random_windows  # noqa: E402
@@ -149,6 +151,7 @@ def run_tag(args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> int:
+    started = provenance.start()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap)
     ap.add_argument("--solvers", nargs="+", default=["ours", "paper_f32"], help="one run per solver")
@@ -211,8 +214,7 @@ def main(argv=None) -> int:
             ),
         }
         print(label, run[f"objective_ratio_ours_over_{base}"])
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=1)
+    provenance.write_result(out, payload, started=started)
     return 0
 
 

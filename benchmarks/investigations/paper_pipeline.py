@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import subprocess
@@ -49,6 +48,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import lowbit_solver_swap  # noqa: E402  (paper_solver)
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
 
 from gptq_jax import QuantConfig, quantize  # noqa: E402
 from gptq_jax.core.calibration import random_windows  # noqa: E402
@@ -278,6 +280,7 @@ def ours_pipeline(jmodel, calib, qc: QuantConfig, *, true_sequential: bool = Tru
 
 
 def main(argv=None) -> int:
+    started = provenance.start()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     lowbit_solver_swap.add_run_args(ap)
     ap.add_argument("--layers", type=int, default=None, help="quantize only the first N layers (quick checks)")
@@ -398,8 +401,7 @@ def main(argv=None) -> int:
         print({k: payload.get(k) for k in ("objective_ratio_ours_over_paper", "objective_sums",
                                            "perplexity_ratio_ours_over_paper")}, flush=True)
     payload["load"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=1)
+    provenance.write_result(out, payload, started=started)
     print("wrote", out)
     return 0
 

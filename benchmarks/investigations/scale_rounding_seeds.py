@@ -35,6 +35,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import lowbit_solver_swap  # noqa: E402  (the shared run flags)
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
+
 VARIANTS = ("writeback_f16", "writeback_f32", "solver_f16")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,6 +81,7 @@ def run_variant(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    started = provenance.start()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     lowbit_solver_swap.add_run_args(ap, seeds=True)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -109,10 +113,7 @@ def main(argv=None) -> int:
     by = {v: {r["seed"]: r["perplexity"] for r in payload["rows"] if r["variant"] == v} for v in args.variants}
     payload["summary"] = {v: {"mean": float(np.mean(list(p.values()))), "per_seed": p} for v, p in by.items()}
     payload["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, out)
+    provenance.write_result(out, payload, started=started)
     print(json.dumps(payload["summary"], indent=1))
     return 0
 

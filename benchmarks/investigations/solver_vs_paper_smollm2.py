@@ -11,7 +11,6 @@ Writes benchmarks/results/solver_vs_paper_smollm2/solver_vs_paper_smollm2_<bits>
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,10 +21,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from group_fit_smollm2 import LINEARS  # noqa: E402
 from lowbit_solver_swap import objective, paper_solver  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
+
 from gptq_jax import QuantConfig, quantize_weight  # noqa: E402
 
 
 def main(argv=None) -> int:
+    started = provenance.start()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True, help="npz written by group_fit_smollm2.py --cache")
     ap.add_argument("--bits", type=int, default=3)
@@ -56,8 +59,7 @@ def main(argv=None) -> int:
     }  # fmt: skip
     folder = os.path.join(os.path.dirname(__file__), "..", "results", "solver_vs_paper_smollm2")
     out = os.path.join(folder, f"solver_vs_paper_smollm2_{tag}_cpu.json")
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=1)
+    provenance.write_result(out, payload, started=started)
     print(payload["ratio_ours_over_paper"])
     return 0
 

@@ -37,6 +37,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
 from vs_gptqmodel import run_worker  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +61,7 @@ def geomean(x) -> float:
 
 
 def main(argv=None) -> int:
+    started = provenance.start()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=128)
@@ -165,10 +167,7 @@ def main(argv=None) -> int:
         "summary": summary,
         "linears": linears,
     }
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, out)
+    provenance.write_result(out, payload, started=started)
     print(json.dumps(summary, indent=1))
     print(f"wrote {out}")
     return 0
