@@ -156,6 +156,11 @@ def test_forward_with_extra_arguments_and_bad_inputs(tmp_path):
         gptq_jax.quantize(TinyModel(nnx.Rngs(0)), _tokens(), blocks="layers.*", quant_config=QC)
     with pytest.raises(ValueError, match="calibration is an empty iterable"):
         gptq_jax.quantize(TinyModel(nnx.Rngs(0)), [], quant_config=QC)
+    for flag in ("donate", "true_sequential"):
+        with pytest.raises(TypeError, match=f"{flag}='False' must be True or False"):
+            gptq_jax.quantize(TinyModel(nnx.Rngs(0)), _tokens(), quant_config=QC, **{flag: "False"})
+    with pytest.raises(TypeError, match="progress='yes' must be True, False or a function"):
+        gptq_jax.quantize(TinyModel(nnx.Rngs(0)), _tokens(), quant_config=QC, progress="yes")
     work = tmp_path / "work"
     with pytest.raises(ValueError):
         gptq_jax.quantize(TinyModel(nnx.Rngs(0)), np.zeros((2, 3, 4), np.int32), work_dir=str(work))

@@ -45,7 +45,7 @@ from gptq_jax.engine.plan import (
     slice_fn,
     squared_error,
 )
-from gptq_jax.engine.report import QuantizeResult, QuantReport
+from gptq_jax.engine.report import QuantizeResult, QuantReport, progress_reporter
 from gptq_jax.engine.resume import StoredWeights, fingerprint
 from gptq_jax.engine.rules import Rule, Rules, compile_rules, config_for, describe
 from gptq_jax.engine.solve import Solver, as_solver
@@ -64,9 +64,12 @@ DEFAULT_QUANT_CONFIG = QuantConfig()  # 4-bit, group 128, symmetric: the common 
 ERROR_SAMPLE_TOKENS = 512
 
 
-def _check_arguments(method: str, batch_size: Any, calib: Any) -> None:
+def _check_arguments(method: str, batch_size: Any, calib: Any, flags: dict[str, Any]) -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
+    for name, value in flags.items():  # a truthy string ("False") must not turn donation or sequencing on
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name}={value!r} must be True or False")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     if calib is None:
@@ -115,7 +118,7 @@ def quantize(
     pytree's arrays (a scanned NNX model's stacks) are deleted or overwritten as their quantized values replace them,
     so the run holds one copy of the model, as an NNX model changed in place does, not the caller's and the result.
     """
-    _check_arguments(method, batch_size, calib)
+    _check_arguments(method, batch_size, calib, {"donate": donate, "true_sequential": true_sequential})
     rules, the_solver = compile_rules(quant_config), as_solver(solver, method, gptaq_alpha)
     batches, masks, desc = calibration_batches(calib, batch_size)
     calib_leaves = [np.asarray(x) for b in batches for x in jax.tree.leaves(b)] if work_dir is not None else []
@@ -123,7 +126,7 @@ def quantize(
         batches, masks = batches_on_mesh(batches, masks, mesh)
     report = QuantReport(method=method, quant_config=describe(quant_config), calibration=desc)
     t_start = time.perf_counter()
-    bar, say = _progress(progress, method)
+    bar, say = progress_reporter(progress, method)
     job = Job(rules, the_solver, true_sequential, report, say, mesh=mesh)
     subject = _open_subject(model, forward, apply_fn, blocks, load, work_dir, mesh, batches, donate)
     for path, reason in subject.outside:
@@ -181,17 +184,6 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
         return regions.pytree_subject(model, lambda p, b: apply_fn({"params": p}, b), blocks, batches, True,
                                       donate=donate)
     return regions.pytree_subject(model, forward, blocks, batches, False, donate=donate)
-
-
-def _progress(progress: bool | Callable[[str], None], method: str) -> tuple[Any, Callable[[str], None]]:
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc=method, unit="block")
-        return bar, lambda s: bar.set_postfix_str(s, refresh=True)
-    if callable(progress):
-        return None, progress
-    return None, lambda s: None
 
 
 def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list, work: WorkDir | None,

@@ -1,8 +1,10 @@
-"""What ``quantize`` returns: the quantized weights and a report of what happened to every parameter."""
+"""What ``quantize`` returns (the quantized weights and a report of what happened to every parameter), and the
+progress it reports while it runs."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from gptq_jax.core.quantizer import QuantizedWeight
@@ -53,3 +55,18 @@ class QuantizeResult(NamedTuple):
     weights: dict[str, QuantizedWeight]
     report: QuantReport
     axes: dict[str, tuple[int, ...]] = {}
+
+
+def progress_reporter(progress: bool | Callable[[str], None], method: str) -> tuple[Any, Callable[[str], None]]:
+    """``quantize``'s ``progress=``: True draws a bar (tqdm), a callable gets each block's status line; returns
+    (the bar or None, the function that reports a line)."""
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=method, unit="block")
+        return bar, lambda s: bar.set_postfix_str(s, refresh=True)
+    if callable(progress):
+        return None, progress
+    if progress is not False and progress is not None:
+        raise TypeError(f"progress={progress!r} must be True, False or a function of one status line")
+    return None, lambda s: None
