@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _reused(path: Path, config: dict) -> tuple[dict, dict]:
     """The runs of an earlier result at the same settings, and where they came from (its provenance)."""
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--reuse {path}: cannot read it as a result of this script ({e})") from None
+    if not isinstance(old, dict) or "runs" not in old:
+        raise SystemExit(f"--reuse {path}: not a result of this script (no 'runs')")
     mine = {k: v for k, v in config.items() if k != "seeds"}
     theirs = {k: v for k, v in old.get("config", {}).items() if k != "seeds"}
     if mine != theirs:
