@@ -66,14 +66,16 @@ def _jax_version() -> str | None:
 
 
 def _tree(own: Path | None = None) -> tuple[str | None, bool | None]:
-    """The checked-out commit and whether tracked files other than ``own`` (the result being written, which a run
-    rewrites as it goes) differ from it (None where git cannot say)."""
+    """The checked-out commit and whether tracked files differ from it (None where git cannot say). Results are not
+    code: ``own`` (the result being written, which a run rewrites as it goes) and the other files under
+    ``benchmarks/results/`` (an earlier run of a series not committed yet) do not count."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     if status is None:
         return _git("rev-parse", "HEAD"), None
     own = None if own is None else Path(own).resolve()
     mine = str(own.relative_to(REPO)) if own is not None and own.is_relative_to(REPO) else None
-    changed = [line[3:] for line in status.splitlines() if line[3:] != mine]
+    results = str(RESULTS.relative_to(REPO)) + "/"
+    changed = [line[3:] for line in status.splitlines() if line[3:] != mine and not line[3:].startswith(results)]
     return _git("rev-parse", "HEAD"), bool(changed)
 
 

@@ -4,13 +4,10 @@ One seed's result moves by more than the gap between the tools (SmolLM2 4-bit pl
 comparison is over seeds: per row, each tool's mean, and the mean of the paired difference (ours - GPTQModel, same
 calibration windows) with its standard error.
 
-Sources, per seed: ``vs_gptqmodel_smollm2[_seedS]_cpu.json`` gives GPTQModel's perplexity and ours. Seeds 0 and 1
-ran (all or some rows) with gptq-jax code from before ``fp16_scales`` (their JSON's ``code_note`` says which); for
-those rows ours is taken from ``scale_rounding_seeds/scale_rounding_seeds_<row>_cpu.json``
-(an investigation, benchmarks/investigations/) (variant ``solver_f16``: the current
-algorithm, the same windows and held-out text, scored from packed weights with float16 scales as the checkpoint
-stores them). Every value is scored by gptq-jax's perplexity. Seeds 6-11 ran the 3-bit row only, so the 4-bit
-rows have seeds 0-5.
+Sources, per seed: ``vs_gptqmodel_smollm2[_seedS]_cpu.json`` gives GPTQModel's perplexity and ours (each scored by
+gptq-jax's perplexity) and each tool's quantize time. A run that records no clean commit, or runs made at commits
+whose library code (``gptq_jax/``, this benchmark and the GPTQModel worker) differs, are refused: a mean over seeds
+is a statement about one version of the code.
 
     python benchmarks/vs_gptqmodel_seeds.py
 
@@ -22,39 +19,54 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import provenance
 from vs_gptqmodel import result_name
 
 RESULTS = provenance.RESULTS / "vs_gptqmodel"
-SCALE_ROUNDING = provenance.RESULTS / "scale_rounding_seeds"
-ROWS = ("4bit_g128_sym", "4bit_g128_sym_actorder", "3bit_g128_sym")
-# (seed, row) whose gptq-jax value in the vs_gptqmodel JSON came from code before fp16_scales (see its code_note).
-OLD_CODE = {(0, r) for r in ROWS} | {(1, "4bit_g128_sym")}
 
 
 def run_file(seed: int) -> Path:
     return RESULTS / result_name(seed)
 
 
-def collect(seeds: list[int]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {r: [] for r in ROWS}
+def library_commit(run: dict, name: str) -> str:
+    prov = run.get("provenance") or {}
+    if not prov.get("commit") or prov.get("dirty") is not False:
+        raise SystemExit(f"{name} records no clean commit (provenance {prov.get('commit')}, dirty {prov.get('dirty')}):"
+                         " rerun it with benchmarks/vs_gptqmodel.py")
+    return prov["commit"]
+
+
+CODE = ("gptq_jax", "benchmarks/vs_gptqmodel.py", "tests/interop")
+
+
+def same_code(commits: dict[int, str]) -> None:
+    """Refuses runs whose commits differ in the code that made their numbers (results-only commits are fine)."""
+    first, *rest = sorted(set(commits.values()))
+    for other in rest:
+        diff = subprocess.run(["git", "-C", str(provenance.REPO), "diff", "--quiet", first, other, "--", *CODE])
+        if diff.returncode != 0:
+            raise SystemExit(f"the runs were made at commits whose code differs ({commits}): rerun them at one")
+
+
+def collect(seeds: list[int]) -> tuple[dict[str, list[dict]], dict[int, str]]:
+    """Per setting, one record per seed; and the commit each seed's run was made at."""
+    out: dict[str, list[dict]] = {}
+    commits = {}
     for seed in seeds:
         run = json.loads(run_file(seed).read_text())
         if run["calibration"]["seed"] != seed:
             raise ValueError(f"{run_file(seed).name} holds seed {run['calibration']['seed']}, not {seed}")
+        commits[seed] = library_commit(run, run_file(seed).name)
         for row in run["rows"]:
-            label = row["setting"]
-            if label not in out:
-                continue
-            ours, source = row["gptq_jax"]["perplexity_by_gptq_jax"], run_file(seed).name
-            if (seed, label) in OLD_CODE:
-                f = SCALE_ROUNDING / f"scale_rounding_seeds_{label}_cpu.json"
-                ours, source = json.loads(f.read_text())["summary"]["solver_f16"]["per_seed"][str(seed)], f.name
-            out[label].append({"seed": seed, "gptq_jax": ours, "gptqmodel": row["gptqmodel"]["perplexity_by_gptq_jax"],
-                               "gptq_jax_source": source})  # fmt: skip
-    return out
+            out.setdefault(row["setting"], []).append({
+                "seed": seed, "gptq_jax": row["gptq_jax"]["perplexity_by_gptq_jax"],
+                "gptqmodel": row["gptqmodel"]["perplexity_by_gptq_jax"],
+                "seconds_gptq_jax": row["gptq_jax"]["seconds"], "seconds_gptqmodel": row["gptqmodel"]["seconds"]})
+    return out, commits
 
 
 def summarize(values: list[dict]) -> dict:
@@ -64,6 +76,7 @@ def summarize(values: list[dict]) -> dict:
     se = math.sqrt(sum((d - mean_d) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
     ours = sum(v["gptq_jax"] for v in values) / n
     theirs = sum(v["gptqmodel"] for v in values) / n
+    secs = {k: sum(v[f"seconds_{k}"] for v in values) / n for k in ("gptq_jax", "gptqmodel")}
     return {
         "seeds": [v["seed"] for v in values],
         "mean_gptq_jax": ours,
@@ -72,13 +85,15 @@ def summarize(values: list[dict]) -> dict:
         "difference_standard_error": se,
         "relative_difference": ours / theirs - 1.0,
         "seeds_gptq_jax_lower": sum(d < 0 for d in diffs),
+        "mean_seconds_gptq_jax": secs["gptq_jax"],
+        "mean_seconds_gptqmodel": secs["gptqmodel"],
         "per_seed": values,
     }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default=",".join(map(str, range(12))),
+    ap.add_argument("--seeds", default="0,1,2",
                     help="comma-separated calibration seeds with a vs_gptqmodel run")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "vs_gptqmodel_seeds_summary_cpu.json"))
     args = ap.parse_args(argv)
@@ -86,14 +101,16 @@ def main(argv=None) -> int:
     missing = [run_file(s).name for s in seeds if not run_file(s).is_file()]
     if missing:
         raise SystemExit(f"no vs_gptqmodel run for: {', '.join(missing)} (run benchmarks/vs_gptqmodel.py --seed S)")
-    rows = {label: summarize(v) for label, v in collect(seeds).items() if v}
+    per_setting, commits = collect(seeds)
+    same_code(commits)
+    rows = {label: summarize(v) for label, v in per_setting.items()}
     for label, s in rows.items():
         print(f"{label}: gptq-jax {s['mean_gptq_jax']:.3f}, GPTQModel {s['mean_gptqmodel']:.3f} "
               f"({100 * s['relative_difference']:+.2f}%); difference {s['mean_difference']:+.3f} "
               f"+- {s['difference_standard_error']:.3f} (standard error), ours lower on "
               f"{s['seeds_gptq_jax_lower']} of {len(s['seeds'])} seeds")  # fmt: skip
     payload = {"benchmark": "vs_gptqmodel_seeds", "metric": "perplexity by gptq-jax, held-out Python docs, 16 x 512",
-               "rows": rows}  # fmt: skip
+               "run_commits": commits, "rows": rows}  # fmt: skip
     provenance.write_result(args.out, payload)
     print(f"wrote {args.out}")
     return 0

@@ -39,9 +39,10 @@ def test_a_run_records_the_commit_it_started_at_when_the_checkout_moves(tmp_path
 
 
 def test_the_result_being_rewritten_does_not_make_the_tree_dirty(monkeypatch):
-    """A run rewrites its own JSON after every row; only other changed files mean the code that ran was not HEAD."""
+    """A run rewrites its own JSON after every row, and a series of runs leaves results not committed yet; only
+    changed files outside benchmarks/results/ mean the code that ran was not HEAD."""
     own = RESULTS / "bench" / "r.json"
-    status = f" M {own.relative_to(REPO)}"
+    status = f" M {own.relative_to(REPO)}\n M benchmarks/results/bench/r_seed1.json"
     monkeypatch.setattr(provenance, "_git", lambda *a: status if a[0] == "status" else "c" * 40)
     assert provenance._tree(own) == ("c" * 40, False)
     status += "\n M gptq_jax/core/gptq.py"
