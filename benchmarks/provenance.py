@@ -75,7 +75,9 @@ def _tree(own: Path | None = None) -> tuple[str | None, bool | None]:
     own = None if own is None else Path(own).resolve()
     mine = str(own.relative_to(REPO)) if own is not None and own.is_relative_to(REPO) else None
     results = str(RESULTS.relative_to(REPO)) + "/"
-    changed = [line[3:] for line in status.splitlines() if line[3:] != mine and not line[3:].startswith(results)]
+    # "XY path" per line; _git strips the output, so the first line may have lost a leading blank of its XY.
+    paths = [line.split(None, 1)[1] for line in status.splitlines() if line.strip()]
+    changed = [p for p in paths if p != mine and not p.startswith(results)]
     return _git("rev-parse", "HEAD"), bool(changed)
 
 

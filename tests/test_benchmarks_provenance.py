@@ -42,11 +42,33 @@ def test_the_result_being_rewritten_does_not_make_the_tree_dirty(monkeypatch):
     """A run rewrites its own JSON after every row, and a series of runs leaves results not committed yet; only
     changed files outside benchmarks/results/ mean the code that ran was not HEAD."""
     own = RESULTS / "bench" / "r.json"
-    status = f" M {own.relative_to(REPO)}\n M benchmarks/results/bench/r_seed1.json"
+    status = f"M {own.relative_to(REPO)}\n M benchmarks/results/bench/r_seed1.json"  # as _git gives it: stripped
     monkeypatch.setattr(provenance, "_git", lambda *a: status if a[0] == "status" else "c" * 40)
     assert provenance._tree(own) == ("c" * 40, False)
     status += "\n M gptq_jax/core/gptq.py"
     assert provenance._tree(own) == ("c" * 40, True)
+
+
+def test_a_clean_tree_but_for_the_result_being_written_is_clean(tmp_path):
+    """Against real git: a worktree whose only change is the result being written is not dirty."""
+    repo = tmp_path / "repo"
+    bench = repo / "benchmarks"
+    (bench / "results" / "b").mkdir(parents=True)
+    (bench / "provenance.py").write_text((REPO / "benchmarks" / "provenance.py").read_text())
+    result = bench / "results" / "b" / "r.json"
+    result.write_text("{}")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "r"], check=True)
+    result.write_text('{"rows": []}')
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import provenance as p; from pathlib import Path; "
+            "print(p._tree(Path(sys.argv[2]))[1], p._tree()[1])")
+    out = subprocess.run([sys.executable, "-c", code, str(bench), str(result)], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+    (bench / "provenance.py").write_text((bench / "provenance.py").read_text() + "\n")
+    out = subprocess.run([sys.executable, "-c", code, str(bench), str(result)], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True"], out.stderr
 
 
 def test_a_failed_write_leaves_the_previous_result(tmp_path):
