@@ -151,7 +151,7 @@ def test_forward_with_extra_arguments_and_bad_inputs(tmp_path):
     assert set(res.weights) == BLOCK_WEIGHTS
     with pytest.raises(ValueError, match="forward failed on calibration batch 0: KeyError"):
         gptq_jax.quantize(TinyModel(nnx.Rngs(0)), batches, forward=lambda m, b: m(b["tokens"]), quant_config=QC)
-    no_match = r"blocks='layers\.\*' matches no submodule of the model; candidate paths: .*blocks\.\*"
+    no_match = r"blocks='layers\.\*' matches no parameter subtree; parameter paths: .*blocks\.\*"
     with pytest.raises(ValueError, match=no_match):
         gptq_jax.quantize(TinyModel(nnx.Rngs(0)), _tokens(), blocks="layers.*", quant_config=QC)
     with pytest.raises(ValueError, match="calibration is an empty iterable"):

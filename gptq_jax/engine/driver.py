@@ -49,7 +49,7 @@ from gptq_jax.engine.report import QuantizeResult, QuantReport, progress_reporte
 from gptq_jax.engine.resume import StoredWeights, fingerprint
 from gptq_jax.engine.rules import Rule, Rules, compile_rules, config_for, describe
 from gptq_jax.engine.solve import Solver, as_solver
-from gptq_jax.engine.subject import Params, find_blocks
+from gptq_jax.engine.subject import Params
 from gptq_jax.engine.workdir import WorkDir, weights_digest
 
 log = logging.getLogger(__name__)
@@ -169,21 +169,14 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
         if apply_fn is not None:
             raise TypeError("apply_fn= is for a Linen parameter pytree; an nnx.Module runs as model(batch) or by "
                             "forward=")
-        pattern = blocks if isinstance(blocks, str) else getattr(model, "gptq_blocks", None)
-        if load is None and blocks is not False and (pattern is not None or not find_blocks(model, None)):
-            # Layers stacked by nnx.vmap and run by nnx.scan are no submodules to find: the scan is found in the
-            # traced program (engine.scanned), through the parameter-pytree path.
-            scanned = regions.nnx_scanned_subject(model, forward, pattern, batches, donate)
-            if scanned is not None:
-                return scanned
-        return blocks_mod.nnx_subject(model, forward, blocks, load, mesh)
+        return regions.nnx_subject(model, forward, blocks, batches, donate=donate, load=load, mesh=mesh)
     if apply_fn is None and forward is None:
         raise TypeError(f"model must be an nnx.Module, or a parameter pytree with apply_fn= (a Linen apply) or "
                         f"forward=f(params, batch); got {type(model).__name__} with neither")
     if forward is None:
         return regions.pytree_subject(model, lambda p, b: apply_fn({"params": p}, b), blocks, batches, True,
-                                      donate=donate)
-    return regions.pytree_subject(model, forward, blocks, batches, False, donate=donate)
+                                      donate=donate, mesh=mesh)
+    return regions.pytree_subject(model, forward, blocks, batches, False, donate=donate, mesh=mesh)
 
 
 def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list, work: WorkDir | None,

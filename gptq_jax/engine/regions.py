@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptq_jax.engine import placement, streaming
 from gptq_jax.engine.blocks import (
     Block,
     Subject,
@@ -181,7 +182,32 @@ class _Cut:
     @functools.cache  # noqa: B019
     def outs(self, b: int) -> list[Any]:
         stop = self.span(b)[1]
-        return live_at(self.traced, stop) if stop is not None else list(self.traced.jaxpr.jaxpr.outvars)
+        if stop is None:
+            return list(self.traced.jaxpr.jaxpr.outvars)
+        if b > 0 and b + 1 == len(self.cuts):  # the last block, stopped before the tail
+            same = _mirror(self.traced, self.span(b - 1), self.span(b), self.ins(b - 1), self.ins(b), self.outs(b - 1))
+            if same is not None:
+                return same
+        return live_at(self.traced, stop)
+
+
+def _mirror(traced: Traced, a: tuple[int, int | None], b: tuple[int, int | None], ins_a: list[Any], ins_b: list[Any],
+            outs_a: list[Any]) -> list[Any] | None:
+    """Block b's counterparts of block a's outputs ``outs_a``, where the two run the same equations on the same
+    shapes; else None. The last block stops before the tail, where less is live than at the next block's cut (the
+    positions, the masks): handing on what the others do, it is their program, and shares their plan and compiled
+    passes instead of compiling its own."""
+    eqns_a, eqns_b = traced.eqns[a[0] : a[1]], traced.eqns[b[0] : b[1]]
+    if len(eqns_a) != len(eqns_b) or len(ins_a) != len(ins_b):
+        return None
+    same = dict(zip(ins_a, ins_b, strict=True))
+    for ea, eb in zip(eqns_a, eqns_b, strict=True):
+        if (ea.primitive is not eb.primitive or _var_key(ea.invars) != _var_key(eb.invars)
+                or _var_key(ea.outvars) != _var_key(eb.outvars)):
+            return None
+        same.update(zip(ea.outvars, eb.outvars, strict=True))
+    mapped = [same.get(v) for v in outs_a]
+    return None if any(v is None for v in mapped) else mapped
 
 
 class _Leaves:
@@ -190,11 +216,13 @@ class _Leaves:
     ``donate`` the caller gives its float parameters up: each one replaced by its quantized value is deleted, so the
     run holds one copy of the model, as an NNX model changed in place does. ``update(tree)``, by ``sync`` once a
     block's writes are done: the caller's model (an NNX model changed in place) made to hold the parameters as they
-    are now, so that it lets go of the float arrays that were replaced."""
+    are now, so that it lets go of the float arrays that were replaced. ``load`` (a streamed run) fills abstract
+    leaves as they are fetched; on a ``mesh`` fetched leaves are placed (``engine.placement``)."""
 
-    def __init__(self, leaves: list[Any], view: Unrolled | None, donate: bool,
-                 update: Callable[[list[Any]], None] | None) -> None:
-        self.leaves, self.view, self.donate, self.update = leaves, view, donate, update
+    def __init__(self, leaves: list[Any], paths: list[str], view: Unrolled | None, donate: bool,
+                 update: Callable[[list[Any]], None] | None, load: Callable | None = None, mesh: Any = None) -> None:
+        self.leaves, self.paths, self.view, self.donate, self.update = leaves, paths, view, donate, update
+        self.load, self.mesh = load, mesh
 
     def stacked(self, p: int) -> bool:
         return self.view is not None and self.view.stacked(p)
@@ -210,6 +238,20 @@ class _Leaves:
             old, self.leaves[p] = self.leaves[p], x
             if self.donate and isinstance(old, jax.Array) and old is not x and all(y is not old for y in self.leaves):
                 old.delete()
+
+    def fetch(self, ps: Sequence[int], spread: bool) -> list[Any]:
+        """Leaves ``ps`` ready to run: the abstract ones loaded (one ``load`` call), placed on the mesh (a block's
+        split over it with ``spread``, else replicated). A whole leaf is written back, so the model holds it while
+        it is in use; a stack's slice is not (writing it would copy the stack)."""
+        xs = [self.take(p) for p in ps]
+        if self.load is not None:
+            xs = streaming.load_leaves([self.paths[p] for p in ps], xs, self.load)
+        if self.mesh is not None:
+            xs = (placement.spread if spread else placement.replicated)(xs, self.mesh)
+        for p, x in zip(ps, xs, strict=True):
+            if not self.stacked(p) and x is not self.leaves[p]:
+                self.put(p, x)
+        return xs
 
     def sync(self) -> None:
         """After a block's (or the one-shot mode's) writes: ``update`` the caller's model once with them."""
@@ -243,10 +285,10 @@ class _Region:
     extra: list[Any] = dataclasses.field(default_factory=list)
 
     def open(self) -> _Region:
-        self.params = Params([self.store.take(p) for p in self.own], [self.all_paths[p] for p in self.own],
-                             jax.tree.structure([0] * len(self.own)))
-        self.extra = [self.store.take(p) for p in self.others]
-        self._taken = list(self.params.leaves)
+        own = self.store.fetch(self.own, spread=True)
+        self.params = Params(own, [self.all_paths[p] for p in self.own], jax.tree.structure([0] * len(self.own)))
+        self.extra = self.store.fetch(self.others, spread=False)
+        self._taken = list(own)
         return self
 
     def _program(self, values: Sequence[Any]) -> _Cut:
@@ -293,8 +335,13 @@ class _Region:
         return list(outputs)
 
     def close(self, drop: Sequence[str]) -> None:
+        """Write the block's parameters back; those at paths ``drop`` (a streamed run, kept in the work directory)
+        as their shapes only."""
+        gone = set(drop)
         for p, x, was in zip(self.own, self.params.leaves, self._taken, strict=True):
-            if x is not was:  # a leaf the block left as it was (a norm's scale) is not written back
+            if self.all_paths[p] in gone:
+                self.store.put(p, streaming.abstract(x))
+            elif x is not was:  # a leaf the block left as it was (a norm's scale) is not written back
                 self.store.put(p, x)
         self.store.sync()
         self.params, self.extra, self._taken = None, [], []
@@ -320,10 +367,9 @@ def _selects(pattern: str, prefix: str) -> bool:
                                                         pattern.removesuffix("[*]")})
 
 
-def _blocks(params: Params, view: Unrolled | None, blocks: str | bool | None, scan_only: bool
-            ) -> tuple[list[str], list[list[int]]] | None:
+def _blocks(params: Params, view: Unrolled | None, blocks: str | bool | None) -> tuple[list[str], list[list[int]]]:
     """The blocks' names and parameter leaves: a scan's iterations (all scans, or those ``blocks=`` names), else
-    the numbered subtrees ``find_param_blocks`` finds (None instead with ``scan_only``)."""
+    the numbered subtrees ``find_param_blocks`` finds."""
     if blocks is False:
         return [], []
     pattern = blocks if isinstance(blocks, str) else None
@@ -332,23 +378,21 @@ def _blocks(params: Params, view: Unrolled | None, blocks: str | bool | None, sc
                   or _selects(pattern, s.prefix)]
         if chosen:
             return [n for g in chosen for n, _ in g], [m for g in chosen for _, m in g]
-    if scan_only:
-        return None
     names = find_param_blocks(params.paths, pattern)
     return names, [[i for i, p in enumerate(params.paths) if p.startswith(n + ".")] for n in names]
 
 
 def _unrolled(params: Params, fwd: Callable, blocks: str | bool | None, batch: Any, default_forward: bool,
-              scan_only: bool, donate: bool) -> tuple[Unrolled | None, Traced | None]:
+              donate: bool) -> tuple[Unrolled | None, Traced]:
     """The model with its scans over stacked parameters unrolled (``engine.scanned``) and its program for
     ``batch``; ``(None, program as it is)`` when it has none or they cannot be unrolled (they then stay float,
-    reported), or ``(None, None)`` with ``scan_only`` and no scans."""
+    reported)."""
     first = call_checked(lambda: trace(fwd, params.leaves, params.tree, batch), "calibration batch 0",
                          default_forward)
     try:
         scans = find_scans(first, params.paths)
         if not scans:
-            return None, None if scan_only else first
+            return None, first
         view = unroll(params, fwd, scans, donate)
         return view, call_checked(lambda: trace(view.forward, view.params.leaves, view.params.tree, batch),
                                   "calibration batch 0", default_forward)
@@ -356,60 +400,74 @@ def _unrolled(params: Params, fwd: Callable, blocks: str | bool | None, batch: A
         if isinstance(blocks, str):
             raise
         log.info("the scans over stacked parameters cannot be unrolled into blocks (%s): they stay float", e)
-        return None, None if scan_only else first
+        return None, first
+
+
+def _regions(params: Params, fwd: Callable, blocks: str | bool | None, batches: list[Any], default_forward: bool,
+             first: Traced, store: _Leaves) -> tuple[list[_Region], dict[tuple, _Cut]]:
+    """The blocks (``_blocks``) cut out of the program traced for each batch shape, and those programs by shape;
+    none (one-shot mode) where the program cannot be cut at blocks found without ``blocks=``."""
+    names, members = _blocks(params, store.view, blocks)
+    if not names:
+        return [], {}
+    try:
+        programs, by_shape = _cut_programs(params, fwd, names, members, batches, default_forward, first)
+    except CutError as e:
+        if isinstance(blocks, str):
+            raise
+        log.info("the blocks %s ... are not blocks the program can be cut at (%s): one-shot mode", names[:3], e)
+        return [], {}
+    mine = {p for m in members for p in m}
+    reads = _reads(programs[0].traced)
+    regions = []
+    for b, n in enumerate(names):
+        start, stop = programs[0].span(b)
+        end = len(programs[0].traced.eqns) if stop is None else stop
+        others = sorted(p for p, es in reads.items() if p not in mine and any(start <= e < end for e in es))
+        regions.append(_Region(n, b, programs, store, params.paths, members[b], others))
+    return regions, by_shape
+
+
+def _catch_inputs(store: _Leaves, by_shape: dict[tuple, _Cut], default_forward: bool,
+                  batches: list[Any]) -> list[list[Any]]:
+    """The first block's input leaves per batch: the program before its cut, run on the parameters it reads (the
+    others may be abstract, or slices still in their stacks)."""
+    out = []
+    for b, x in enumerate(batches):
+        leaves = jax.tree.leaves(x)
+        cut = by_shape[_aval_key(leaves)]
+        taken = [store.take(p) if p in cut.prefix_reads else None for p in range(len(store.leaves))]
+        out.append(call_checked(lambda cut=cut, leaves=leaves, taken=taken: cut.prefix(taken, leaves),
+                                f"calibration batch {b}", default_forward))
+    return out
 
 
 def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool | None, batches: list[Any],
                    default_forward: bool, *, finish: Callable[[Any], Any] | None = None, name: str | None = None,
-                   scan_only: bool = False, donate: bool = False, update: Callable[[Any], None] | None = None
-                   ) -> Subject | None:
+                   donate: bool = False, update: Callable[[Any], None] | None = None, load: Callable | None = None,
+                   mesh: Any = None) -> Subject:
     """A ``Subject`` of a parameter pytree run by ``fwd(params, batch)`` (see module docstring); a model that
     scans over stacked parameters is quantized as its unrolled view, one block per iteration
-    (``engine.scanned``). ``finish(tree)`` makes the result from the quantized tree (default: the tree itself);
-    with ``scan_only``, None unless its blocks are the iterations of scans over its parameters. ``donate`` and
-    ``update(tree)``: see ``_Leaves``."""
+    (``engine.scanned``). ``finish(tree)`` makes the result from the quantized tree (default: the tree itself).
+    ``donate`` and ``update(tree)``: see ``_Leaves``. ``load(paths)`` (a streamed run): the tree's abstract
+    leaves are loaded, those outside the blocks at once, a block's when it opens. On a ``mesh`` the blocks'
+    parameters are split over it (``engine.placement``) and the others replicated."""
     original = Params.of(tree)
-    view, first = _unrolled(original, fwd, blocks, batches[0], default_forward, scan_only, donate)
-    if first is None:
-        return None
+    view, first = _unrolled(original, fwd, blocks, batches[0], default_forward, donate)
     params, run_fwd = (view.params, view.forward) if view is not None else (original, fwd)
     treedef = original.tree
     del original  # its leaves are the float stacks, which the run lets go of as it writes them
-    store = _Leaves(list(params.leaves), view, donate,
-                    None if update is None else lambda leaves: update(jax.tree.unflatten(treedef, leaves)))
-    found = _blocks(params, view, blocks, scan_only)
-    if found is None:
-        return None
-    names, members = found
-    if names:
-        try:
-            programs, by_shape = _cut_programs(params, run_fwd, names, members, batches, default_forward, first)
-        except CutError as e:
-            if isinstance(blocks, str):
-                raise
-            log.info("the blocks %s ... are not blocks the program can be cut at (%s): one-shot mode", names[:3], e)
-            names = []
-    mine = {p for m in members for p in m} if names else set()
-    regions: list[_Region] = []
-    if names:
-        reads = _reads(programs[0].traced)
-        for b, n in enumerate(names):
-            start, stop = programs[0].span(b)
-            end = len(programs[0].traced.eqns) if stop is None else stop
-            others = sorted(p for p, es in reads.items() if p not in mine and any(start <= e < end for e in es))
-            regions.append(_Region(n, b, programs, store, params.paths, members[b], others))
-
-    def catch_inputs(batches: list[Any]) -> list[list[Any]]:
-        out = []
-        for b, x in enumerate(batches):
-            leaves = jax.tree.leaves(x)
-            cut = by_shape[_aval_key(leaves)]
-            # The slices the program before the first block does not read stay in their stacks.
-            taken = [store.take(p) if p in cut.prefix_reads or not store.stacked(p) else None
-                     for p in range(len(store.leaves))]
-            out.append(call_checked(lambda cut=cut, leaves=leaves, taken=taken: cut.prefix(taken, leaves),
-                                    f"calibration batch {b}", default_forward))
-        return out
+    store = _Leaves(list(params.leaves), params.paths, view, donate,
+                    None if update is None else lambda leaves: update(jax.tree.unflatten(treedef, leaves)), load, mesh)
+    regions, by_shape = _regions(params, run_fwd, blocks, batches, default_forward, first, store)
+    if load is not None and (not regions or view is not None):
+        raise ValueError("load= needs a model with repeated blocks of their own parameters (found "
+                         + ("a scanned stack, one parameter for all its layers" if view is not None else
+                            "none; name them with blocks=") + ")")
+    mine = {p for r in regions for p in r.own}
+    if load is not None or mesh is not None:  # the parameters outside the blocks: loaded, replicated, up front
+        store.fetch([p for p in range(len(params.leaves)) if p not in mine and not store.stacked(p)], spread=False)
+        store.sync()
 
     def write(new: Params) -> None:
         for p, x in enumerate(new.leaves):
@@ -421,30 +479,33 @@ def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool
         return out if finish is None else finish(out)
 
     mine_paths = {params.paths[p] for p in mine}
-    outside = [(p, why) for p, why in outside_blocks(params, []) if names and p not in mine_paths]
+    outside = [(p, why) for p, why in outside_blocks(params, []) if regions and p not in mine_paths]
     return Subject(
         name=name or type(tree).__name__, shapes=params_shapes(tree),
         blocks=[Block(r.path, r.open) for r in regions], outside=outside,
         one_shot=lambda: (run_fwd, Params(store.all(), params.paths, params.tree)), write=write,
-        catch_inputs=catch_inputs, result=result, arrays=store.original,
-        matrices=matrix_paths(params), default_forward=default_forward,
+        catch_inputs=functools.partial(_catch_inputs, store, by_shape, default_forward), result=result,
+        arrays=store.original, matrices=matrix_paths(params), streamed=load is not None,
+        default_forward=default_forward,
     )
 
 
-def nnx_scanned_subject(model: nnx.Module, forward: Callable | None, blocks: str | bool | None,
-                        batches: list[Any], donate: bool = False) -> Subject | None:
-    """An NNX model whose layers are stacked (``nnx.vmap``) and run by ``nnx.scan``, as its parameter state and a
-    function of it: quantized through ``pytree_subject``, the result written back into the model. None unless the
-    blocks (``blocks=``, or found) are the iterations of scans over its parameters."""
+def nnx_subject(model: nnx.Module, forward: Callable | None, blocks: str | bool | None, batches: list[Any], *,
+                donate: bool = False, load: Callable | None = None, mesh: Any = None) -> Subject:
+    """An NNX model as its parameter state and a function of it (``forward(model, batch)``, by default
+    ``model(batch)``), quantized through ``pytree_subject``. ``blocks`` as there; by default the model's
+    ``gptq_blocks`` attribute, if it has one (a pattern such as ``"layers.*"``)."""
     fwd = forward or default_forward
+    if blocks is None or blocks is True:
+        blocks = getattr(model, "gptq_blocks", None)
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
 
     def finish(new_state: Any) -> nnx.Module:
         nnx.update(model, new_state)
         return model
 
-    # The model is changed in place, as an NNX model quantized block by block is: it holds each stack as written so
-    # far, so the float stacks are let go of as the engine writes its own (one copy of the layers, not two).
+    # The model is changed in place: it holds each parameter as written so far, so the float ones are let go of as
+    # the engine writes its own (one copy of the layers, not two), and a streamed run's finished blocks are abstract.
     return pytree_subject(state, lambda st, batch: fwd(nnx.merge(graphdef, st, rest), batch), blocks, batches,
-                          forward is None, finish=finish, name=type(model).__name__, scan_only=True,
-                          donate=donate, update=lambda st: nnx.update(model, st))
+                          forward is None, finish=finish, name=type(model).__name__, donate=donate,
+                          update=lambda st: nnx.update(model, st), load=load, mesh=mesh)
