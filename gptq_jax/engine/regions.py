@@ -1,20 +1,21 @@
-"""Blocks of any parameter pytree and function (a Linen ``apply``, or any ``f(params, batch)``), found in the
-parameter tree and cut out of the traced program.
+"""The blocks of every model, found in its parameters and cut out of its traced program: an NNX model as its
+parameter state and a function of it (``nnx_subject``), a Linen ``apply`` or any ``f(params, batch)``.
 
-The blocks are subtrees of the parameters: ``layers_0 .. layers_N`` (Linen's default names), ``layers/0 .. N``
-(nested dict keys, Hugging Face Flax), or those whose dotted path matches ``blocks=`` (``fnmatch``, e.g.
-``"model.layers.*"``). The forward is traced once to one flat program (``trace.trace``), and cut at the first
-equation that reads each block's parameters: block i is equations ``[cut_i, cut_{i+1})`` (the last block runs to
-the outputs), run from the values live at its cut. The program before the first cut (the embedding, masks,
-positions) runs once per calibration batch: that is how each block's inputs are caught, without knowing what they
-are. Each block is then an ordinary program of its own parameters, and the driver quantizes it as it does an NNX
-block: stage by stage, on the outputs of the blocks already quantized. Blocks whose programs are the same (the
-same equations on the same shapes) share one plan and its compiled passes.
+The blocks are subtrees of the parameters: ``layers.0 .. N`` (an NNX list of layers), ``layers_0 .. layers_N``
+(Linen's default names), ``layers/0 .. N`` (nested dict keys, Hugging Face Flax), or those whose dotted path
+matches ``blocks=`` (``fnmatch``, e.g. ``"model.layers.*"``). The forward is traced once to one flat program
+(``trace.trace``) and cut before the first equation that reads each block's parameters, where the fewest bytes
+are live (after the previous block's residual sum, not inside the next one's norm): block i is equations
+``[cut_i, cut_{i+1})`` (the last block stops before the program's tail), run from the values live at its cut. The
+program before the first cut (the embedding, masks, positions) runs once per calibration batch: that is how each
+block's inputs are caught, without knowing what they are. Each block is then an ordinary program of its own
+parameters, which the driver quantizes stage by stage, on the outputs of the blocks already quantized. Blocks
+whose programs are the same (the same equations on the same shapes) share one plan and its compiled passes.
 
 A model that scans over stacked parameters is first unrolled (``engine.scanned``): its stacked leaves split into
 slices ``path[i]``, each iteration of the scan a block ``<prefix>[i]`` of those slices, cut like any other; the
-result is stacked back, so the caller keeps its scanned model. An NNX model doing so (layers made by ``nnx.vmap``,
-run by ``nnx.scan``) comes here as its parameter state (``nnx_scanned_subject``).
+result is stacked back, so the caller keeps its scanned model (an NNX model's layers made by ``nnx.vmap`` and run
+by ``nnx.scan`` too).
 
 The cut needs each block to read its parameters only between its own cut and the next one; a model that reads a
 later block's parameter early (for instance, casting every weight up front) is refused with the parameter named,
@@ -28,6 +29,7 @@ import fnmatch
 import functools
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -154,6 +156,7 @@ class _Cut:
     traced: Traced
     cuts: list[int]
     end: int | None = None  # where the last block stops (``_tail``); None: at the outputs
+    last_outs: list[Any] | None = None  # the last block's outputs where it mirrors the one before (``_mirror``)
 
     @functools.cached_property
     def prefix(self) -> Callable[[list[Any], list[Any]], list[Any]]:
@@ -184,30 +187,36 @@ class _Cut:
         stop = self.span(b)[1]
         if stop is None:
             return list(self.traced.jaxpr.jaxpr.outvars)
-        if b > 0 and b + 1 == len(self.cuts):  # the last block, stopped before the tail
-            same = _mirror(self.traced, self.span(b - 1), self.span(b), self.ins(b - 1), self.ins(b), self.outs(b - 1))
-            if same is not None:
-                return same
+        if b + 1 == len(self.cuts) and self.last_outs is not None:
+            return self.last_outs
         return live_at(self.traced, stop)
 
 
-def _mirror(traced: Traced, a: tuple[int, int | None], b: tuple[int, int | None], ins_a: list[Any], ins_b: list[Any],
-            outs_a: list[Any]) -> list[Any] | None:
-    """Block b's counterparts of block a's outputs ``outs_a``, where the two run the same equations on the same
-    shapes; else None. The last block stops before the tail, where less is live than at the next block's cut (the
-    positions, the masks): handing on what the others do, it is their program, and shares their plan and compiled
-    passes instead of compiling its own."""
-    eqns_a, eqns_b = traced.eqns[a[0] : a[1]], traced.eqns[b[0] : b[1]]
-    if len(eqns_a) != len(eqns_b) or len(ins_a) != len(ins_b):
-        return None
-    same = dict(zip(ins_a, ins_b, strict=True))
+def _mirror(cut: _Cut, members: list[int]) -> None:
+    """End the last block where a block like the one before it would end, handing on what that one does (the
+    positions and masks too), where its equations from its cut on are that block's on the same shapes and it reads
+    no parameter of its own past them: it is then their program, and shares their plan and compiled passes instead
+    of compiling its own (it would otherwise stop before the tail, where less is live)."""
+    b, traced = len(cut.cuts) - 1, cut.traced
+    if b == 0 or cut.end is None:
+        return
+    (start, stop), ins_b = cut.span(b - 1), cut.ins(b)
+    end = cut.cuts[b] + stop - start
+    reads = _reads(traced)
+    if end > cut.end or any(e >= end for p in members for e in reads.get(p, [])):
+        return
+    eqns_a, eqns_b = traced.eqns[start:stop], traced.eqns[cut.cuts[b] : end]
+    if len(cut.ins(b - 1)) != len(ins_b):
+        return
+    same = dict(zip(cut.ins(b - 1), ins_b, strict=True))
     for ea, eb in zip(eqns_a, eqns_b, strict=True):
         if (ea.primitive is not eb.primitive or _var_key(ea.invars) != _var_key(eb.invars)
                 or _var_key(ea.outvars) != _var_key(eb.outvars)):
-            return None
+            return
         same.update(zip(ea.outvars, eb.outvars, strict=True))
-    mapped = [same.get(v) for v in outs_a]
-    return None if any(v is None for v in mapped) else mapped
+    mapped = [same.get(v) for v in cut.outs(b - 1)]
+    if all(v is not None for v in mapped):
+        cut.end, cut.last_outs = end, mapped
 
 
 class _Leaves:
@@ -356,8 +365,32 @@ def _cut_programs(params: Params, fwd: Callable, names: list[str], members: list
         if sig not in by_shape:
             traced = first if b == 0 else call_checked(lambda x=x: trace(fwd, params.leaves, params.tree, x),
                                                        f"calibration batch {b}", default_forward)
-            by_shape[sig] = _Cut(traced, _cuts(traced, params.paths, members, names), _tail(traced, members))
+            cut = _Cut(traced, *_settle(traced, _cuts(traced, params.paths, members, names), _tail(traced, members)))
+            _mirror(cut, members[-1])
+            by_shape[sig] = cut
     return list(by_shape.values()), by_shape
+
+
+def _live_bytes(traced: Traced, cut: int) -> int:
+    """The bytes of the arrays live at ``cut``; scalars (a loop counter) count for nothing."""
+    return sum(math.prod(v.aval.shape) * jnp.dtype(v.aval.dtype).itemsize for v in live_at(traced, cut)
+               if v.aval.shape)
+
+
+def _settle(traced: Traced, cuts: list[int], end: int | None) -> tuple[list[int], int | None]:
+    """Each cut (and the last block's end) moved back over the equations before it that read no parameter, to
+    the last place where the fewest bytes are live: the values handed from block to block are held for every
+    calibration batch. A block's first parameter read often comes after work on its input that reads none (a
+    norm's mean square before its scale): cut there, both the hidden states and their normalized copy would be
+    handed on; cut after the residual sum, only the hidden states are, and the block is the layer as its module
+    runs it."""
+    reading = sorted({e for es in _reads(traced).values() for e in es})
+
+    def back(hi: int) -> int:
+        lo = max((e for e in reading if e < hi), default=-1) + 1
+        return min(range(hi, lo - 1, -1), key=lambda c: _live_bytes(traced, c))
+
+    return [back(c) for c in cuts], None if end is None else back(end)
 
 
 def _selects(pattern: str, prefix: str) -> bool:
