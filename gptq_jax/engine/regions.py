@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptq_jax.engine import placement, streaming
 from gptq_jax.engine.blocks import (
     Block,
     Subject,
@@ -49,6 +48,7 @@ from gptq_jax.engine.blocks import (
     outside_blocks,
     params_shapes,
 )
+from gptq_jax.engine.leaves import Leaves
 from gptq_jax.engine.scanned import ScanError, Unrolled, find_scans, unroll
 from gptq_jax.engine.subject import Params
 from gptq_jax.engine.trace import Traced, live_at, run, trace
@@ -158,17 +158,12 @@ class _Cut:
     end: int | None = None  # where the last block stops (``_tail``); None: at the outputs
     last_outs: list[Any] | None = None  # the last block's outputs where it mirrors the one before (``_mirror``)
 
-    @functools.cached_property
-    def prefix(self) -> Callable[[list[Any], list[Any]], list[Any]]:
-        """``prefix(param_leaves, batch_leaves)`` -> the values live at the first cut: the first block's inputs."""
-        first = self.ins(0)
-
-        @jax.jit
-        def fn(leaves: list[Any], inputs: list[Any]) -> list[Any]:
-            kept = run(self.traced, leaves, inputs=inputs, stop=self.cuts[0], keep=first)[1]
-            return [kept[v] for v in first]
-
-        return fn
+    def prefix(self, leaves: list[Any], inputs: list[Any]) -> list[Any]:
+        """The values live at the first cut (the first block's inputs) from the parameter and batch leaves. Run
+        op by op, not compiled: it is a few operations (the embedding, positions, masks), whose executables JAX
+        keeps from one batch shape, and one run, to the next."""
+        kept = run(self.traced, leaves, inputs=inputs, stop=self.cuts[0], keep=self.ins(0))[1]
+        return [kept[v] for v in self.ins(0)]
 
     @functools.cached_property
     def prefix_reads(self) -> set[int]:
@@ -219,63 +214,6 @@ def _mirror(cut: _Cut, members: list[int]) -> None:
         cut.end, cut.last_outs = end, mapped
 
 
-class _Leaves:
-    """The parameter leaves of a run, as the blocks take and put them back: a scanned stack's slice is cut out of
-    its stack only while its block is open (``Unrolled.take``), so no second copy of the layers is held. With
-    ``donate`` the caller gives its float parameters up: each one replaced by its quantized value is deleted, so the
-    run holds one copy of the model, as an NNX model changed in place does. ``update(tree)``, by ``sync`` once a
-    block's writes are done: the caller's model (an NNX model changed in place) made to hold the parameters as they
-    are now, so that it lets go of the float arrays that were replaced. ``load`` (a streamed run) fills abstract
-    leaves as they are fetched; on a ``mesh`` fetched leaves are placed (``engine.placement``)."""
-
-    def __init__(self, leaves: list[Any], paths: list[str], view: Unrolled | None, donate: bool,
-                 update: Callable[[list[Any]], None] | None, load: Callable | None = None, mesh: Any = None) -> None:
-        self.leaves, self.paths, self.view, self.donate, self.update = leaves, paths, view, donate, update
-        self.load, self.mesh = load, mesh
-
-    def stacked(self, p: int) -> bool:
-        return self.view is not None and self.view.stacked(p)
-
-    def take(self, p: int) -> Any:
-        return self.view.take(p) if self.stacked(p) else self.leaves[p]
-
-    def put(self, p: int, x: Any) -> None:
-        if self.stacked(p):
-            if self.view.put(p, x):  # a first copy of a stack: let the caller's model drop its float one now,
-                self.sync()  # before the next stack is copied, not at the end of the block (two copies of each)
-        else:
-            old, self.leaves[p] = self.leaves[p], x
-            if self.donate and isinstance(old, jax.Array) and old is not x and all(y is not old for y in self.leaves):
-                old.delete()
-
-    def fetch(self, ps: Sequence[int], spread: bool) -> list[Any]:
-        """Leaves ``ps`` ready to run: the abstract ones loaded (one ``load`` call), placed on the mesh (a block's
-        split over it with ``spread``, else replicated). A whole leaf is written back, so the model holds it while
-        it is in use; a stack's slice is not (writing it would copy the stack)."""
-        xs = [self.take(p) for p in ps]
-        if self.load is not None:
-            xs = streaming.load_leaves([self.paths[p] for p in ps], xs, self.load)
-        if self.mesh is not None:
-            xs = (placement.spread if spread else placement.replicated)(xs, self.mesh)
-        for p, x in zip(ps, xs, strict=True):
-            if not self.stacked(p) and x is not self.leaves[p]:
-                self.put(p, x)
-        return xs
-
-    def sync(self) -> None:
-        """After a block's (or the one-shot mode's) writes: ``update`` the caller's model once with them."""
-        if self.update is not None:
-            self.update(self.original())
-
-    def original(self) -> list[Any]:
-        """The leaves of the caller's tree, as written so far."""
-        return self.view.restack(self.leaves) if self.view is not None else list(self.leaves)
-
-    def all(self) -> list[Any]:
-        """Every leaf, each slice cut out of its stack (the one-shot mode runs the whole model at once)."""
-        return [self.take(p) for p in range(len(self.leaves))]
-
-
 @dataclasses.dataclass
 class _Region:
     """Block ``path`` (the ``b``-th): in each batch shape's program, equations ``[cuts[b], cuts[b+1])`` (the last
@@ -286,7 +224,7 @@ class _Region:
     path: str
     b: int
     programs: list[_Cut]
-    store: _Leaves
+    store: Leaves
     all_paths: list[str]
     own: list[int]
     others: list[int]
@@ -349,7 +287,7 @@ class _Region:
         gone = set(drop)
         for p, x, was in zip(self.own, self.params.leaves, self._taken, strict=True):
             if self.all_paths[p] in gone:
-                self.store.put(p, streaming.abstract(x))
+                self.store.drop(p)
             elif x is not was:  # a leaf the block left as it was (a norm's scale) is not written back
                 self.store.put(p, x)
         self.store.sync()
@@ -437,7 +375,7 @@ def _unrolled(params: Params, fwd: Callable, blocks: str | bool | None, batch: A
 
 
 def _regions(params: Params, fwd: Callable, blocks: str | bool | None, batches: list[Any], default_forward: bool,
-             first: Traced, store: _Leaves) -> tuple[list[_Region], dict[tuple, _Cut]]:
+             first: Traced, store: Leaves) -> tuple[list[_Region], dict[tuple, _Cut]]:
     """The blocks (``_blocks``) cut out of the program traced for each batch shape, and those programs by shape;
     none (one-shot mode) where the program cannot be cut at blocks found without ``blocks=``."""
     names, members = _blocks(params, store.view, blocks)
@@ -461,7 +399,7 @@ def _regions(params: Params, fwd: Callable, blocks: str | bool | None, batches: 
     return regions, by_shape
 
 
-def _catch_inputs(store: _Leaves, by_shape: dict[tuple, _Cut], default_forward: bool,
+def _catch_inputs(store: Leaves, by_shape: dict[tuple, _Cut], default_forward: bool,
                   batches: list[Any]) -> list[list[Any]]:
     """The first block's input leaves per batch: the program before its cut, run on the parameters it reads (the
     others may be abstract, or slices still in their stacks)."""
@@ -482,7 +420,7 @@ def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool
     """A ``Subject`` of a parameter pytree run by ``fwd(params, batch)`` (see module docstring); a model that
     scans over stacked parameters is quantized as its unrolled view, one block per iteration
     (``engine.scanned``). ``finish(tree)`` makes the result from the quantized tree (default: the tree itself).
-    ``donate`` and ``update(tree)``: see ``_Leaves``. ``load(paths)`` (a streamed run): the tree's abstract
+    ``donate`` and ``update(tree)``: see ``engine.leaves``. ``load(paths)`` (a streamed run): the tree's abstract
     leaves are loaded, those outside the blocks at once, a block's when it opens. On a ``mesh`` the blocks'
     parameters are split over it (``engine.placement``) and the others replicated."""
     original = Params.of(tree)
@@ -490,7 +428,7 @@ def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool
     params, run_fwd = (view.params, view.forward) if view is not None else (original, fwd)
     treedef = original.tree
     del original  # its leaves are the float stacks, which the run lets go of as it writes them
-    store = _Leaves(list(params.leaves), params.paths, view, donate,
+    store = Leaves(list(params.leaves), params.paths, view, donate,
                     None if update is None else lambda leaves: update(jax.tree.unflatten(treedef, leaves)), load, mesh)
     regions, by_shape = _regions(params, run_fwd, blocks, batches, default_forward, first, store)
     if load is not None and (not regions or view is not None):
