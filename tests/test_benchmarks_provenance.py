@@ -88,9 +88,6 @@ def test_a_non_object_result_is_refused(tmp_path):
 
 RESULTS = REPO / "benchmarks" / "results"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-# Cited, but made before results recorded their commit and not rerun yet (issue 24): the GPTQModel seed runs and the
-# archived low-bit investigations behind the README's table. Remove a folder from here once its files are rerun.
-OWED = {"vs_gptqmodel", "scale_rounding_seeds", "paper_pipeline"}
 
 
 def cited(text: str, files: list[Path]) -> list[Path]:
@@ -124,8 +121,8 @@ def test_every_cited_result_records_its_commit():
     text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS)
     cited_files = cited(text, sorted(RESULTS.rglob("*.json")))
     assert any(f.parent.name == "bench_gptq" for f in cited_files)  # the docs do cite results
-    unrecorded = [str(f.relative_to(RESULTS)) for f in cited_files if f.parent.name not in OWED
-                  and not (json.loads(f.read_text()).get("provenance") or {}).get("commit")]
+    unrecorded = [str(f.relative_to(RESULTS)) for f in cited_files
+                  if not (json.loads(f.read_text()).get("provenance") or {}).get("commit")]
     assert unrecorded == []
 
 
