@@ -193,3 +193,36 @@ def test_a_forward_that_reads_weights_out_of_block_order_is_named_or_falls_back_
         gptq_jax.quantize(params, tokens, forward=scaled_up_front, quant_config=QC, blocks="layers.*")
     res = gptq_jax.quantize(params, tokens, forward=scaled_up_front, quant_config=QC)
     assert res.report.mode == "one-shot"
+
+
+def test_a_linen_parameter_pytree_streams_with_load_and_equals_the_whole_run(tmp_path):
+    """``load=`` on a parameter pytree of ``jax.ShapeDtypeStruct`` leaves: what is outside the blocks is loaded
+    first, then each block when it opens; its quantized weights are let go of again, and the codes are the whole
+    run's."""
+    from gptq_jax.engine.resume import StoredWeights
+    from gptq_jax.engine.subject import Params
+
+    net = Net()
+    batches = _batches()
+    params = net.init(jax.random.key(0), batches[0]["tokens"], batches[0]["positions"])["params"]
+    whole = gptq_jax.quantize(params, batches, forward=_forward(net), quant_config=QC)
+    flat = Params.of(params)
+    arrays = dict(zip(flat.paths, (np.asarray(x) for x in flat.leaves), strict=True))
+    asked: list[list[str]] = []
+
+    def load(paths):
+        asked.append(list(paths))
+        return {p: arrays[p] for p in paths}
+
+    abstract = jax.eval_shape(lambda: params)
+    res = gptq_jax.quantize(abstract, batches, forward=_forward(net), quant_config=QC, load=load,
+                            work_dir=str(tmp_path / "w"))
+    assert [sorted({p.split(".")[0] for p in a}) for a in asked] == [
+        ["embed", "lm_head", "norm"], *[[f"layers_{i}"] for i in range(LAYERS)]]
+    assert isinstance(res.weights, StoredWeights) and sorted(res.weights) == sorted(whole.weights)
+    for name, qw in whole.weights.items():
+        np.testing.assert_array_equal(np.asarray(res.weights[name].codes), np.asarray(qw.codes), err_msg=name)
+    assert isinstance(res.model["layers_1"]["q"]["kernel"], jax.ShapeDtypeStruct)
+    assert not isinstance(res.model["embed"]["embedding"], jax.ShapeDtypeStruct)
+    with pytest.raises(ValueError, match="load= streams a model block by block .* pass work_dir="):
+        gptq_jax.quantize(abstract, batches, forward=_forward(net), quant_config=QC, load=load)

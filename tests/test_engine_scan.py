@@ -466,3 +466,18 @@ def test_the_unrolled_model_computes_what_the_scanned_one_does(forward):
     restacked = view.restack(leaves)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(restacked, params.leaves, strict=True))
     assert not any(x.is_deleted() for x in params.leaves)  # the caller's stacks are its own
+
+
+def test_streaming_a_scanned_stack_is_refused_with_the_reason(tmp_path):
+    """``load=`` loads a block's own parameters when it opens; a scanned stack is one parameter for all its layers,
+    so it cannot be streamed: one line says so before any calibration pass."""
+    params = hand_params()
+    abstract = jax.eval_shape(lambda: params)
+
+    def load(paths):
+        raise AssertionError("nothing is loaded for a model that cannot stream")
+
+    with pytest.raises(ValueError, match="load= needs a model with repeated blocks of their own parameters "
+                                         r"\(found a scanned stack"):
+        gptq_jax.quantize(abstract, _batches(n=1), forward=hand_scanned, quant_config=QC, load=load,
+                          work_dir=str(tmp_path / "w"))

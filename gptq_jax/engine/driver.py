@@ -162,9 +162,9 @@ def quantize(
 def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | None, blocks: str | bool | None,
                   load: Callable | None, work_dir: str | None, mesh: Any, batches: list,
                   donate: bool = False) -> blocks_mod.Subject:
-    if load is not None and (work_dir is None or not isinstance(model, nnx.Module) or blocks is False):
-        raise ValueError("load= streams an NNX model block by block and keeps each finished block only in work_dir: "
-                         "pass work_dir=, an nnx.Module, and not blocks=False")
+    if load is not None and (work_dir is None or blocks is False):
+        raise ValueError("load= streams a model block by block and keeps each finished block only in work_dir: "
+                         "pass work_dir=, and not blocks=False")
     if isinstance(model, nnx.Module):
         if apply_fn is not None:
             raise TypeError("apply_fn= is for a Linen parameter pytree; an nnx.Module runs as model(batch) or by "
@@ -175,8 +175,8 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
                         f"forward=f(params, batch); got {type(model).__name__} with neither")
     if forward is None:
         return regions.pytree_subject(model, lambda p, b: apply_fn({"params": p}, b), blocks, batches, True,
-                                      donate=donate, mesh=mesh)
-    return regions.pytree_subject(model, forward, blocks, batches, False, donate=donate, mesh=mesh)
+                                      donate=donate, load=load, mesh=mesh)
+    return regions.pytree_subject(model, forward, blocks, batches, False, donate=donate, load=load, mesh=mesh)
 
 
 def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list, work: WorkDir | None,
