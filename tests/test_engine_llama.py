@@ -357,3 +357,25 @@ def test_release_freed_memory_returns_freed_heap_to_the_os():
     released, before, after = out.stdout.split()
     assert released == "True"
     assert float(before) - float(after) > 150.0, (before, after)  # of the 250 MB freed
+
+
+def test_an_nnx_run_lets_go_of_each_float_weight_it_replaces():
+    """The model is changed in place as blocks finish, so the float weights replaced go: during the run the arrays
+    alive grow by less than one more copy of the model (about 0.9x here: the quantized blocks' codes, the
+    calibration activations), not by the 1.7x a run that kept every float weight to the end held."""
+    import gc
+
+    import jax
+
+    cfg = tiny_config("llama")
+    cfg.update(num_hidden_layers=6)
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(cfg), rngs=nnx.Rngs(0))
+    params = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    def live() -> int:
+        gc.collect()
+        return sum(x.nbytes for x in jax.live_arrays())
+
+    before, seen = live(), []
+    quantize(model, _calib(), quant_config=QC, batch_size=5, progress=lambda s: seen.append(live()))
+    assert seen and max(seen) - before < 1.3 * params

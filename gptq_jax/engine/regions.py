@@ -451,10 +451,11 @@ def pytree_subject(tree: Any, fwd: Callable[[Any, Any], Any], blocks: str | bool
 
     mine_paths = {params.paths[p] for p in mine}
     outside = [(p, why) for p, why in outside_blocks(params, []) if regions and p not in mine_paths]
+    paths, ptree = params.paths, params.tree  # not ``params``: a closure over it would keep every float leaf alive
     return Subject(
         name=name or type(tree).__name__, shapes=params_shapes(tree),
         blocks=[Block(r.path, r.open) for r in regions], outside=outside,
-        one_shot=lambda: (run_fwd, Params(store.all(), params.paths, params.tree)), write=write,
+        one_shot=lambda: (run_fwd, Params(store.all(), paths, ptree)), write=write,
         catch_inputs=functools.partial(_catch_inputs, store, by_shape, default_forward), result=result,
         arrays=store.original, matrices=matrix_paths(params), streamed=load is not None,
         default_forward=default_forward,
