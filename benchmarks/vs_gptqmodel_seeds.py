@@ -93,7 +93,7 @@ def summarize(values: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1",
+    ap.add_argument("--seeds", default="0,1,2",
                     help="comma-separated calibration seeds with a vs_gptqmodel run")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "vs_gptqmodel_seeds_summary_cpu.json"))
     args = ap.parse_args(argv)
