@@ -10,6 +10,7 @@ whose library code (``gptq_jax/``, this benchmark and the GPTQModel worker) diff
 is a statement about one version of the code.
 
     python benchmarks/vs_gptqmodel_seeds.py
+    python benchmarks/vs_gptqmodel_seeds.py --method gptaq     # the runs of vs_gptqmodel.py --method gptaq
 
 Writes benchmarks/results/vs_gptqmodel/vs_gptqmodel_seeds_summary_cpu.json.
 """
@@ -28,8 +29,8 @@ from vs_gptqmodel import result_name
 RESULTS = provenance.RESULTS / "vs_gptqmodel"
 
 
-def run_file(seed: int) -> Path:
-    return RESULTS / result_name(seed)
+def run_file(seed: int, method: str = "gptq") -> Path:
+    return RESULTS / result_name(seed, method)
 
 
 def library_commit(run: dict, name: str) -> str:
@@ -52,15 +53,16 @@ def same_code(commits: dict[int, str]) -> None:
             raise SystemExit(f"the runs were made at commits whose code differs ({commits}): rerun them at one")
 
 
-def collect(seeds: list[int]) -> tuple[dict[str, list[dict]], dict[int, str]]:
+def collect(seeds: list[int], method: str = "gptq") -> tuple[dict[str, list[dict]], dict[int, str]]:
     """Per setting, one record per seed; and the commit each seed's run was made at."""
     out: dict[str, list[dict]] = {}
     commits = {}
     for seed in seeds:
-        run = json.loads(run_file(seed).read_text())
+        path = run_file(seed, method)
+        run = json.loads(path.read_text())
         if run["calibration"]["seed"] != seed:
-            raise ValueError(f"{run_file(seed).name} holds seed {run['calibration']['seed']}, not {seed}")
-        commits[seed] = library_commit(run, run_file(seed).name)
+            raise ValueError(f"{path.name} holds seed {run['calibration']['seed']}, not {seed}")
+        commits[seed] = library_commit(run, path.name)
         for row in run["rows"]:
             out.setdefault(row["setting"], []).append({
                 "seed": seed, "gptq_jax": row["gptq_jax"]["perplexity_by_gptq_jax"],
@@ -95,13 +97,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2",
                     help="comma-separated calibration seeds with a vs_gptqmodel run")  # fmt: skip
-    ap.add_argument("--out", default=str(RESULTS / "vs_gptqmodel_seeds_summary_cpu.json"))
+    ap.add_argument("--method", choices=("gptq", "gptaq"), default="gptq", help="whose runs (vs_gptqmodel.py --method)")
+    ap.add_argument("--out", help="default: vs_gptqmodel_seeds[_gptaq]_summary_cpu.json")
     args = ap.parse_args(argv)
+    tag = "" if args.method == "gptq" else f"_{args.method}"
+    args.out = args.out or str(RESULTS / f"vs_gptqmodel_seeds{tag}_summary_cpu.json")
     seeds = [int(s) for s in args.seeds.split(",")]
-    missing = [run_file(s).name for s in seeds if not run_file(s).is_file()]
+    missing = [run_file(s, args.method).name for s in seeds if not run_file(s, args.method).is_file()]
     if missing:
-        raise SystemExit(f"no vs_gptqmodel run for: {', '.join(missing)} (run benchmarks/vs_gptqmodel.py --seed S)")
-    per_setting, commits = collect(seeds)
+        raise SystemExit(f"no vs_gptqmodel run for: {', '.join(missing)} (run benchmarks/vs_gptqmodel.py --seed S"
+                         f"{'' if args.method == 'gptq' else ' --method ' + args.method})")
+    per_setting, commits = collect(seeds, args.method)
     same_code(commits)
     rows = {label: summarize(v) for label, v in per_setting.items()}
     for label, s in rows.items():
@@ -109,7 +115,8 @@ def main(argv=None) -> int:
               f"({100 * s['relative_difference']:+.2f}%); difference {s['mean_difference']:+.3f} "
               f"+- {s['difference_standard_error']:.3f} (standard error), ours lower on "
               f"{s['seeds_gptq_jax_lower']} of {len(s['seeds'])} seeds")  # fmt: skip
-    payload = {"benchmark": "vs_gptqmodel_seeds", "metric": "perplexity by gptq-jax, held-out Python docs, 16 x 512",
+    payload = {"benchmark": "vs_gptqmodel_seeds", "method": args.method,
+               "metric": "perplexity by gptq-jax, held-out Python docs, 16 x 512",
                "run_commits": commits, "rows": rows}  # fmt: skip
     provenance.write_result(args.out, payload)
     print(f"wrote {args.out}")
