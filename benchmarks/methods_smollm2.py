@@ -38,38 +38,13 @@ SETTINGS = {  # the issue's three settings
 
 def _summary(rows: list[dict]) -> list[dict]:
     out = []
-
-    def key_of(r):
-        return r["setting"], r["method"], r.get("cross_fraction") or 0.0
-
-    for key in sorted({key_of(r) for r in rows}):
-        ps = [r["perplexity"] for r in rows if key_of(r) == key]
-        ts = [r["quantize_seconds"] for r in rows if key_of(r) == key]
+    for key in sorted({(r["setting"], r["method"]) for r in rows}):
+        ps = [r["perplexity"] for r in rows if (r["setting"], r["method"]) == key]
+        ts = [r["quantize_seconds"] for r in rows if (r["setting"], r["method"]) == key]
         se = statistics.stdev(ps) / math.sqrt(len(ps)) if len(ps) > 1 else None
-        out.append({"setting": key[0], "method": key[1], "cross_fraction": key[2] or None, "seeds": len(ps),
-                    "perplexity_mean": statistics.mean(ps), "perplexity_stderr": se,
-                    "quantize_seconds_mean": statistics.mean(ts)})  # fmt: skip
+        out.append({"setting": key[0], "method": key[1], "seeds": len(ps), "perplexity_mean": statistics.mean(ps),
+                    "perplexity_stderr": se, "quantize_seconds_mean": statistics.mean(ts)})  # fmt: skip
     return out
-
-
-def _run(model_dir, calib, qc, method: str, frac: float | None, alpha: float, ppl) -> dict:
-    """Quantize a fresh float model with one method and score it."""
-    model, _ = load_pretrained(model_dir)
-    t0 = time.perf_counter()
-    res = quantize(model, calib, quant_config=qc, method=method, gptaq_alpha=alpha,
-                   **({} if frac is None else {"cross_fraction": frac}))
-    secs = time.perf_counter() - t0
-    p, n_tokens = ppl(model)
-    lines = res.report.linears
-    return {
-        "method": method, "cross_fraction": res.report.calibration.get("cross_fraction"), "perplexity": p,
-        "quantize_seconds": secs,
-        # the solves alone; the rest is the calibration passes (two streams for GPTAQ and Qronos)
-        "solve_seconds": sum(r["seconds"] for r in lines),
-        "fallbacks": res.report.fallbacks, "load_after": list(os.getloadavg()),
-        "gptq_objective_sum": sum(r.get("gptq_objective", float("nan")) for r in lines),
-        "cross_objective_sum": sum(r.get("cross_objective", float("nan")) for r in lines), "eval_tokens": n_tokens,
-    }
 
 
 def main(argv=None) -> int:
@@ -77,9 +52,6 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["3g128asym"])
     ap.add_argument("--methods", nargs="+", choices=("gptq", "gptaq", "qronos"), default=["gptq", "gptaq", "qronos"])
     ap.add_argument("--gptaq-alpha", type=float, default=0.25)
-    ap.add_argument("--cross-fractions", type=float, nargs="+", default=[None],
-                    help="GPTAQ/Qronos: shares of the batches the float stream runs on, one row each (default: the "
-                         "library's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -123,19 +95,27 @@ def main(argv=None) -> int:
         for setting in args.settings:
             qc = QuantConfig(**SETTINGS[setting])
             for method in args.methods:
-                for frac in args.cross_fractions if method != "gptq" else [None]:
-                    rows.append(_run(model_dir, calib, qc, method, frac, args.gptaq_alpha, ppl) | {"setting": setting,
-                                                                                                   "seed": seed})
-                    r = rows[-1]
-                    print(f"seed {seed} {setting} {method} (cross fraction {r['cross_fraction']}): perplexity "
-                          f"{r['perplexity']:.3f}, quantized in {r['quantize_seconds']:.0f} s", flush=True)
-                    n_tokens = r.pop("eval_tokens")
-                    write()
+                model, _ = load_pretrained(model_dir)
+                t0 = time.perf_counter()
+                res = quantize(model, calib, quant_config=qc, method=method, gptaq_alpha=args.gptaq_alpha)
+                secs = time.perf_counter() - t0
+                p, n_tokens = ppl(model)
+                lines = res.report.linears
+                rows.append({
+                    "setting": setting, "method": method, "seed": seed, "perplexity": p, "quantize_seconds": secs,
+                    # the solves alone; the rest is the calibration passes (two streams for GPTAQ and Qronos)
+                    "solve_seconds": sum(r["seconds"] for r in lines),
+                    "fallbacks": res.report.fallbacks, "load_after": list(os.getloadavg()),
+                    "gptq_objective_sum": sum(r.get("gptq_objective", float("nan")) for r in lines),
+                    "cross_objective_sum": sum(r.get("cross_objective", float("nan")) for r in lines),
+                })  # fmt: skip
+                print(f"seed {seed} {setting} {method}: perplexity {p:.3f}, quantized in {secs:.0f} s", flush=True)
+                write()
     write()
     for s in _summary([r for r in rows if r["method"] != "float32"]):
         se = "" if s["perplexity_stderr"] is None else f" +- {s['perplexity_stderr']:.3f}"
-        print(f"{s['setting']} {s['method']} (cross fraction {s['cross_fraction']}): {s['perplexity_mean']:.3f}{se} "
-              f"({s['seeds']} seeds), {s['quantize_seconds_mean']:.0f} s")  # fmt: skip
+        print(f"{s['setting']} {s['method']}: {s['perplexity_mean']:.3f}{se} ({s['seeds']} seeds), "
+              f"{s['quantize_seconds_mean']:.0f} s")  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 

@@ -110,13 +110,11 @@ def ours_quantize(args) -> int:
     calib = Calibration.from_tokens(np.load(args.calib))
     model, _ = load_pretrained(args.model_dir)
     t0 = time.perf_counter()
-    res = quantize(model, calib, quant_config=qc, method=args.method, gptaq_alpha=args.gptaq_alpha,
-                   **({} if args.cross_fraction is None else {"cross_fraction": args.cross_fraction}))
+    res = quantize(model, calib, quant_config=qc, method=args.method, gptaq_alpha=args.gptaq_alpha)
     seconds = time.perf_counter() - t0
     pack_model(model, res.weights)
     save_quantized(model, args.out_dir, quant_config=qc, tokenizer_dir=args.model_dir, float_dtype="float16")
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "fallbacks": res.report.fallbacks,
-                      "cross_fraction": res.report.calibration.get("cross_fraction")}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "fallbacks": res.report.fallbacks}))
     return 0
 
 
@@ -153,9 +151,6 @@ def main(argv=None) -> int:
     ap.add_argument("--method", choices=("gptq", "gptaq"), default="gptq",
                     help="gptaq: both tools run GPTAQ (GPTQModel's GPTAQConfig) with --gptaq-alpha")
     ap.add_argument("--gptaq-alpha", type=float, default=0.25)
-    ap.add_argument("--cross-fraction", type=float, default=None,
-                    help="gptaq: share of the batches our float stream runs on (default: the library's; GPTQModel's "
-                         "GPTAQ uses every batch, so 1 compares the algorithms)")
     ap.add_argument("--work-dir", help="keep the checkpoints here (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/vs_gptqmodel/"
                     "vs_gptqmodel_smollm2[_seedS]_cpu.json (no suffix for seed 0)")
@@ -233,7 +228,6 @@ def main(argv=None) -> int:
         proc = subprocess.run(
             [sys.executable, __file__, "--child", "--setting", label, "--method", args.method,
              "--gptaq-alpha", str(args.gptaq_alpha), "--calib", str(work / "calib.npy"),
-             *([] if args.cross_fraction is None else ["--cross-fraction", str(args.cross_fraction)]),
              "--model-dir", str(model_dir), "--out-dir", str(ours_dir)],
             capture_output=True, text=True,
         )  # fmt: skip

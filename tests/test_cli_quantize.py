@@ -131,7 +131,6 @@ def test_interrupted_run_resumes(tiny, capsys):
         (["--act-group-aware", "--group-size", "-1"], "--act-group-aware reorders whole groups"),
         (["--calib", "/nonexistent.txt"], "does not exist"),
         (["--seqlen", "100000"], "exceeds the model's context"),
-        (["--method", "qronos", "--cross-fraction", "0"], "expected a number in (0, 1]"),
     ],
 )
 def test_bad_options_are_refused(tiny, capsys, extra, message):
@@ -174,11 +173,3 @@ def test_rtn_method_needs_no_calibration(tiny):
     from safetensors.numpy import load_file
 
     assert load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"].dtype == np.float32
-
-
-def test_cross_fraction_reaches_the_engine(tiny):
-    root, model_dir = tiny
-    out = root / "qronos-half"
-    assert main(["quantize", str(model_dir), str(out), *ARGS, "--method", "qronos", "--cross-fraction", "0.5"]) == 0
-    calib = json.loads((out / "quant_report.json").read_text())["calibration"]
-    assert (calib["cross_fraction"], calib["cross_batches"]) == (0.5, 2)  # 4 windows, one per batch

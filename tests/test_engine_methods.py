@@ -9,8 +9,6 @@ from flax import nnx
 from test_engine import BLOCK_WEIGHTS, QC, TinyModel, _tokens
 
 import gptq_jax
-from gptq_jax.core.quantizer import rtn_quantize
-from gptq_jax.engine.solve import Solver
 
 
 def _run(method, **kw):
@@ -86,37 +84,3 @@ def test_paired_methods_on_a_mesh_match_one_device():
     equal = json.loads(proc.stdout.strip().splitlines()[-1])
     # summation order of H and D over the data axis can move a near-tied code; a wrong D moves many
     assert equal["qronos"] > 0.97 and equal["gptaq"] > 0.97, equal
-
-
-def _recording_rtn():
-    """A solver that needs the cross term and records it, but rounds to nearest: its weights do not depend on the
-    statistics, so two runs on different calibration sets carry the very same streams."""
-    seen = []
-
-    def solve(ws, h, config, cross=None):
-        if cross is not None:
-            seen.append((np.asarray(h), np.asarray(cross)))
-        return [rtn_quantize(w, config) for w in ws]
-
-    return Solver(solve=solve, statistics=("hessian", "cross")), seen
-
-
-def test_cross_fraction_folds_the_cross_term_on_the_first_batches_only():
-    tokens = _tokens(n=8)
-    part, seen_part = _recording_rtn()
-    gptq_jax.quantize(TinyModel(nnx.Rngs(0)), tokens[:2], quant_config=QC, solver=part)
-    whole, seen_whole = _recording_rtn()
-    res = gptq_jax.quantize(TinyModel(nnx.Rngs(0)), tokens, quant_config=QC, solver=whole, cross_fraction=0.25)
-    assert res.report.calibration["cross_batches"] == 2 and res.report.calibration["cross_fraction"] == 0.25
-    assert len(seen_part) == len(seen_whole) > 2
-    # D from the first 2 of 8 batches is the D of a run on those 2 batches; H still sums over all 8.
-    for (_, d_part), (_, d_whole) in zip(seen_part, seen_whole, strict=True):
-        np.testing.assert_allclose(d_whole, d_part, rtol=1e-4, atol=1e-6)
-    assert max(float(np.abs(d).max()) for _, d in seen_whole) > 1e-3  # block 1 reads quantized inputs: D != 0
-    assert all(not np.allclose(hp, hw, rtol=1e-3) for (hp, _), (hw, _) in zip(seen_part, seen_whole, strict=True))
-
-
-@pytest.mark.parametrize("bad", [0, 1.5, -0.1, True, "0.5"])
-def test_cross_fraction_must_be_a_share(bad):
-    with pytest.raises(ValueError, match="cross_fraction"):
-        _run("qronos", cross_fraction=bad)

@@ -2,8 +2,8 @@
 
     gptq-jax quantize MODEL_DIR OUT_DIR [--bits 4] [--group-size 128] [--sym|--asym] [--act-order]
         [--act-group-aware] [--static-groups] [--damp 0.01] [--mse] [--nsamples 128] [--seqlen 2048] [--calib FILE]
-        [--format gptq|gptq_v2] [--seed 0] [--method gptq|gptaq|qronos|rtn] [--gptaq-alpha 0.25] [--cross-fraction F]
-        [--batch-size 1] [--dtype f32] [--save-dtype f16] [--overwrite] [--stall-timeout 3600]
+        [--format gptq|gptq_v2] [--seed 0] [--method gptq|gptaq|qronos|rtn] [--gptaq-alpha 0.25] [--batch-size 1]
+        [--dtype f32] [--save-dtype f16] [--overwrite] [--stall-timeout 3600]
 
 Progress: a bar per decoder layer on stderr. Writes OUT_DIR (weights, config with ``quantization_config``, tokenizer,
 ``quant_report.json``) in one rename at the end. ``--overwrite`` replaces only an earlier output of gptq-jax (a
@@ -103,9 +103,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "rtn: round-to-nearest baseline")
     p.add_argument("--gptaq-alpha", type=probability, default=0.25,
                    help="GPTAQ's scale of the float/quantized cross term, in (0, 1] (default 0.25)")
-    p.add_argument("--cross-fraction", type=probability, default=None,
-                   help="gptaq/qronos: share of the calibration batches the float model's stream runs on, in (0, 1] "
-                        "(default: the library's, docs/methods.md)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="calibration windows per pass (default: the mesh's data axis; 1 on one device)")
     p.add_argument(
@@ -386,7 +383,6 @@ def _quantize_with_progress(args: argparse.Namespace, model, calib, qc, *, mesh,
             calib,
             quant_config=qc,
             method=args.method, gptaq_alpha=args.gptaq_alpha,
-            **({} if args.cross_fraction is None else {"cross_fraction": args.cross_fraction}),
             batch_size=batch_size,
             mesh=mesh,
             work_dir=None if work is None else str(work),

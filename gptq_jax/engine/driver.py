@@ -62,7 +62,6 @@ DEFAULT_QUANT_CONFIG = QuantConfig()  # 4-bit, group 128, symmetric: the common 
 # this many tokens: the float reference pass it needs would otherwise cost a third of every block's compute. One
 # window of 512 tokens is enough to show a block whose error stands out.
 ERROR_SAMPLE_TOKENS = 512
-CROSS_FRACTION = 1.0
 
 
 def _check_arguments(method: str, batch_size: Any, calib: Any, flags: dict[str, Any]) -> None:
@@ -88,7 +87,6 @@ def quantize(
     quant_config: Rules = DEFAULT_QUANT_CONFIG,
     method: str = "gptq",
     gptaq_alpha: float = GPTAQ_ALPHA,
-    cross_fraction: float = CROSS_FRACTION,
     solver: Solver | Callable[..., Any] | None = None,
     true_sequential: bool = True,
     batch_size: int = 1,
@@ -112,9 +110,7 @@ def quantize(
     the one-shot mode.
     ``quant_config``: a ``QuantConfig``, or rules ``[Rule(regex on the whole path, QuantConfig | None)]``
     (``engine.rules``). ``method``: ``"gptq"``, ``"gptaq"`` (``gptaq_alpha`` in [0, 1]), ``"qronos"`` (both fit
-    to the float model's outputs: docs/methods.md) or ``"rtn"``; ``cross_fraction`` in (0, 1]: the share of the
-    calibration batches (the first ones) on which GPTAQ and Qronos run the float model's stream and fold their cross
-    term (``H`` always sums over every batch); ``solver``: replaces GPTQ's per-weight solve
+    to the float model's outputs: docs/methods.md) or ``"rtn"``; ``solver``: replaces GPTQ's per-weight solve
     (``engine.solve.Solver``, or a callable ``solve(ws, h, config)``). The other options (``true_sequential``,
     ``batch_size``, ``work_dir`` to resume, ``mesh``, ``load`` to stream an abstract NNX model, ``progress``)
     are described in docs/engine.md.
@@ -123,7 +119,6 @@ def quantize(
     so the run holds one copy of the model, as an NNX model changed in place does, not the caller's and the result.
     """
     _check_arguments(method, batch_size, calib, {"donate": donate, "true_sequential": true_sequential})
-    _check_fraction(cross_fraction)
     rules, the_solver = compile_rules(quant_config), as_solver(solver, method, gptaq_alpha)
     batches, masks, desc = calibration_batches(calib, batch_size)
     calib_leaves = [np.asarray(x) for b in batches for x in jax.tree.leaves(b)] if work_dir is not None else []
@@ -148,10 +143,9 @@ def quantize(
         fp = None
         if work_dir is not None:
             tag = method + (f":{gptaq_alpha!r}" if method == "gptaq" else "")
-            tag += f":cross={cross_fraction!r}" if the_solver.needs_cross and cross_fraction != 1 else ""
             fp = fingerprint((subject.name, repr(report.quant_config), tag, str(true_sequential),
                               fingerprint_extra, subject.shapes), calib_leaves)
-        stored = _by_blocks(job, subject, batches, masks, WorkDir(work_dir, fp) if fp else None, bar, cross_fraction)
+        stored = _by_blocks(job, subject, batches, masks, WorkDir(work_dir, fp) if fp else None, bar)
         if stored is not None:
             job.weights = stored
     if bar is not None:
@@ -186,16 +180,10 @@ def _open_subject(model: Any, forward: Callable | None, apply_fn: Callable | Non
 
 
 def _by_blocks(job: Job, subject: blocks_mod.Subject, batches: list, masks: list, work: WorkDir | None,
-               bar: Any, cross_fraction: float = 1.0) -> StoredWeights | None:
+               bar: Any) -> StoredWeights | None:
     """Quantize the blocks in order; a streamed run returns its weights as a ``StoredWeights`` (else None)."""
     values = subject.catch_inputs(batches)
-    # The float model's stream (GPTAQ, Qronos), on the first batches only: it costs a second forward and a second
-    # [K, K] product per stage for every batch it covers, as much again as the quantized stream.
-    n_float = cross_batches(len(values), cross_fraction)
-    float_values = None
-    if job.solver.needs_cross:
-        float_values = list(values[:n_float])
-        job.report.calibration.update(cross_fraction=cross_fraction, cross_batches=n_float)
+    float_values = list(values) if job.solver.needs_cross else None  # the float model's stream (GPTAQ, Qronos)
     if bar is not None:
         bar.total = len(subject.blocks)
         bar.refresh()
@@ -264,8 +252,7 @@ def _quantize_block(job: Job, plans: list[Plan], opened: blocks_mod.OpenBlock, i
             params.leaves[:] = leaves[:n_p]
         return None, None, 0.0, 0.0
     watch = opened.watch(plan.traced.jaxpr.out_avals, inputs[0])
-    float_inputs = list(float_inputs or [])
-    batches = list(zip(plans, inputs, float_inputs + [None] * (len(inputs) - len(float_inputs)), masks, strict=True))
+    batches = list(zip(plans, inputs, float_inputs or [None] * len(inputs), masks, strict=True))
     float_out = None if replay else [float_outputs_fn(b[0])(leaves, b[1]) for b in batches[: _error_sample(inputs)]]
     if plan.stages and job.true_sequential:
         outs, float_outs = _true_sequential(job, plan, params, leaves, float_leaves, batches, replay)
@@ -278,7 +265,7 @@ def _quantize_block(job: Job, plans: list[Plan], opened: blocks_mod.OpenBlock, i
         del stats
         outs = [float_outputs_fn(pl)(leaves, x) for pl, x, _, _ in batches]
         float_outs = None if float_leaves is None else [float_outputs_fn(pl)(float_leaves, fx)
-                                                        for pl, _, fx, _ in batches if fx is not None]  # fmt: skip
+                                                        for pl, _, fx, _ in batches]  # fmt: skip
     params.leaves[:] = leaves[:n_p]
     num = den = 0.0
     for a, b, m in zip(outs, float_out or [], masks, strict=False):
@@ -308,19 +295,7 @@ def _true_sequential(job: Job, plan: Plan, params: Params, leaves: list[Any], fl
         if j < n and not replay:
             job.quantize_stages(plan, params, leaves, [j], *stats)
         del stats
-    return [v for v, _ in values], None if float_leaves is None else [fv for _, fv in values if fv is not None]
-
-
-def _check_fraction(cross_fraction: Any) -> None:
-    if isinstance(cross_fraction, bool) or not isinstance(cross_fraction, (int, float)) or not (
-            0 < cross_fraction <= 1):
-        raise ValueError(f"cross_fraction={cross_fraction!r} must be a number in (0, 1]: the share of the calibration "
-                         "batches the float model's stream runs on")
-
-
-def cross_batches(batches: int, cross_fraction: float) -> int:
-    """How many leading batches the float stream covers: ``cross_fraction`` of them, rounded up, at least one."""
-    return max(1, min(batches, math.ceil(cross_fraction * batches - 1e-9)))
+    return [v for v, _ in values], None if float_leaves is None else [fv for _, fv in values]
 
 
 def _error_sample(inputs: list[list[Any]]) -> int:

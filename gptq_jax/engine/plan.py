@@ -364,11 +364,10 @@ def empty_stats(plan: Plan, stage_ids: Sequence[int], cross: bool) -> Stats:
 def run_slice(plan: Plan, j: int | None, leaves: list[Any], float_leaves: list[Any] | None, values: list[Any],
               float_values: list[Any] | None, stats: Stats, mask: Any) -> tuple[Any, Any, Any, Any, Stats]:
     """Slice ``j`` on one batch: ``(outputs, carry, float outputs, float carry, stats)``. Without a float stream
-    for the batch (``float_values`` None) it is ``slice_fn``, the float parts are None and the cross terms are left
-    as they are; with one, ``pair_slice_fn``."""
+    (``float_values`` None) it is ``slice_fn`` and the float parts are None; with one, ``pair_slice_fn``."""
     if float_values is None:
         out, carry, hess = slice_fn(plan, j)(leaves, values, stats.hess, mask)
-        return out, carry, None, None, Stats(hess, stats.cross)
+        return out, carry, None, None, Stats(hess, None)
     out, carry, f_out, f_carry, hess, cross = pair_slice_fn(plan, j)(leaves, float_leaves, values, float_values,
                                                                      stats.hess, stats.cross, mask)  # fmt: skip
     return out, carry, f_out, f_carry, Stats(hess, cross)
@@ -378,7 +377,7 @@ def run_lookahead(plan: Plan, j: int, leaves: list[Any], float_leaves: list[Any]
                   float_values: list[Any] | None, stats: Stats, mask: Any) -> Stats:
     """Stage j's lookahead on one batch (``lookahead_fn``, or ``pair_lookahead_fn`` with a float stream)."""
     if float_values is None:
-        return Stats(lookahead_fn(plan, j)(leaves, values, stats.hess, mask), stats.cross)
+        return Stats(lookahead_fn(plan, j)(leaves, values, stats.hess, mask), None)
     return Stats(*pair_lookahead_fn(plan, j)(leaves, float_leaves, values, float_values, stats.hess, stats.cross,
                                              mask))  # fmt: skip
 
