@@ -11,6 +11,7 @@ is a statement about one version of the code.
 
     python benchmarks/vs_gptqmodel_seeds.py
     python benchmarks/vs_gptqmodel_seeds.py --method gptaq     # the runs of vs_gptqmodel.py --method gptaq
+    python benchmarks/vs_gptqmodel_seeds.py --runs DIR --seeds 0,1,2,3  # runs written with --out DIR/..._seedS_cpu.json
 
 Writes benchmarks/results/vs_gptqmodel/vs_gptqmodel_seeds_summary_cpu.json.
 """
@@ -53,12 +54,11 @@ def same_code(commits: dict[int, str]) -> None:
             raise SystemExit(f"the runs were made at commits whose code differs ({commits}): rerun them at one")
 
 
-def collect(seeds: list[int], method: str = "gptq") -> tuple[dict[str, list[dict]], dict[int, str]]:
-    """Per setting, one record per seed; and the commit each seed's run was made at."""
+def collect(paths: dict[int, Path]) -> tuple[dict[str, list[dict]], dict[int, str]]:
+    """Per setting, one record per seed (``paths``: seed -> its run); and the commit each seed's run was made at."""
     out: dict[str, list[dict]] = {}
     commits = {}
-    for seed in seeds:
-        path = run_file(seed, method)
+    for seed, path in paths.items():
         run = json.loads(path.read_text())
         if run["calibration"]["seed"] != seed:
             raise ValueError(f"{path.name} holds seed {run['calibration']['seed']}, not {seed}")
@@ -98,16 +98,24 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2",
                     help="comma-separated calibration seeds with a vs_gptqmodel run")  # fmt: skip
     ap.add_argument("--method", choices=("gptq", "gptaq"), default="gptq", help="whose runs (vs_gptqmodel.py --method)")
-    ap.add_argument("--out", help="default: vs_gptqmodel_seeds[_gptaq]_summary_cpu.json")
+    ap.add_argument("--runs", help="a folder of runs made with vs_gptqmodel.py --out DIR/<name>_seed<S>_cpu.json "
+                    "(default: the default result names)")  # fmt: skip
+    ap.add_argument("--out", help="default: vs_gptqmodel_seeds[_gptaq]_summary_cpu.json, or summary_cpu.json in --runs")
     args = ap.parse_args(argv)
     tag = "" if args.method == "gptq" else f"_{args.method}"
-    args.out = args.out or str(RESULTS / f"vs_gptqmodel_seeds{tag}_summary_cpu.json")
     seeds = [int(s) for s in args.seeds.split(",")]
-    missing = [run_file(s, args.method).name for s in seeds if not run_file(s, args.method).is_file()]
+    if args.runs:
+        paths = {s: Path(args.runs) / name for s in seeds
+                 for name in [p.name for p in Path(args.runs).glob(f"*_seed{s}_cpu.json")][:1]}  # fmt: skip
+        args.out = args.out or str(Path(args.runs) / "summary_cpu.json")
+    else:
+        paths = {s: run_file(s, args.method) for s in seeds}
+        args.out = args.out or str(RESULTS / f"vs_gptqmodel_seeds{tag}_summary_cpu.json")
+    missing = [str(s) for s in seeds if s not in paths or not paths[s].is_file()]
     if missing:
-        raise SystemExit(f"no vs_gptqmodel run for: {', '.join(missing)} (run benchmarks/vs_gptqmodel.py --seed S"
-                         f"{'' if args.method == 'gptq' else ' --method ' + args.method})")
-    per_setting, commits = collect(seeds, args.method)
+        raise SystemExit(f"no vs_gptqmodel run for seed(s) {', '.join(missing)} (run benchmarks/vs_gptqmodel.py "
+                         f"--seed S{'' if args.method == 'gptq' else ' --method ' + args.method})")
+    per_setting, commits = collect(paths)
     same_code(commits)
     rows = {label: summarize(v) for label, v in per_setting.items()}
     for label, s in rows.items():
