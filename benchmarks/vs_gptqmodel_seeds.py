@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     tag = "" if args.method == "gptq" else f"_{args.method}"
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.runs:
-        paths = {s: Path(args.runs) / name for s in seeds
-                 for name in [p.name for p in Path(args.runs).glob(f"*_seed{s}_cpu.json")][:1]}  # fmt: skip
+        found = {s: sorted(Path(args.runs).glob(f"*_seed{s}_cpu.json")) for s in seeds}
+        paths = {s: files[0] for s, files in found.items() if files}
         args.out = args.out or str(Path(args.runs) / "summary_cpu.json")
     else:
         paths = {s: run_file(s, args.method) for s in seeds}
